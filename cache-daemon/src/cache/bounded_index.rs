@@ -1,0 +1,171 @@
+//! A byte-bounded index of cached entries with an eviction policy. It holds no I/O and no
+//! locks of its own: tiers wrap it in a short critical section and do their I/O outside.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+/// What a tier does when it is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvictionPolicy {
+    /// Evict the least recently used entries to make room.
+    Lru,
+    /// Admit until full, then admit nothing and evict nothing: for shuffled epochs, where every
+    /// sample is read once per epoch and LRU would keep evicting what the next epoch needs.
+    Pin,
+}
+
+impl EvictionPolicy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            EvictionPolicy::Lru => "lru",
+            EvictionPolicy::Pin => "pin",
+        }
+    }
+}
+
+/// The outcome of an insertion.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission<K, V> {
+    /// Stored; these entries were evicted to make room.
+    Admitted { evicted: Vec<(K, V, u64)> },
+    /// Not stored: the policy keeps what is there, or the entry is larger than the tier.
+    Rejected,
+}
+
+struct Slot<V> {
+    value: V,
+    size: u64,
+    tick: u64,
+}
+
+pub struct BoundedIndex<K, V> {
+    capacity: u64,
+    used: u64,
+    policy: EvictionPolicy,
+    entries: HashMap<K, Slot<V>>,
+    recency: BTreeMap<u64, K>,
+    tick: u64,
+}
+
+impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
+    pub fn new(capacity: u64, policy: EvictionPolicy) -> Self {
+        BoundedIndex {
+            capacity,
+            used: 0,
+            policy,
+            entries: HashMap::new(),
+            recency: BTreeMap::new(),
+            tick: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn next_tick(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// Looks an entry up and marks it most recently used.
+    pub fn get(&mut self, key: &K) -> Option<&mut V> {
+        let tick = self.next_tick();
+        let slot = self.entries.get_mut(key)?;
+        self.recency.remove(&slot.tick);
+        slot.tick = tick;
+        self.recency.insert(tick, key.clone());
+        Some(&mut slot.value)
+    }
+
+    pub fn contains(&self, key: &K) -> bool {
+        self.entries.contains_key(key)
+    }
+
+    pub fn remove(&mut self, key: &K) -> Option<V> {
+        let slot = self.entries.remove(key)?;
+        self.recency.remove(&slot.tick);
+        self.used -= slot.size;
+        Some(slot.value)
+    }
+
+    /// Inserts (or replaces) an entry of `size` bytes, evicting by the policy to make room.
+    pub fn insert(&mut self, key: K, value: V, size: u64) -> Admission<K, V> {
+        if let Some(old) = self.remove(&key) {
+            drop(old);
+        }
+        if size > self.capacity {
+            return Admission::Rejected;
+        }
+        let mut evicted = Vec::new();
+        if self.used + size > self.capacity {
+            match self.policy {
+                EvictionPolicy::Pin => return Admission::Rejected,
+                EvictionPolicy::Lru => {
+                    while self.used + size > self.capacity {
+                        let Some((_, victim)) = self.recency.pop_first() else { break };
+                        if let Some(slot) = self.entries.remove(&victim) {
+                            self.used -= slot.size;
+                            evicted.push((victim, slot.value, slot.size));
+                        }
+                    }
+                }
+            }
+        }
+        let tick = self.next_tick();
+        self.recency.insert(tick, key.clone());
+        self.entries.insert(key, Slot { value, size, tick });
+        self.used += size;
+        Admission::Admitted { evicted }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lru_evicts_the_least_recently_used_and_stays_in_bounds() {
+        let mut idx = BoundedIndex::new(10, EvictionPolicy::Lru);
+        assert_eq!(idx.insert("a", 1, 4), Admission::Admitted { evicted: vec![] });
+        assert_eq!(idx.insert("b", 2, 4), Admission::Admitted { evicted: vec![] });
+        idx.get(&"a"); // b is now the oldest
+        assert_eq!(idx.insert("c", 3, 4), Admission::Admitted { evicted: vec![("b", 2, 4)] });
+        assert!(idx.contains(&"a") && idx.contains(&"c") && !idx.contains(&"b"));
+        assert_eq!(idx.used(), 8);
+        assert_eq!(idx.insert("huge", 9, 11), Admission::Rejected);
+    }
+
+    #[test]
+    fn pin_admits_until_full_and_never_evicts() {
+        let mut idx = BoundedIndex::new(10, EvictionPolicy::Pin);
+        assert!(matches!(idx.insert("a", (), 6), Admission::Admitted { .. }));
+        assert_eq!(idx.insert("b", (), 6), Admission::Rejected);
+        assert!(idx.contains(&"a"));
+        assert!(matches!(idx.insert("c", (), 4), Admission::Admitted { .. }));
+        assert_eq!(idx.used(), 10);
+    }
+
+    #[test]
+    fn replacing_an_entry_accounts_its_new_size() {
+        let mut idx = BoundedIndex::new(10, EvictionPolicy::Lru);
+        idx.insert("a", (), 4);
+        idx.insert("a", (), 6);
+        assert_eq!(idx.used(), 6);
+        assert_eq!(idx.len(), 1);
+        assert_eq!(idx.remove(&"a"), Some(()));
+        assert_eq!(idx.used(), 0);
+    }
+}
