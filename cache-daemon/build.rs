@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Block payloads stay `Bytes` end to end: slices, not copies.
         .bytes(".granary.worker.v1.BlockChunk.data")
+        // `granary-cache stats --json` prints these as they are.
+        .type_attribute(".granary.worker.v1.StatsResponse", "#[derive(serde::Serialize)]")
+        .type_attribute(".granary.worker.v1.TierStats", "#[derive(serde::Serialize)]")
         .compile_protos(&["proto/granary/worker/v1/worker.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())

@@ -1,1 +1,87 @@
-fn main(){}
+//! `granary-cache`: cache workers and the tools that talk to them.
+
+mod cli;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "granary-cache", version, about = "Granary cache workers and their client tools")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter, e.g. info or granary_cache=debug (RUST_LOG works too).
+    #[arg(long, global = true, default_value = "info", env = "GRANARY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve a tiered block cache of one source store over gRPC.
+    Worker(cli::worker::WorkerArgs),
+    /// Prewarm a file or directory over the workers, with progress; exit 1 on failed files.
+    Load(cli::load::LoadArgs),
+    /// Write a file's bytes, read through the workers, to stdout.
+    Cat(cli::cat::CatArgs),
+    /// Show per-worker cache usage, hits, misses and source bytes.
+    Stats(cli::stats::StatsArgs),
+    /// Measure warm and cold reads through the workers against local disk and the store.
+    Bench(cli::bench::BenchArgs),
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
+        _ => EnvFilter::try_new(filter)?,
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+        eprintln!("error: invalid --log filter: {e}");
+        std::process::exit(cli::exit::CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(cli::exit::FAILED);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Worker(args) => cli::worker::run(args).await,
+            Command::Load(args) => cli::load::run(args).await,
+            Command::Cat(args) => cli::cat::run(args).await,
+            Command::Stats(args) => cli::stats::run(args).await,
+            Command::Bench(args) => cli::bench::run(args).await,
+        }
+    });
+    let code = match result {
+        Ok(()) => cli::exit::OK,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            cli::exit::code_for(&e)
+        }
+    };
+    std::process::exit(code);
+}

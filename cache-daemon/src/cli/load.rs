@@ -1,0 +1,109 @@
+//! `granary-cache load`: prewarm a path over the workers with a progress bar; exits 1 when
+//! any file failed, after naming each.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use futures::StreamExt;
+use granary_cache::proto::LoadProgress;
+use granary_cache::units::ByteSize;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::WorkersArgs;
+
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub workers: WorkersArgs,
+    /// Blocks fetched at once across the workers (0: the worker's default).
+    #[arg(long, default_value_t = 0)]
+    pub parallelism: u32,
+    /// File or directory to prewarm, relative to the source root: /train
+    pub path: String,
+}
+
+fn bar() -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(0);
+    let style = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+fn files_line(p: &LoadProgress) -> String {
+    let more = if p.listing_done { "" } else { "+" };
+    format!(
+        "files {}/{}{more}, failed {}",
+        p.files_done + p.files_failed,
+        p.files_total,
+        p.files_failed
+    )
+}
+
+pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
+    let pool = args.workers.pool()?;
+    let started = Instant::now();
+    let mut progress = std::pin::pin!(pool
+        .load(&args.path, args.parallelism)
+        .await
+        .with_context(|| format!("cannot start the prewarm of {}", args.path))?);
+    let bar = bar();
+    let mut last_line = Instant::now();
+    let mut failures = Vec::new();
+    let mut last = LoadProgress::default();
+    while let Some(update) = progress.next().await {
+        let update = update.with_context(|| format!("the prewarm of {} stopped", args.path))?;
+        for failure in &update.new_failures {
+            bar.suspend(|| eprintln!("failed: {}: {}", failure.path, failure.error));
+        }
+        failures.extend(update.new_failures.iter().cloned());
+        bar.set_length(update.bytes_total);
+        bar.set_position(update.bytes_done);
+        bar.set_message(files_line(&update));
+        if bar.is_hidden() && last_line.elapsed() >= Duration::from_secs(2) {
+            let rate = update.bytes_done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+            eprintln!(
+                "loading {}: {}/{} {}/s, {}",
+                args.path,
+                ByteSize(update.bytes_done),
+                ByteSize(update.bytes_total),
+                ByteSize(rate as u64),
+                files_line(&update)
+            );
+            last_line = Instant::now();
+        }
+        let finished = update.finished;
+        last = update;
+        if finished {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    if !last.finished {
+        bail!("the prewarm of {} ended before it finished (the worker went away)", args.path);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "loaded {}: {} files, {} in {:.1}s ({}/s), {} fetched from the source, {} already cached, {} failed",
+        args.path,
+        last.files_done,
+        ByteSize(last.bytes_done),
+        secs,
+        ByteSize((last.bytes_done as f64 / secs.max(1e-3)) as u64),
+        ByteSize(last.bytes_from_source),
+        ByteSize(last.bytes_done - last.bytes_from_source.min(last.bytes_done)),
+        last.files_failed
+    );
+    if last.files_failed > 0 {
+        bail!("{} of {} files failed to load", last.files_failed, last.files_total);
+    }
+    Ok(())
+}

@@ -1,0 +1,38 @@
+//! The `granary-cache` command line: one module per subcommand, plus the one place that maps
+//! errors to exit codes.
+
+pub mod bench;
+pub mod cat;
+pub mod exit;
+pub mod load;
+pub mod stats;
+pub mod worker;
+
+use clap::Args;
+use granary_cache::client::{parse_worker_list, WorkerPool};
+
+/// How to reach the workers; shared by every client subcommand.
+#[derive(Debug, Args)]
+pub struct WorkersArgs {
+    /// Worker addresses, comma-separated: host-0:7070,host-1:7070. All clients of a dataset
+    /// must list the same workers, as placement is computed from this list.
+    #[arg(long, env = "GRANARY_WORKERS", value_name = "HOST:PORT,...")]
+    pub workers: String,
+    /// Cache each block on this many workers (its top owners): for files read by many nodes.
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+}
+
+impl WorkersArgs {
+    pub fn pool(&self) -> anyhow::Result<WorkerPool> {
+        Ok(WorkerPool::new(&parse_worker_list(&self.workers), self.replicas)?)
+    }
+}
+
+/// Parses `key=value` for --source-option.
+pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("expected key=value, got {s:?} (e.g. --source-option region=us-east-1)")),
+    }
+}

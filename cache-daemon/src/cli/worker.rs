@@ -1,0 +1,105 @@
+//! `granary-cache worker`: serve a tiered block cache of one source store over gRPC.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use granary_cache::cache::EvictionPolicy;
+use granary_cache::source::SourceTuning;
+use granary_cache::units::{ByteSize, MetadataTtl};
+use granary_cache::worker::{self, WorkerConfig};
+
+use super::parse_key_value;
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The source store: s3://bucket/prefix, fs:///path (gcs://, azblob://, oss://, webhdfs://
+    /// when built with their features).
+    #[arg(long, env = "GRANARY_SOURCE")]
+    pub source: String,
+    /// A source store option, repeatable: endpoint=http://minio:9000, region=us-east-1,
+    /// access_key_id=…, secret_access_key=…, anonymous=true, credentials=auto. AWS_*
+    /// environment variables are read too.
+    #[arg(long = "source-option", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+    pub source_options: Vec<(String, String)>,
+    /// gRPC address to serve on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: SocketAddr,
+    /// Prometheus metrics, /healthz and /readyz.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Directory of the disk tier (a PVC in Kubernetes); indexed at start, so restarts are warm.
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// Byte budget of the disk tier, never exceeded: 200GiB.
+    #[arg(long, default_value = "0")]
+    pub cache_size: ByteSize,
+    /// Byte budget of the memory tier.
+    #[arg(long, default_value = "1GiB")]
+    pub memory_size: ByteSize,
+    /// Block size; every worker of a dataset must use the same.
+    #[arg(long, default_value = "4MiB")]
+    pub block_size: ByteSize,
+    /// lru evicts the least recently used blocks; pin admits until full and never evicts
+    /// (best for shuffled epochs that read everything once each).
+    #[arg(long, value_enum, default_value = "lru")]
+    pub eviction: EvictionPolicy,
+    /// How long stat results are cached: 60s, 5m, 0s, or never (immutable snapshots).
+    #[arg(long, default_value = "60s")]
+    pub metadata_ttl: MetadataTtl,
+    /// Most metadata entries kept.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub metadata_max_entries: usize,
+    /// Blocks a prewarm fetches at once, unless the request says otherwise.
+    #[arg(long, default_value_t = 16)]
+    pub load_parallelism: usize,
+    /// Retries of a failed source request before it is reported.
+    #[arg(long, default_value_t = 3)]
+    pub source_retries: usize,
+    /// Timeout of one source request.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub source_timeout: std::time::Duration,
+}
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let mut config = WorkerConfig::new(args.source, args.listen);
+    config.source_options = args.source_options.into_iter().collect();
+    config.source_tuning = SourceTuning {
+        retries: args.source_retries,
+        timeout: args.source_timeout,
+    };
+    config.metrics_listen = args.metrics_listen;
+    config.cache_dir = args.cache_dir;
+    config.cache_size = args.cache_size.0;
+    config.memory_size = args.memory_size.0;
+    config.block_size = args.block_size.0;
+    config.eviction = args.eviction;
+    config.metadata_ttl = args.metadata_ttl;
+    config.metadata_max_entries = args.metadata_max_entries;
+    config.load_parallelism = args.load_parallelism;
+
+    let mut running = worker::start(config).await.context("the worker could not start")?;
+    tokio::select! {
+        result = running.wait() => result.context("the gRPC server stopped"),
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            running.shutdown().await
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the worker");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
