@@ -103,6 +103,19 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
 
     /// Inserts (or replaces) an entry of `size` bytes, evicting by the policy to make room.
     pub fn insert(&mut self, key: K, value: V, size: u64) -> Admission<K, V> {
+        self.insert_evicting(key, value, size, |_| true)
+    }
+
+    /// Like [`BoundedIndex::insert`], but only entries for which `evictable` holds may be
+    /// evicted (the disk tier never evicts a block whose file is still being written). When
+    /// the evictable entries cannot make room, nothing is evicted and the entry is rejected.
+    pub fn insert_evicting(
+        &mut self,
+        key: K,
+        value: V,
+        size: u64,
+        evictable: impl Fn(&V) -> bool,
+    ) -> Admission<K, V> {
         if let Some(old) = self.remove(&key) {
             drop(old);
         }
@@ -114,11 +127,28 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
             match self.policy {
                 EvictionPolicy::Pin => return Admission::Rejected,
                 EvictionPolicy::Lru => {
-                    while self.used + size > self.capacity {
-                        let Some((_, victim)) = self.recency.pop_first() else { break };
-                        if let Some(slot) = self.entries.remove(&victim) {
-                            self.used -= slot.size;
-                            evicted.push((victim, slot.value, slot.size));
+                    let mut freed = 0;
+                    let mut victims = Vec::new();
+                    for (tick, candidate) in &self.recency {
+                        if self.used - freed + size <= self.capacity {
+                            break;
+                        }
+                        if let Some(slot) = self.entries.get(candidate) {
+                            if evictable(&slot.value) {
+                                freed += slot.size;
+                                victims.push(*tick);
+                            }
+                        }
+                    }
+                    if self.used - freed + size > self.capacity {
+                        return Admission::Rejected;
+                    }
+                    for tick in victims {
+                        if let Some(victim) = self.recency.remove(&tick) {
+                            if let Some(slot) = self.entries.remove(&victim) {
+                                self.used -= slot.size;
+                                evicted.push((victim, slot.value, slot.size));
+                            }
                         }
                     }
                 }
@@ -146,6 +176,20 @@ mod tests {
         assert!(idx.contains(&"a") && idx.contains(&"c") && !idx.contains(&"b"));
         assert_eq!(idx.used(), 8);
         assert_eq!(idx.insert("huge", 9, 11), Admission::Rejected);
+    }
+
+    #[test]
+    fn entries_that_may_not_be_evicted_are_kept() {
+        let mut idx = BoundedIndex::new(10, EvictionPolicy::Lru);
+        idx.insert("busy", false, 6);
+        idx.insert("idle", true, 4);
+        // Only "idle" may go, and it is not enough for 7 bytes: nothing is evicted.
+        assert_eq!(idx.insert_evicting("new", true, 7, |v| *v), Admission::Rejected);
+        assert!(idx.contains(&"busy") && idx.contains(&"idle"));
+        assert_eq!(
+            idx.insert_evicting("new", true, 4, |v| *v),
+            Admission::Admitted { evicted: vec![("idle", true, 4)] }
+        );
     }
 
     #[test]

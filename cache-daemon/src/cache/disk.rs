@@ -191,7 +191,11 @@ impl DiskTier {
             if self.lock().contains(&name) {
                 return DiskWrite::Stored { evicted: 0 };
             }
-            let admission = self.lock().insert(name, DiskSlot { ready: false }, size);
+            // A block still being written is never a victim: its file would outlive its bytes
+            // in the budget.
+            let admission = self
+                .lock()
+                .insert_evicting(name, DiskSlot { ready: false }, size, |slot| slot.ready);
             let victims = match admission {
                 Admission::Rejected => return DiskWrite::Rejected,
                 Admission::Admitted { evicted } => evicted,

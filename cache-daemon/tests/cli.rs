@@ -1,0 +1,106 @@
+//! The `granary-cache` binary as a user runs it: exit codes, output, the metrics endpoint.
+
+mod support;
+
+use std::process::{Command, Output};
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn granary(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_granary-cache"))
+            .args(&args)
+            .env_remove("GRANARY_WORKERS")
+            .output()
+            .expect("run granary-cache")
+    })
+    .await
+    .unwrap()
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_bad_source_is_a_configuration_error_that_names_the_fix() {
+    let out = granary(args(&["worker", "--source", "ftp://x/y", "--listen", "127.0.0.1:0"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unknown source scheme \"ftp\"") && stderr.contains("s3://"), "{stderr}");
+
+    let out = granary(args(&["worker", "--source", "s3://b/p", "--source-option", "endpoint"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected key=value"));
+
+    let out = granary(args(&["stats", "--workers", "nohost"])).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("port is missing"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_cat_and_stats_work_against_real_workers() {
+    let env = s3_env().await;
+    for i in 0..4 {
+        env.put(&format!("ds/train/{i}.jpg"), &pattern(150_000, i)).await;
+    }
+    env.put("ds/bad/ok.bin", &pattern(10, 1)).await;
+    env.put("ds/bad/broken.bin", &pattern(10, 2)).await;
+    let mut config = env.config("ds");
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let worker = start(config).await;
+    let workers = worker.addr.to_string();
+
+    let out = granary(args(&["load", "--workers", &workers, "/train"])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("loaded /train: 4 files"), "{stderr}");
+
+    let out = granary(args(&["cat", "--workers", &workers, "/train/2.jpg"])).await;
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout == pattern(150_000, 2), "cat prints the file's bytes");
+
+    let out = granary(args(&["cat", "--workers", &workers, "/train/none.jpg"])).await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    let out = granary(args(&["stats", "--workers", &workers, "--json"])).await;
+    assert_eq!(out.status.code(), Some(0));
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(rows[0]["worker"], workers.as_str());
+    assert_eq!(rows[0]["stats"]["misses"], 12, "4 files of 3 blocks, each fetched once: {rows}");
+    assert_eq!(rows[0]["stats"]["memory"]["hits"], 3, "cat of one file after the load");
+
+    env.s3.fail_gets_containing(Some("broken.bin"));
+    let out = granary(args(&["load", "--workers", &workers, "/bad"])).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("failed: bad/broken.bin"), "{stderr}");
+    assert!(stderr.contains("1 of 2 files failed"), "{stderr}");
+
+    // The metrics endpoint, over real HTTP.
+    let metrics_addr = worker.metrics_addr.expect("metrics address");
+    let body = http_get(metrics_addr, "/metrics").await;
+    for name in [
+        "granary_cache_hits_total{tier=\"memory\"} 3",
+        // 12 blocks of /train, then one of each /bad file (the broken one failed).
+        "granary_cache_misses_total 14",
+        "granary_source_read_bytes_total 600010",
+        "granary_cache_used_bytes{tier=\"memory\"}",
+        "granary_worker_request_duration_seconds_bucket",
+        "granary_prewarm_files{state=\"failed\"} 1",
+    ] {
+        assert!(body.contains(name), "{name} missing from:\n{body}");
+    }
+    assert!(http_get(metrics_addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}

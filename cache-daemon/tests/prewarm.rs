@@ -1,0 +1,100 @@
+//! Load (prewarm) over several workers: everything lands on its owners, progress adds up,
+//! failures are named and do not stop the rest, replicas are honoured.
+
+mod support;
+
+use futures::StreamExt;
+use granary_cache::proto::LoadProgress;
+use support::*;
+
+async fn run_load(pool: &granary_cache::client::WorkerPool, path: &str) -> (LoadProgress, Vec<String>) {
+    let mut stream = std::pin::pin!(pool.load(path, 8).await.expect("start load"));
+    let mut failed = Vec::new();
+    let mut last = LoadProgress::default();
+    while let Some(update) = stream.next().await {
+        let update = update.expect("progress");
+        assert!(update.bytes_done <= update.bytes_total || !update.listing_done);
+        failed.extend(update.new_failures.iter().map(|f| format!("{}: {}", f.path, f.error)));
+        last = update;
+    }
+    assert!(last.finished, "the stream ends with a finished report");
+    (last, failed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prewarm_caches_every_block_on_its_owner_so_reads_touch_no_store() {
+    let env = s3_env().await;
+    let mut total = 0u64;
+    for d in 0..3 {
+        for i in 0..10 {
+            let size = 1000 * (i + 1) + (d * 70_000) as usize;
+            total += size as u64;
+            env.put(&format!("ds/train/{d}/{i}.jpg"), &pattern(size, d * 100 + i as u64)).await;
+        }
+    }
+    env.put("ds/val/skip.jpg", &pattern(10, 0)).await;
+    let workers = [start(env.config("ds")).await, start(env.config("ds")).await];
+    let pool = pool(&[&workers[0], &workers[1]], 1);
+
+    let (last, failed) = run_load(&pool, "/train").await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!((last.files_total, last.files_done, last.files_failed), (30, 30, 0));
+    assert_eq!(last.bytes_total, total);
+    assert_eq!(last.bytes_done, total);
+    assert_eq!(last.bytes_from_source, total);
+
+    env.s3.clear_log();
+    for d in 0..3 {
+        for i in 0..10 {
+            let size = 1000 * (i + 1) + (d * 70_000) as usize;
+            let got = read_all(&pool, &format!("/train/{d}/{i}.jpg")).await.unwrap();
+            assert!(got == pattern(size, d * 100 + i as u64));
+        }
+    }
+    assert_eq!(env.s3.object_gets("/"), 0, "reads after a prewarm are all hits");
+
+    // A second prewarm finds everything cached and fetches nothing.
+    let (again, _) = run_load(&pool, "/train").await;
+    assert_eq!(again.bytes_done, total);
+    assert_eq!(again.bytes_from_source, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_file_is_reported_by_name_and_the_rest_still_load() {
+    let env = s3_env().await;
+    for i in 0..6 {
+        env.put(&format!("ds/data/{i}.bin"), &pattern(100_000, i)).await;
+    }
+    let workers = [start(env.config("ds")).await, start(env.config("ds")).await];
+    let pool = pool(&[&workers[0], &workers[1]], 1);
+    env.s3.fail_gets_containing(Some("data/3.bin"));
+
+    let (last, failed) = run_load(&pool, "/data").await;
+    assert_eq!((last.files_total, last.files_done, last.files_failed), (6, 5, 1));
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].starts_with("data/3.bin: "), "{failed:?}");
+    assert!(failed[0].contains("unreachable"), "the reason is given: {failed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_put_each_block_on_that_many_workers() {
+    let env = s3_env().await;
+    env.put("ds/model.safetensors", &pattern(10 * BLOCK as usize, 5)).await;
+    let workers = [
+        start(env.config("ds")).await,
+        start(env.config("ds")).await,
+        start(env.config("ds")).await,
+    ];
+    let pool = pool(&[&workers[0], &workers[1], &workers[2]], 2);
+    let (last, failed) = run_load(&pool, "/model.safetensors").await;
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(last.files_done, 1);
+    let blocks: u64 = pool
+        .stats()
+        .await
+        .iter()
+        .map(|(_, s)| s.as_ref().unwrap().memory.clone().unwrap().blocks)
+        .sum();
+    assert_eq!(blocks, 20, "10 blocks, 2 replicas each");
+    assert_eq!(env.s3.object_gets("model.safetensors"), 20);
+}

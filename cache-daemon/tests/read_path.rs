@@ -1,0 +1,125 @@
+//! Reads through several workers against a real S3 server: bytes, placement, single flight,
+//! changed files, corrupt blocks.
+
+mod support;
+
+use std::time::Duration;
+
+use granary_cache::block::{block_count, BlockName};
+use granary_cache::units::MetadataTtl;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_byte_read_through_three_workers_equals_the_source() {
+    let env = s3_env().await;
+    // Sizes around block boundaries, an empty file, and a multi-block file.
+    let sizes = [0usize, 1, 4095, BLOCK as usize, BLOCK as usize + 1, 3 * BLOCK as usize - 7, 1_000_000];
+    for (i, size) in sizes.iter().enumerate() {
+        env.put(&format!("ds/train/f{i}.bin"), &pattern(*size, i as u64)).await;
+    }
+    let workers = [
+        start(env.config("ds")).await,
+        start(env.config("ds")).await,
+        start(env.config("ds")).await,
+    ];
+    let pool = pool(&[&workers[0], &workers[1], &workers[2]], 1);
+
+    for (i, size) in sizes.iter().enumerate() {
+        let got = read_all(&pool, &format!("/train/f{i}.bin")).await.expect("read");
+        assert_eq!(got.len(), *size, "file {i}");
+        assert!(got == pattern(*size, i as u64), "file {i} differs from the source");
+    }
+    // A range in the middle, crossing a block boundary.
+    let info = pool.stat("/train/f6.bin", false).await.unwrap();
+    let range = BLOCK - 100..BLOCK + 100;
+    let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(pool.read_range(&info, range.clone(), 2))
+        .await
+        .unwrap();
+    assert_eq!(chunks.concat(), pattern(1_000_000, 6)[range.start as usize..range.end as usize]);
+
+    // Each block was fetched once, by its owner; the blocks spread over all three workers.
+    let total_blocks: u64 = sizes.iter().map(|s| block_count(*s as u64, BLOCK)).sum();
+    let stats = pool.stats().await;
+    let misses: Vec<u64> = stats.iter().map(|(_, s)| s.as_ref().unwrap().misses).collect();
+    assert_eq!(misses.iter().sum::<u64>(), total_blocks, "misses per worker: {misses:?}");
+    assert!(misses.iter().all(|m| *m > 0), "placement left a worker idle: {misses:?}");
+
+    // Placement is a function of the worker list alone: a second client agrees.
+    let again = support::pool(&[&workers[0], &workers[1], &workers[2]], 1);
+    for i in 0..16 {
+        let name = BlockName::of("train/f6.bin", &info.version, i);
+        assert_eq!(pool.owners(&name), again.owners(&name));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_readers_of_a_cold_block_make_one_source_read() {
+    let env = s3_env().await;
+    env.put("ds/model.bin", &pattern(50_000, 1)).await;
+    let worker = start(env.config("ds")).await;
+    let pool = pool(&[&worker], 1);
+    let info = pool.stat("/model.bin", false).await.unwrap();
+    // Slow the store down so all readers arrive while the fetch is in flight.
+    env.s3.set_get_delay(Duration::from_millis(300));
+    env.s3.clear_log();
+
+    let readers: Vec<_> = (0..32)
+        .map(|_| {
+            let pool = pool.clone();
+            let info = info.clone();
+            tokio::spawn(async move { pool.read_block(&info, 0, 0, 0).await })
+        })
+        .collect();
+    for reader in readers {
+        let (data, _) = reader.await.unwrap().expect("read");
+        assert!(data[..] == pattern(50_000, 1)[..]);
+    }
+    assert_eq!(env.s3.object_gets("model.bin"), 1, "requests: {:?}", env.s3.requests());
+    let stats = &pool.stats().await[0].1.as_ref().unwrap().clone();
+    assert_eq!(stats.source_reads, 1);
+    assert_eq!(stats.singleflight_shared, 31);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_source_file_is_served_with_its_new_bytes() {
+    let env = s3_env().await;
+    env.put("ds/labels.csv", &pattern(200_000, 1)).await;
+    let mut config = env.config("ds");
+    config.metadata_ttl = MetadataTtl::Expires(Duration::ZERO);
+    let worker = start(config).await;
+    let pool = pool(&[&worker], 1);
+    assert!(read_all(&pool, "/labels.csv").await.unwrap() == pattern(200_000, 1));
+
+    // Same size, new bytes: only the version tells them apart.
+    env.put("ds/labels.csv", &pattern(200_000, 2)).await;
+    assert!(read_all(&pool, "/labels.csv").await.unwrap() == pattern(200_000, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_block_file_is_detected_dropped_and_refetched() {
+    let env = s3_env().await;
+    env.put("ds/shard.tar", &pattern(3 * BLOCK as usize, 3)).await;
+    let cache = env.cache_dir("cache");
+    let mut config = env.config_with_disk("ds", &cache, 16 << 20, granary_cache::cache::EvictionPolicy::Lru);
+    config.memory_size = 0; // every read goes to the disk tier
+    let worker = start(config).await;
+    let pool = pool(&[&worker], 1);
+    assert!(read_all(&pool, "/shard.tar").await.unwrap() == pattern(3 * BLOCK as usize, 3));
+
+    let info = pool.stat("/shard.tar", false).await.unwrap();
+    let path = block_file(&cache, &BlockName::of("shard.tar", &info.version, 1));
+    let mut raw = std::fs::read(&path).expect("block file exists");
+    let at = raw.len() - 1000;
+    raw[at] ^= 0x40;
+    std::fs::write(&path, raw).unwrap();
+    env.s3.clear_log();
+
+    assert!(read_all(&pool, "/shard.tar").await.unwrap() == pattern(3 * BLOCK as usize, 3));
+    assert_eq!(env.s3.object_gets("shard.tar"), 1, "only the corrupt block is fetched again");
+    let stats = pool.stats().await[0].1.clone().unwrap();
+    assert_eq!(stats.corrupt_blocks, 1);
+    // And the refetched copy is good: a third read is all disk hits.
+    env.s3.clear_log();
+    assert!(read_all(&pool, "/shard.tar").await.unwrap() == pattern(3 * BLOCK as usize, 3));
+    assert_eq!(env.s3.object_gets("shard.tar"), 0);
+}

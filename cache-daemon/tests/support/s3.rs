@@ -1,0 +1,210 @@
+//! A real S3-protocol server on loopback for tests and benchmarks: s3s + s3s-fs over a local
+//! directory, with a log of the requests it served (to count source reads) and switchable
+//! faults (a delay on object GETs, failing GETs of chosen keys, refusing everything).
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+pub const ACCESS_KEY: &str = "granary-test";
+pub const SECRET_KEY: &str = "granary-test-secret";
+pub const REGION: &str = "us-east-1";
+
+/// One request the server saw.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub range: Option<String>,
+}
+
+impl RequestRecord {
+    /// A GET of an object's bytes (not a listing).
+    pub fn is_object_get(&self) -> bool {
+        self.method == "GET" && !self.query.contains("list-type") && !self.query.contains("prefix=")
+    }
+}
+
+#[derive(Default)]
+struct Faults {
+    get_delay_ms: AtomicU64,
+    fail_gets_containing: Mutex<Option<String>>,
+    refuse_all: AtomicBool,
+}
+
+pub struct S3TestServer {
+    pub addr: SocketAddr,
+    pub endpoint: String,
+    pub root: PathBuf,
+    log: Arc<Mutex<Vec<RequestRecord>>>,
+    faults: Arc<Faults>,
+    tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+impl S3TestServer {
+    /// Serves the buckets under `root` (each a directory) on `addr` (port 0 for any).
+    pub async fn start(root: &Path, addr: SocketAddr) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        let fs = s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let mut builder = S3ServiceBuilder::new(fs);
+        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let s3 = builder.build();
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let log: Arc<Mutex<Vec<RequestRecord>>> = Arc::default();
+        let faults: Arc<Faults> = Arc::default();
+        let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+
+        let accept = {
+            let (log, faults, tasks) = (log.clone(), faults.clone(), tasks.clone());
+            let root = root.to_path_buf();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((socket, _)) = listener.accept().await else { continue };
+                    let s3 = s3.clone();
+                    let (log, faults, root) = (log.clone(), faults.clone(), root.clone());
+                    let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                        let record = RequestRecord {
+                            method: req.method().to_string(),
+                            path: req.uri().path().to_string(),
+                            query: req.uri().query().unwrap_or("").to_string(),
+                            range: req
+                                .headers()
+                                .get("range")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string),
+                        };
+                        let delay = faults.get_delay_ms.load(Ordering::Relaxed);
+                        let fail = record.is_object_get()
+                            && faults
+                                .fail_gets_containing
+                                .lock()
+                                .unwrap()
+                                .as_deref()
+                                .is_some_and(|s| record.path.contains(s));
+                        let refuse = faults.refuse_all.load(Ordering::Relaxed);
+                        let object_get = record.is_object_get();
+                        // s3s-fs answers a GET or HEAD of a key that is a directory on its disk
+                        // with 500; S3 answers 404 (there is no such object), so do that.
+                        let directory_key = (record.method == "GET" || record.method == "HEAD")
+                            && record.query.is_empty()
+                            && record.path.trim_matches('/').contains('/')
+                            && root.join(record.path.trim_start_matches('/')).is_dir();
+                        log.lock().unwrap().push(record);
+                        let s3 = s3.clone();
+                        async move {
+                            if object_get && delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            if directory_key && !refuse {
+                                let body = "<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code><Message>no such key</Message></Error>";
+                                return Ok(http::Response::builder()
+                                    .status(404)
+                                    .body(s3s::Body::from(body.to_string()))
+                                    .expect("static response"));
+                            }
+                            if fail || refuse {
+                                let body = "<?xml version=\"1.0\"?><Error><Code>InternalError</Code><Message>injected fault</Message></Error>";
+                                return Ok(http::Response::builder()
+                                    .status(500)
+                                    .body(s3s::Body::from(body.to_string()))
+                                    .expect("static response"));
+                            }
+                            Service::call(&s3, req).await
+                        }
+                    });
+                    let conn = tokio::spawn(async move {
+                        let _ = ConnBuilder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(socket), service)
+                            .await;
+                    });
+                    let mut tasks = tasks.lock().unwrap();
+                    tasks.retain(|t| !t.is_finished());
+                    tasks.push(conn);
+                }
+            })
+        };
+        tasks.lock().unwrap().push(accept);
+        Ok(S3TestServer {
+            addr,
+            endpoint: format!("http://{addr}"),
+            root: root.to_path_buf(),
+            log,
+            faults,
+            tasks,
+        })
+    }
+
+    /// Creates a bucket (a directory under the root).
+    pub fn create_bucket(&self, bucket: &str) -> std::io::Result<()> {
+        std::fs::create_dir_all(self.root.join(bucket))
+    }
+
+    /// The `--source-option`s a worker needs for this server.
+    pub fn options(&self) -> Vec<(String, String)> {
+        vec![
+            ("endpoint".into(), self.endpoint.clone()),
+            ("region".into(), REGION.into()),
+            ("access_key_id".into(), ACCESS_KEY.into()),
+            ("secret_access_key".into(), SECRET_KEY.into()),
+        ]
+    }
+
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// GETs of object bytes whose path contains `needle`.
+    pub fn object_gets(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.is_object_get() && r.path.contains(needle))
+            .count()
+    }
+
+    pub fn clear_log(&self) {
+        self.log.lock().unwrap().clear();
+    }
+
+    pub fn set_get_delay(&self, delay: Duration) {
+        self.faults.get_delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    pub fn fail_gets_containing(&self, needle: Option<&str>) {
+        *self.faults.fail_gets_containing.lock().unwrap() = needle.map(str::to_string);
+    }
+
+    /// Answers every request with 500, as a store in an outage does.
+    pub fn set_outage(&self, down: bool) {
+        self.faults.refuse_all.store(down, Ordering::Relaxed);
+    }
+
+    /// Stops serving: the port is closed and open connections are dropped.
+    pub fn stop(&self) {
+        for task in self.tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for S3TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
