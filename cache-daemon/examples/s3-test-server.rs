@@ -30,7 +30,13 @@ async fn main() -> anyhow::Result<()> {
     for bucket in &args.buckets {
         server.create_bucket(bucket)?;
     }
-    println!("s3 test server on {} (access key {}, secret {}, region {})", server.endpoint, s3::ACCESS_KEY, s3::SECRET_KEY, s3::REGION);
+    println!(
+        "s3 test server on {} (access key {}, secret {}, region {})",
+        server.endpoint,
+        s3::ACCESS_KEY,
+        s3::SECRET_KEY,
+        s3::REGION
+    );
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

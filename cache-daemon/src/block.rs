@@ -65,7 +65,7 @@ impl BlockName {
 
     /// Rendezvous score of this block on a worker: the highest scores own the block.
     pub fn score(&self, worker: &str) -> u64 {
-        let seed = xxh3_64_with_seed(worker.as_bytes(), 0x6772_616e_6172_79);
+        let seed = xxh3_64_with_seed(worker.as_bytes(), 0x0067_7261_6e61_7279);
         let mut buf = [0u8; 24];
         buf[..16].copy_from_slice(&self.file.to_le_bytes());
         buf[16..].copy_from_slice(&self.index.to_le_bytes());

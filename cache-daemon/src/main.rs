@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "granary-cache", version, about = "Granary cache workers and their client tools")]
+#[command(
+    name = "granary-cache",
+    version,
+    about = "Granary cache workers and their client tools"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]

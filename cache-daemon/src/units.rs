@@ -59,7 +59,7 @@ impl fmt::Display for ByteSize {
         for (name, size) in UNITS {
             if self.0 >= size {
                 let value = self.0 as f64 / size as f64;
-                return if self.0 % size == 0 {
+                return if self.0.is_multiple_of(size) {
                     write!(f, "{}{name}", self.0 / size)
                 } else {
                     write!(f, "{value:.1}{name}")
@@ -107,9 +107,7 @@ impl FromStr for MetadataTtl {
         }
         humantime::parse_duration(trimmed)
             .map(MetadataTtl::Expires)
-            .map_err(|_| ParseTtlError {
-                input: s.to_string(),
-            })
+            .map_err(|_| ParseTtlError { input: s.to_string() })
     }
 }
 
@@ -158,7 +156,10 @@ mod tests {
             "60s".parse::<MetadataTtl>().unwrap(),
             MetadataTtl::Expires(Duration::from_secs(60))
         );
-        assert_eq!("0".parse::<MetadataTtl>().unwrap(), MetadataTtl::Expires(Duration::ZERO));
+        assert_eq!(
+            "0".parse::<MetadataTtl>().unwrap(),
+            MetadataTtl::Expires(Duration::ZERO)
+        );
         assert!("soon".parse::<MetadataTtl>().is_err());
         assert!(!MetadataTtl::Expires(Duration::ZERO).is_fresh(Duration::ZERO));
         assert!(MetadataTtl::Never.is_fresh(Duration::from_secs(1 << 40)));

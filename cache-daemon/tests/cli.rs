@@ -28,7 +28,10 @@ async fn a_bad_source_is_a_configuration_error_that_names_the_fix() {
     let out = granary(args(&["worker", "--source", "ftp://x/y", "--listen", "127.0.0.1:0"])).await;
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unknown source scheme \"ftp\"") && stderr.contains("s3://"), "{stderr}");
+    assert!(
+        stderr.contains("unknown source scheme \"ftp\"") && stderr.contains("s3://"),
+        "{stderr}"
+    );
 
     let out = granary(args(&["worker", "--source", "s3://b/p", "--source-option", "endpoint"])).await;
     assert_eq!(out.status.code(), Some(2));
@@ -69,7 +72,10 @@ async fn load_cat_and_stats_work_against_real_workers() {
     assert_eq!(out.status.code(), Some(0));
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(rows[0]["worker"], workers.as_str());
-    assert_eq!(rows[0]["stats"]["misses"], 12, "4 files of 3 blocks, each fetched once: {rows}");
+    assert_eq!(
+        rows[0]["stats"]["misses"], 12,
+        "4 files of 3 blocks, each fetched once: {rows}"
+    );
     assert_eq!(rows[0]["stats"]["memory"]["hits"], 3, "cat of one file after the load");
 
     env.s3.fail_gets_containing(Some("broken.bin"));

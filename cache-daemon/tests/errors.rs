@@ -19,7 +19,10 @@ async fn an_unknown_scheme_or_missing_credentials_fail_at_start() {
         let mut config = WorkerConfig::new("s3://datasets/x", "127.0.0.1:0".parse().unwrap());
         config.source_options = BTreeMap::from([("region".to_string(), "us-east-1".to_string())]);
         let err = worker::start(config).await.err().expect("refused").to_string();
-        assert!(err.contains("missing credentials") && err.contains("access_key_id"), "{err}");
+        assert!(
+            err.contains("missing credentials") && err.contains("access_key_id"),
+            "{err}"
+        );
     }
 
     let dir = tempfile::tempdir().unwrap();
@@ -74,7 +77,10 @@ async fn an_unreachable_store_is_unavailable_and_cached_blocks_still_serve() {
         }
         other => panic!("expected SourceUnavailable, got {other:?}"),
     }
-    let (data, _) = pool.read_block(&cached, 0, 0, 0).await.expect("cached blocks still serve");
+    let (data, _) = pool
+        .read_block(&cached, 0, 0, 0)
+        .await
+        .expect("cached blocks still serve");
     assert!(data[..] == pattern(100_000, 1)[..BLOCK as usize]);
     assert!(pool.stats().await[0].1.is_ok(), "the worker stays up");
 }
@@ -85,7 +91,10 @@ async fn a_dead_worker_fails_over_to_the_next_owner() {
     env.put("ds/f.bin", &pattern(8 * BLOCK as usize, 4)).await;
     let live = start(env.config("ds")).await;
     // A port nobody listens on: bind one, then close it.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let pool = WorkerPool::new(&[dead.to_string(), live.addr.to_string()], 1).unwrap();
     assert!(read_all(&pool, "/f.bin").await.unwrap() == pattern(8 * BLOCK as usize, 4));
 }

@@ -29,7 +29,8 @@ async fn a_prewarm_caches_every_block_on_its_owner_so_reads_touch_no_store() {
         for i in 0..10 {
             let size = 1000 * (i + 1) + (d * 70_000) as usize;
             total += size as u64;
-            env.put(&format!("ds/train/{d}/{i}.jpg"), &pattern(size, d * 100 + i as u64)).await;
+            env.put(&format!("ds/train/{d}/{i}.jpg"), &pattern(size, d * 100 + i as u64))
+                .await;
         }
     }
     env.put("ds/val/skip.jpg", &pattern(10, 0)).await;
@@ -93,7 +94,7 @@ async fn replicas_put_each_block_on_that_many_workers() {
         .stats()
         .await
         .iter()
-        .map(|(_, s)| s.as_ref().unwrap().memory.clone().unwrap().blocks)
+        .map(|(_, s)| s.as_ref().unwrap().memory.unwrap().blocks)
         .sum();
     assert_eq!(blocks, 20, "10 blocks, 2 replicas each");
     assert_eq!(env.s3.object_gets("model.safetensors"), 20);

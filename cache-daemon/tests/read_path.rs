@@ -13,7 +13,15 @@ use support::*;
 async fn every_byte_read_through_three_workers_equals_the_source() {
     let env = s3_env().await;
     // Sizes around block boundaries, an empty file, and a multi-block file.
-    let sizes = [0usize, 1, 4095, BLOCK as usize, BLOCK as usize + 1, 3 * BLOCK as usize - 7, 1_000_000];
+    let sizes = [
+        0usize,
+        1,
+        4095,
+        BLOCK as usize,
+        BLOCK as usize + 1,
+        3 * BLOCK as usize - 7,
+        1_000_000,
+    ];
     for (i, size) in sizes.iter().enumerate() {
         env.put(&format!("ds/train/f{i}.bin"), &pattern(*size, i as u64)).await;
     }
@@ -35,14 +43,24 @@ async fn every_byte_read_through_three_workers_equals_the_source() {
     let chunks: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(pool.read_range(&info, range.clone(), 2))
         .await
         .unwrap();
-    assert_eq!(chunks.concat(), pattern(1_000_000, 6)[range.start as usize..range.end as usize]);
+    assert_eq!(
+        chunks.concat(),
+        pattern(1_000_000, 6)[range.start as usize..range.end as usize]
+    );
 
     // Each block was fetched once, by its owner; the blocks spread over all three workers.
     let total_blocks: u64 = sizes.iter().map(|s| block_count(*s as u64, BLOCK)).sum();
     let stats = pool.stats().await;
     let misses: Vec<u64> = stats.iter().map(|(_, s)| s.as_ref().unwrap().misses).collect();
-    assert_eq!(misses.iter().sum::<u64>(), total_blocks, "misses per worker: {misses:?}");
-    assert!(misses.iter().all(|m| *m > 0), "placement left a worker idle: {misses:?}");
+    assert_eq!(
+        misses.iter().sum::<u64>(),
+        total_blocks,
+        "misses per worker: {misses:?}"
+    );
+    assert!(
+        misses.iter().all(|m| *m > 0),
+        "placement left a worker idle: {misses:?}"
+    );
 
     // Placement is a function of the worker list alone: a second client agrees.
     let again = support::pool(&[&workers[0], &workers[1], &workers[2]], 1);
@@ -115,7 +133,11 @@ async fn a_corrupt_block_file_is_detected_dropped_and_refetched() {
     env.s3.clear_log();
 
     assert!(read_all(&pool, "/shard.tar").await.unwrap() == pattern(3 * BLOCK as usize, 3));
-    assert_eq!(env.s3.object_gets("shard.tar"), 1, "only the corrupt block is fetched again");
+    assert_eq!(
+        env.s3.object_gets("shard.tar"),
+        1,
+        "only the corrupt block is fetched again"
+    );
     let stats = pool.stats().await[0].1.clone().unwrap();
     assert_eq!(stats.corrupt_blocks, 1);
     // And the refetched copy is good: a third read is all disk hits.

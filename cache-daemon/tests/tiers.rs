@@ -29,7 +29,11 @@ async fn a_restarted_worker_serves_its_disk_tier_without_source_reads() {
     assert_eq!(env.s3.object_gets("train/"), 0, "requests: {:?}", env.s3.requests());
     let stats = second.stats().await[0].1.clone().unwrap();
     assert_eq!(stats.source_reads, 0);
-    assert_eq!(stats.disk.unwrap().hits, 5 * 5, "5 files of 5 blocks each, all from disk");
+    assert_eq!(
+        stats.disk.unwrap().hits,
+        5 * 5,
+        "5 files of 5 blocks each, all from disk"
+    );
 }
 
 /// Reads a working set twice the disk budget, with readers in parallel. Where it can, the
@@ -72,12 +76,22 @@ async fn lru_stays_within_the_disk_budget_by_evicting() {
     let (stats, on_disk, budget, kernel_checked) = churn(EvictionPolicy::Lru).await;
     let disk = stats.disk.unwrap();
     if kernel_checked {
-        assert_eq!(stats.disk_errors, 0, "a write went past the budget: the tmpfs refused it");
+        assert_eq!(
+            stats.disk_errors, 0,
+            "a write went past the budget: the tmpfs refused it"
+        );
     }
-    assert!(on_disk <= budget, "{on_disk} bytes on disk, over the {budget}-byte budget");
+    assert!(
+        on_disk <= budget,
+        "{on_disk} bytes on disk, over the {budget}-byte budget"
+    );
     assert!(disk.used_bytes <= budget);
     assert!(disk.evictions > 0, "a working set twice the budget must evict");
-    assert!(disk.used_bytes > budget / 2, "the budget is used, not wasted: {}", disk.used_bytes);
+    assert!(
+        disk.used_bytes > budget / 2,
+        "the budget is used, not wasted: {}",
+        disk.used_bytes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,12 +99,22 @@ async fn pin_stays_within_the_disk_budget_without_evicting() {
     let (stats, on_disk, budget, kernel_checked) = churn(EvictionPolicy::Pin).await;
     let disk = stats.disk.unwrap();
     if kernel_checked {
-        assert_eq!(stats.disk_errors, 0, "a write went past the budget: the tmpfs refused it");
+        assert_eq!(
+            stats.disk_errors, 0,
+            "a write went past the budget: the tmpfs refused it"
+        );
     }
-    assert!(on_disk <= budget, "{on_disk} bytes on disk, over the {budget}-byte budget");
+    assert!(
+        on_disk <= budget,
+        "{on_disk} bytes on disk, over the {budget}-byte budget"
+    );
     assert_eq!(disk.evictions, 0, "pin never evicts");
     assert!(disk.admissions_rejected > 0, "pin refuses what does not fit");
     // What was pinned in the first pass is served from disk in the second.
     assert_eq!(disk.hits, disk.blocks, "every pinned block hit once in the second pass");
-    assert!(disk.blocks >= 12, "the budget holds at least 12 blocks with headers: {}", disk.blocks);
+    assert!(
+        disk.blocks >= 12,
+        "the budget holds at least 12 blocks with headers: {}",
+        disk.blocks
+    );
 }

@@ -20,11 +20,7 @@ pub enum CorruptBlock {
     #[error("the header is truncated or its magic is wrong")]
     BadHeader,
     #[error("the file holds another block ({path:?} version {version:?} index {index})")]
-    OtherBlock {
-        path: String,
-        version: String,
-        index: u64,
-    },
+    OtherBlock { path: String, version: String, index: u64 },
     #[error("the length is {actual} bytes, the header says {expected}")]
     BadLength { expected: u64, actual: u64 },
     #[error("the checksum does not match (stored {stored:08x}, computed {computed:08x})")]
@@ -128,7 +124,10 @@ mod tests {
         let mut f = file(b"some block bytes");
         let last = f.len() - 1;
         f[last] ^= 1;
-        assert!(matches!(decode(Bytes::from(f), &key()), Err(CorruptBlock::BadChecksum { .. })));
+        assert!(matches!(
+            decode(Bytes::from(f), &key()),
+            Err(CorruptBlock::BadChecksum { .. })
+        ));
     }
 
     #[test]
@@ -137,7 +136,13 @@ mod tests {
         let short = Bytes::copy_from_slice(&f[..f.len() - 2]);
         assert!(matches!(decode(short, &key()), Err(CorruptBlock::BadLength { .. })));
         let other = BlockKey { index: 4, ..key() };
-        assert!(matches!(decode(Bytes::from(f), &other), Err(CorruptBlock::OtherBlock { .. })));
-        assert_eq!(decode(Bytes::from_static(b"junk"), &key()), Err(CorruptBlock::BadHeader));
+        assert!(matches!(
+            decode(Bytes::from(f), &other),
+            Err(CorruptBlock::OtherBlock { .. })
+        ));
+        assert_eq!(
+            decode(Bytes::from_static(b"junk"), &key()),
+            Err(CorruptBlock::BadHeader)
+        );
     }
 }

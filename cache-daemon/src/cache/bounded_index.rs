@@ -109,13 +109,7 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
     /// Like [`BoundedIndex::insert`], but only entries for which `evictable` holds may be
     /// evicted (the disk tier never evicts a block whose file is still being written). When
     /// the evictable entries cannot make room, nothing is evicted and the entry is rejected.
-    pub fn insert_evicting(
-        &mut self,
-        key: K,
-        value: V,
-        size: u64,
-        evictable: impl Fn(&V) -> bool,
-    ) -> Admission<K, V> {
+    pub fn insert_evicting(&mut self, key: K, value: V, size: u64, evictable: impl Fn(&V) -> bool) -> Admission<K, V> {
         if let Some(old) = self.remove(&key) {
             drop(old);
         }
@@ -172,7 +166,12 @@ mod tests {
         assert_eq!(idx.insert("a", 1, 4), Admission::Admitted { evicted: vec![] });
         assert_eq!(idx.insert("b", 2, 4), Admission::Admitted { evicted: vec![] });
         idx.get(&"a"); // b is now the oldest
-        assert_eq!(idx.insert("c", 3, 4), Admission::Admitted { evicted: vec![("b", 2, 4)] });
+        assert_eq!(
+            idx.insert("c", 3, 4),
+            Admission::Admitted {
+                evicted: vec![("b", 2, 4)]
+            }
+        );
         assert!(idx.contains(&"a") && idx.contains(&"c") && !idx.contains(&"b"));
         assert_eq!(idx.used(), 8);
         assert_eq!(idx.insert("huge", 9, 11), Admission::Rejected);
@@ -188,7 +187,9 @@ mod tests {
         assert!(idx.contains(&"busy") && idx.contains(&"idle"));
         assert_eq!(
             idx.insert_evicting("new", true, 4, |v| *v),
-            Admission::Admitted { evicted: vec![("idle", true, 4)] }
+            Admission::Admitted {
+                evicted: vec![("idle", true, 4)]
+            }
         );
     }
 

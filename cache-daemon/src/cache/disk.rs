@@ -42,7 +42,9 @@ pub enum DiskRead {
 }
 
 pub enum DiskWrite {
-    Stored { evicted: usize },
+    Stored {
+        evicted: usize,
+    },
     /// The policy (pin, full) or the block's size kept it out.
     Rejected,
     Failed(io::Error),
@@ -218,7 +220,9 @@ impl DiskTier {
             victims.len()
         };
 
-        let tmp = self.tmp_dir.join(format!("{name}.{}", self.tmp_counter.fetch_add(1, Ordering::Relaxed)));
+        let tmp = self
+            .tmp_dir
+            .join(format!("{name}.{}", self.tmp_counter.fetch_add(1, Ordering::Relaxed)));
         let tmp_for_write = tmp.clone();
         let written = blocking(move || {
             let mut file = std::fs::File::create(&tmp_for_write)?;
@@ -293,7 +297,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (tier, _) = DiskTier::open(dir.path(), 1 << 20, EvictionPolicy::Lru).unwrap();
         let data = Bytes::from(vec![7u8; 10_000]);
-        assert!(matches!(tier.write(key(0).name(), &key(0), data.clone()).await, DiskWrite::Stored { .. }));
+        assert!(matches!(
+            tier.write(key(0).name(), &key(0), data.clone()).await,
+            DiskWrite::Stored { .. }
+        ));
         drop(tier);
 
         let (tier, report) = DiskTier::open(dir.path(), 1 << 20, EvictionPolicy::Lru).unwrap();

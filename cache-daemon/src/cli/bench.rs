@@ -75,10 +75,13 @@ fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pool = args.workers.pool()?;
     let options = args.source_options.iter().cloned().collect();
-    let store = SourceStore::open(&args.source, &options, &SourceTuning::default())
-        .context("cannot open the source store")?;
+    let store =
+        SourceStore::open(&args.source, &options, &SourceTuning::default()).context("cannot open the source store")?;
     let op = store.operator().clone();
-    let run_id = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let run_id = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let prefix = format!("granary-bench-{run_id}");
     let large = format!("{prefix}/large.bin");
     let size = args.file_size.0;
@@ -87,9 +90,15 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // The large file: locally and in the store.
     std::fs::create_dir_all(&args.local_dir).with_context(|| format!("creating {}", args.local_dir.display()))?;
     let local_path = args.local_dir.join("granary-bench-large.bin");
-    eprintln!("writing {} to {} and {}/{large}", ByteSize(size), local_path.display(), args.source);
+    eprintln!(
+        "writing {} to {} and {}/{large}",
+        ByteSize(size),
+        local_path.display(),
+        args.source
+    );
     {
-        let mut local = std::fs::File::create(&local_path).with_context(|| format!("creating {}", local_path.display()))?;
+        let mut local =
+            std::fs::File::create(&local_path).with_context(|| format!("creating {}", local_path.display()))?;
         let mut writer = op
             .writer_with(&large)
             .chunk(16 << 20)
@@ -104,7 +113,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             fill(&mut buf[..n], seed);
             seed = seed.wrapping_add(1);
             local.write_all(&buf[..n])?;
-            writer.write(buf[..n].to_vec()).await.context("writing the bench file to the store")?;
+            writer
+                .write(buf[..n].to_vec())
+                .await
+                .context("writing the bench file to the store")?;
             written += n as u64;
         }
         writer.close().await.context("completing the bench file in the store")?;
@@ -175,7 +187,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Small objects: write, prewarm, list, then read them all warm.
     let small_dir = format!("{prefix}/small");
     let small_size = args.small_size.0 as usize;
-    eprintln!("writing {} objects of {}", args.small_files, ByteSize(small_size as u64));
+    eprintln!(
+        "writing {} objects of {}",
+        args.small_files,
+        ByteSize(small_size as u64)
+    );
     futures::stream::iter(0..args.small_files)
         .map(|i| {
             let op = op.clone();
@@ -230,14 +246,39 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(&local_path);
     }
 
-    println!("granary-cache bench: {} file, {} x {} objects, {} reads in flight, workers {}",
-        ByteSize(size), args.small_files, ByteSize(small_size as u64), p, pool.addresses().join(","));
+    println!(
+        "granary-cache bench: {} file, {} x {} objects, {} reads in flight, workers {}",
+        ByteSize(size),
+        args.small_files,
+        ByteSize(small_size as u64),
+        p,
+        pool.addresses().join(",")
+    );
     println!("{:<46} {:>12} {:>8}", "read", "MB/s", "ratio");
-    println!("{:<46} {:>12.0} {:>8}", "local file (page cache warm)", local_mbs, "1.00");
-    println!("{:<46} {:>12.0} {:>8.2}", "through the workers, warm", warm_mbs, warm_mbs / local_mbs);
-    println!("{:<46} {:>12.0} {:>8}", "store, direct parallel range reads", direct_mbs, "1.00");
-    println!("{:<46} {:>12.0} {:>8.2}", "through the workers, cold", cold_mbs, cold_mbs / direct_mbs);
-    println!("{:<46} {:>12.0} {:>8}", "64 KiB objects through the workers, warm (files/s)", small_per_s, "");
+    println!(
+        "{:<46} {:>12.0} {:>8}",
+        "local file (page cache warm)", local_mbs, "1.00"
+    );
+    println!(
+        "{:<46} {:>12.0} {:>8.2}",
+        "through the workers, warm",
+        warm_mbs,
+        warm_mbs / local_mbs
+    );
+    println!(
+        "{:<46} {:>12.0} {:>8}",
+        "store, direct parallel range reads", direct_mbs, "1.00"
+    );
+    println!(
+        "{:<46} {:>12.0} {:>8.2}",
+        "through the workers, cold",
+        cold_mbs,
+        cold_mbs / direct_mbs
+    );
+    println!(
+        "{:<46} {:>12.0} {:>8}",
+        "64 KiB objects through the workers, warm (files/s)", small_per_s, ""
+    );
     if args.json {
         println!(
             "{}",

@@ -20,7 +20,10 @@ pub struct CatArgs {
 
 pub async fn run(args: CatArgs) -> anyhow::Result<()> {
     let pool = args.workers.pool()?;
-    let file = pool.stat(&args.path, false).await.with_context(|| format!("cannot stat {}", args.path))?;
+    let file = pool
+        .stat(&args.path, false)
+        .await
+        .with_context(|| format!("cannot stat {}", args.path))?;
     if file.is_dir {
         bail!("{} is a directory; cat reads files", args.path);
     }

@@ -88,7 +88,10 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     if !last.finished {
-        bail!("the prewarm of {} ended before it finished (the worker went away)", args.path);
+        bail!(
+            "the prewarm of {} ended before it finished (the worker went away)",
+            args.path
+        );
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(

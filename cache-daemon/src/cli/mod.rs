@@ -33,6 +33,8 @@ impl WorkersArgs {
 pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-        _ => Err(format!("expected key=value, got {s:?} (e.g. --source-option region=us-east-1)")),
+        _ => Err(format!(
+            "expected key=value, got {s:?} (e.g. --source-option region=us-east-1)"
+        )),
     }
 }

@@ -37,11 +37,15 @@ pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
             match r {
                 Err(e) => println!("{worker:<24} error: {e}"),
                 Ok(s) => {
-                    let mem = s.memory.clone().unwrap_or_default();
-                    let disk = s.disk.clone().unwrap_or_default();
+                    let mem = s.memory.unwrap_or_default();
+                    let disk = s.disk.unwrap_or_default();
                     let hits = mem.hits + disk.hits;
                     let total = hits + s.misses;
-                    let ratio = if total == 0 { 0.0 } else { 100.0 * hits as f64 / total as f64 };
+                    let ratio = if total == 0 {
+                        0.0
+                    } else {
+                        100.0 * hits as f64 / total as f64
+                    };
                     println!(
                         "{:<24} {:>21} {:>21} {:>10} {:>10} {:>10} {:>6.1}% {:>12}",
                         worker,

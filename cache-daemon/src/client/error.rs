@@ -46,7 +46,11 @@ impl ClientError {
             // Anything the worker did not say itself is the transport failing to reach it.
             _ if !from_worker => ClientError::WorkerUnavailable {
                 worker: worker.to_string(),
-                message: if message.is_empty() { format!("{:?}", status.code()) } else { message },
+                message: if message.is_empty() {
+                    format!("{:?}", status.code())
+                } else {
+                    message
+                },
             },
             code => ClientError::Other {
                 worker: worker.to_string(),

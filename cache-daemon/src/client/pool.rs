@@ -36,7 +36,11 @@ pub struct WorkerPool {
 
 /// Parses `host-0:7070,host-1:7070` into addresses.
 pub fn parse_worker_list(list: &str) -> Vec<String> {
-    list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
@@ -44,7 +48,11 @@ fn endpoint(addr: &str) -> Result<Endpoint, ClientError> {
         addr: addr.to_string(),
         reason,
     };
-    let uri = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
     let endpoint = Endpoint::from_shared(uri).map_err(|e| bad(format!("{e}; expected host:port")))?;
     if endpoint.uri().port_u16().is_none() {
         return Err(bad("the port is missing; expected host:port, e.g. host-0:7070".into()));
@@ -250,7 +258,11 @@ impl WorkerPool {
         let start = range.start.min(end);
         let block_size = file.block_size.max(1);
         let first = start / block_size;
-        let last = if end == start { first } else { (end - 1) / block_size + 1 };
+        let last = if end == start {
+            first
+        } else {
+            (end - 1) / block_size + 1
+        };
         futures::stream::iter(first..last)
             .map(move |index| {
                 let pool = pool.clone();
@@ -259,7 +271,9 @@ impl WorkerPool {
                     let block = block_range(file.size, block_size, index);
                     let from = start.max(block.start) - block.start;
                     let to = end.min(block.end) - block.start;
-                    pool.read_block(&file, index, from, to - from).await.map(|(data, _)| data)
+                    pool.read_block(&file, index, from, to - from)
+                        .await
+                        .map(|(data, _)| data)
                 }
             })
             .buffered(parallelism.max(1))

@@ -24,7 +24,10 @@ async fn metrics(State(endpoint): State<Endpoint>) -> impl IntoResponse {
     match prometheus_client::encoding::text::encode(&mut body, &endpoint.registry) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             body,
         ),
         Err(e) => (

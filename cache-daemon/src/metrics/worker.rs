@@ -81,20 +81,56 @@ impl WorkerMetrics {
             prewarm_running: Gauge::default(),
         };
         let r = registry;
-        r.register("granary_cache_hits", "Block reads served from a cache tier", metrics.hits.clone());
-        r.register("granary_cache_misses", "Block reads that had to go to the source store", metrics.misses.clone());
+        r.register(
+            "granary_cache_hits",
+            "Block reads served from a cache tier",
+            metrics.hits.clone(),
+        );
+        r.register(
+            "granary_cache_misses",
+            "Block reads that had to go to the source store",
+            metrics.misses.clone(),
+        );
         r.register(
             "granary_cache_served_bytes",
             "Bytes served to clients, by the tier they came from (memory, disk, source)",
             metrics.served_bytes.clone(),
         );
-        r.register("granary_source_reads", "Range reads made to the source store", metrics.source_reads.clone());
-        r.register("granary_source_read_bytes", "Bytes read from the source store", metrics.source_read_bytes.clone());
-        r.register("granary_source_errors", "Failed source store operations, by kind", metrics.source_errors.clone());
-        r.register("granary_cache_used_bytes", "Bytes held by each cache tier", metrics.used_bytes.clone());
-        r.register("granary_cache_capacity_bytes", "Byte budget of each cache tier", metrics.capacity_bytes.clone());
-        r.register("granary_cache_blocks", "Blocks held by each cache tier", metrics.blocks.clone());
-        r.register("granary_cache_evictions", "Blocks evicted from each tier", metrics.evictions.clone());
+        r.register(
+            "granary_source_reads",
+            "Range reads made to the source store",
+            metrics.source_reads.clone(),
+        );
+        r.register(
+            "granary_source_read_bytes",
+            "Bytes read from the source store",
+            metrics.source_read_bytes.clone(),
+        );
+        r.register(
+            "granary_source_errors",
+            "Failed source store operations, by kind",
+            metrics.source_errors.clone(),
+        );
+        r.register(
+            "granary_cache_used_bytes",
+            "Bytes held by each cache tier",
+            metrics.used_bytes.clone(),
+        );
+        r.register(
+            "granary_cache_capacity_bytes",
+            "Byte budget of each cache tier",
+            metrics.capacity_bytes.clone(),
+        );
+        r.register(
+            "granary_cache_blocks",
+            "Blocks held by each cache tier",
+            metrics.blocks.clone(),
+        );
+        r.register(
+            "granary_cache_evictions",
+            "Blocks evicted from each tier",
+            metrics.evictions.clone(),
+        );
         r.register(
             "granary_cache_admissions_rejected",
             "Blocks not admitted to a tier (pin policy full, or larger than the tier)",
@@ -135,7 +171,11 @@ impl WorkerMetrics {
             "Bytes of the current or last prewarm, by state (total, done)",
             metrics.prewarm_bytes.clone(),
         );
-        r.register("granary_prewarm_running", "Prewarms running on this worker", metrics.prewarm_running.clone());
+        r.register(
+            "granary_prewarm_running",
+            "Prewarms running on this worker",
+            metrics.prewarm_running.clone(),
+        );
         metrics
     }
 }

@@ -33,9 +33,7 @@ impl SourceError {
         use opendal::ErrorKind;
         let path = path.to_string();
         match err.kind() {
-            ErrorKind::NotFound | ErrorKind::IsADirectory | ErrorKind::NotADirectory => {
-                SourceError::NotFound { path }
-            }
+            ErrorKind::NotFound | ErrorKind::IsADirectory | ErrorKind::NotADirectory => SourceError::NotFound { path },
             ErrorKind::ConditionNotMatch => SourceError::Changed { path },
             ErrorKind::PermissionDenied => SourceError::PermissionDenied {
                 path,

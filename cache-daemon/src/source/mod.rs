@@ -98,7 +98,11 @@ impl SourceStore {
         opendal::install_default();
         let (op, versions) = build_operator(uri, options)?;
         let op = op
-            .layer(TimeoutLayer::new().with_timeout(tuning.timeout).with_io_timeout(tuning.timeout))
+            .layer(
+                TimeoutLayer::new()
+                    .with_timeout(tuning.timeout)
+                    .with_io_timeout(tuning.timeout),
+            )
             .layer(
                 RetryLayer::new()
                     .with_max_times(tuning.retries)
@@ -177,7 +181,10 @@ impl SourceStore {
             Err(e) => SourceError::from_opendal("stat", &path, e),
         };
         // Some S3 servers answer a HEAD of a "directory" key with an error rather than 404.
-        if matches!(file_err, SourceError::Unavailable { .. } | SourceError::PermissionDenied { .. }) {
+        if matches!(
+            file_err,
+            SourceError::Unavailable { .. } | SourceError::PermissionDenied { .. }
+        ) {
             return Err(file_err);
         }
         let dir = format!("{path}/");
@@ -209,7 +216,11 @@ impl SourceStore {
         recursive: bool,
     ) -> Result<impl Stream<Item = Result<ListedEntry, SourceError>> + Send + 'static, SourceError> {
         let path = normalize_path(path)?;
-        let dir = if path.is_empty() { "/".to_string() } else { format!("{path}/") };
+        let dir = if path.is_empty() {
+            "/".to_string()
+        } else {
+            format!("{path}/")
+        };
         let lister = self
             .op
             .lister_with(&dir)
@@ -313,7 +324,10 @@ mod tests {
         assert_eq!(meta.size, 11);
         assert!(meta.version.starts_with("mtime:11-"), "{}", meta.version);
         assert!(store.stat("train").await.unwrap().is_dir);
-        assert!(matches!(store.stat("train/nope").await, Err(SourceError::NotFound { .. })));
+        assert!(matches!(
+            store.stat("train/nope").await,
+            Err(SourceError::NotFound { .. })
+        ));
 
         let got = store.read_range("train/a.bin", &meta.version, 6..11).await.unwrap();
         assert_eq!(&got[..], b"world");

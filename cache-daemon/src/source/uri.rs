@@ -45,11 +45,7 @@ pub enum SourceConfigError {
         fix: &'static str,
     },
     #[error("option {key}={value:?} is invalid: {reason}")]
-    InvalidOption {
-        key: String,
-        value: String,
-        reason: String,
-    },
+    InvalidOption { key: String, value: String, reason: String },
     #[error("the store rejected the configuration for {uri:?}: {detail}")]
     Rejected { uri: String, detail: String },
 }
@@ -87,9 +83,9 @@ impl SourceUri {
             uri: uri.to_string(),
             reason: reason.to_string(),
         };
-        let (scheme, rest) = uri
-            .split_once("://")
-            .ok_or_else(|| malformed("expected <scheme>://<bucket>/<prefix>, e.g. s3://datasets/imagenet/ or fs:///data/imagenet"))?;
+        let (scheme, rest) = uri.split_once("://").ok_or_else(|| {
+            malformed("expected <scheme>://<bucket>/<prefix>, e.g. s3://datasets/imagenet/ or fs:///data/imagenet")
+        })?;
         if scheme.is_empty() || !scheme.chars().all(|c| c.is_ascii_alphanumeric()) {
             return Err(malformed("the scheme must be letters and digits, e.g. s3 or fs"));
         }
@@ -233,8 +229,18 @@ fn s3_config(
         }
     };
     match (options.get("access_key_id"), options.get("secret_access_key")) {
-        (Some(_), None) => return Err(missing("secret_access_key", "access_key_id was given: pass --source-option secret_access_key=… as well")),
-        (None, Some(_)) => return Err(missing("access_key_id", "secret_access_key was given: pass --source-option access_key_id=… as well")),
+        (Some(_), None) => {
+            return Err(missing(
+                "secret_access_key",
+                "access_key_id was given: pass --source-option secret_access_key=… as well",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(missing(
+                "access_key_id",
+                "secret_access_key was given: pass --source-option access_key_id=… as well",
+            ))
+        }
         _ => {}
     }
     let has_static = options.contains_key("access_key_id")
@@ -317,9 +323,23 @@ macro_rules! generic_service {
 }
 
 generic_service!(GcsService, "gcs", "gcs", "bucket", VersionScheme::ETag, Gcs);
-generic_service!(AzblobService, "azblob", "azblob", "container", VersionScheme::ETag, Azblob);
+generic_service!(
+    AzblobService,
+    "azblob",
+    "azblob",
+    "container",
+    VersionScheme::ETag,
+    Azblob
+);
 generic_service!(OssService, "oss", "oss", "bucket", VersionScheme::ETag, Oss);
-generic_service!(WebhdfsService, "webhdfs", "webhdfs", "", VersionScheme::SizeAndMtime, Webhdfs);
+generic_service!(
+    WebhdfsService,
+    "webhdfs",
+    "webhdfs",
+    "",
+    VersionScheme::SizeAndMtime,
+    Webhdfs
+);
 
 #[cfg(test)]
 mod tests {
@@ -371,13 +391,17 @@ mod tests {
             &opts(&[base[0], ("region", "us-east-1"), ("anonymous", "true")]),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
-        let err = build_operator("s3://b/p", &opts(&[("endpont", "x")])).unwrap_err().to_string();
+        let err = build_operator("s3://b/p", &opts(&[("endpont", "x")]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown option \"endpont\""), "{err}");
     }
 
     #[test]
     fn fs_rejects_a_missing_directory() {
-        let err = build_operator("fs:///no/such/dir/granary", &opts(&[])).unwrap_err().to_string();
+        let err = build_operator("fs:///no/such/dir/granary", &opts(&[]))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("is not a directory"), "{err}");
     }
 

@@ -123,7 +123,10 @@ impl BlockStore {
         self.metrics.misses.inc();
         let this = Arc::clone(self);
         let key = key.clone();
-        let (result, shared) = self.flights.run(name, async move { this.fetch(name, key, file_size).await }).await;
+        let (result, shared) = self
+            .flights
+            .run(name, async move { this.fetch(name, key, file_size).await })
+            .await;
         if shared {
             self.metrics.singleflight_shared.inc();
         }
@@ -138,7 +141,10 @@ impl BlockStore {
         let data = match self.source.read_range(&key.path, &key.version, range).await {
             Ok(data) => data,
             Err(e) => {
-                self.metrics.source_errors.get_or_create(&KindLabel { kind: error_kind(&e) }).inc();
+                self.metrics
+                    .source_errors
+                    .get_or_create(&KindLabel { kind: error_kind(&e) })
+                    .inc();
                 return Err(e);
             }
         };

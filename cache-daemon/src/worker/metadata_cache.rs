@@ -43,12 +43,18 @@ impl MetadataCache {
         if !refresh {
             if let Some((meta, at)) = self.lock().get(&path) {
                 if self.ttl.is_fresh(at.elapsed()) {
-                    self.metrics.metadata_requests.get_or_create(&StateLabel { state: "hit" }).inc();
+                    self.metrics
+                        .metadata_requests
+                        .get_or_create(&StateLabel { state: "hit" })
+                        .inc();
                     return Ok(meta.clone());
                 }
             }
         }
-        self.metrics.metadata_requests.get_or_create(&StateLabel { state: "miss" }).inc();
+        self.metrics
+            .metadata_requests
+            .get_or_create(&StateLabel { state: "miss" })
+            .inc();
         let meta = self.source.stat(&path).await?;
         self.insert(meta.clone());
         Ok(meta)

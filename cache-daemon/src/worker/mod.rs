@@ -152,8 +152,12 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
                 dir: config.cache_dir.clone().unwrap_or_default(),
                 source,
             })?;
-            tracing::info!(blocks = report.blocks, bytes = report.bytes, dropped = report.dropped,
-                "indexed the disk tier");
+            tracing::info!(
+                blocks = report.blocks,
+                bytes = report.bytes,
+                dropped = report.dropped,
+                "indexed the disk tier"
+            );
             Some(tier)
         }
     };

@@ -65,6 +65,9 @@ impl Counters {
     }
 }
 
+/// A file whose blocks are being fetched: blocks left, and its first failure.
+type PendingFile = (u64, Option<String>);
+
 /// Who fetches blocks: this worker alone, or every owner over gRPC.
 #[derive(Clone)]
 enum Fetcher {
@@ -101,8 +104,8 @@ pub fn start(
     let fetcher = if request.workers.is_empty() {
         Fetcher::Local(Arc::clone(&state))
     } else {
-        let pool = WorkerPool::new(&request.workers, request.replicas.max(1) as usize)
-            .map_err(|e| invalid(e.to_string()))?;
+        let pool =
+            WorkerPool::new(&request.workers, request.replicas.max(1) as usize).map_err(|e| invalid(e.to_string()))?;
         Fetcher::Owners(pool)
     };
     let parallelism = match request.parallelism {
@@ -112,7 +115,14 @@ pub fn start(
     let (progress_tx, progress_rx) = mpsc::channel::<Result<LoadProgress, Status>>(16);
     tokio::spawn(async move {
         state.metrics.prewarm_running.inc();
-        let outcome = run(Arc::clone(&state), request.path.clone(), fetcher, parallelism, progress_tx).await;
+        let outcome = run(
+            Arc::clone(&state),
+            request.path.clone(),
+            fetcher,
+            parallelism,
+            progress_tx,
+        )
+        .await;
         state.metrics.prewarm_running.dec();
         if let Err(reason) = outcome {
             tracing::info!(path = %request.path, %reason, "prewarm stopped");
@@ -162,7 +172,9 @@ async fn run(
                         while let Some(entry) = listing.next().await {
                             let meta = match entry {
                                 Ok(ListedEntry::Known(meta)) => Ok(meta),
-                                Ok(ListedEntry::NeedsStat(p)) => state.metadata.stat(&p, false).await.map_err(|e| (p, e)),
+                                Ok(ListedEntry::NeedsStat(p)) => {
+                                    state.metadata.stat(&p, false).await.map_err(|e| (p, e))
+                                }
                                 Err(e) => Err((root.path.clone(), e)),
                             };
                             match meta {
@@ -187,7 +199,7 @@ async fn run(
     };
 
     // The fetching: every block of every listed file, `parallelism` at once.
-    let remaining: Arc<Mutex<HashMap<String, (u64, Option<String>)>>> = Arc::default();
+    let remaining: Arc<Mutex<HashMap<String, PendingFile>>> = Arc::default();
     let blocks = {
         let remaining = Arc::clone(&remaining);
         let counters = Arc::clone(&counters);
@@ -265,7 +277,11 @@ async fn run(
 
 fn record(state: &WorkerState, p: &LoadProgress) {
     let m = &state.metrics;
-    for (s, v) in [("total", p.files_total), ("done", p.files_done), ("failed", p.files_failed)] {
+    for (s, v) in [
+        ("total", p.files_total),
+        ("done", p.files_done),
+        ("failed", p.files_failed),
+    ] {
         m.prewarm_files.get_or_create(&StateLabel { state: s }).set(v as i64);
     }
     for (s, v) in [("total", p.bytes_total), ("done", p.bytes_done)] {

@@ -15,8 +15,8 @@ use crate::block::{block_count, block_range, BlockKey};
 use crate::metrics::worker::{MethodLabel, TierLabel};
 use crate::proto::cache_worker_server::CacheWorker;
 use crate::proto::{
-    BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, ReadBlockRequest, StatRequest,
-    StatsRequest, StatsResponse, TierStats, WarmBlockRequest, WarmBlockResponse,
+    BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, ReadBlockRequest,
+    StatRequest, StatsRequest, StatsResponse, TierStats, WarmBlockRequest, WarmBlockResponse,
 };
 use crate::source::{normalize_path, FileMeta, ListedEntry};
 
@@ -160,7 +160,10 @@ impl CacheWorker for WorkerService {
             r.end - r.start
         };
         if req.offset > block_len {
-            return Err(invalid(format!("offset {} is past the block's {block_len} bytes", req.offset)));
+            return Err(invalid(format!(
+                "offset {} is past the block's {block_len} bytes",
+                req.offset
+            )));
         }
         let result = self.state.store.read(&key, file_size).await;
         self.observe("read_block", started);
@@ -216,7 +219,10 @@ impl CacheWorker for WorkerService {
         let m = &state.metrics;
         let mut memory = tier_stats(state.store.memory_usage());
         let mut disk = tier_stats(state.store.disk_usage());
-        for (stats, label) in [(&mut memory, crate::metrics::worker::MEMORY), (&mut disk, crate::metrics::worker::DISK)] {
+        for (stats, label) in [
+            (&mut memory, crate::metrics::worker::MEMORY),
+            (&mut disk, crate::metrics::worker::DISK),
+        ] {
             stats.hits = m.hits.get_or_create(&label).get();
             stats.bytes_served = m.served_bytes.get_or_create(&label).get();
             stats.evictions = m.evictions.get_or_create(&label).get();

@@ -39,7 +39,11 @@ pub async fn s3_env() -> S3Env {
 impl S3Env {
     /// Writes an object through the S3 protocol.
     pub async fn put(&self, key: &str, data: &[u8]) {
-        self.store.operator().write(key, data.to_vec()).await.expect("put object");
+        self.store
+            .operator()
+            .write(key, data.to_vec())
+            .await
+            .expect("put object");
     }
 
     pub fn cache_dir(&self, name: &str) -> PathBuf {
@@ -118,7 +122,9 @@ pub fn disk_usage(dir: &Path) -> u64 {
 /// Paths of the block files in a worker's cache dir.
 pub fn block_files(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();
-    let Ok(shards) = std::fs::read_dir(dir.join("blocks")) else { return files };
+    let Ok(shards) = std::fs::read_dir(dir.join("blocks")) else {
+        return files;
+    };
     for shard in shards.flatten() {
         if let Ok(entries) = std::fs::read_dir(shard.path()) {
             files.extend(entries.flatten().map(|e| e.path()));
@@ -163,8 +169,13 @@ pub fn tmpfs(dir: &Path, size: u64) -> Option<Tmpfs> {
         Err(e) => e.to_string(),
     };
     if mounts_required() {
-        panic!("GRANARY_REQUIRE_MOUNTS=1 but a tmpfs cannot be mounted at {}: {reason}", dir.display());
+        panic!(
+            "GRANARY_REQUIRE_MOUNTS=1 but a tmpfs cannot be mounted at {}: {reason}",
+            dir.display()
+        );
     }
-    eprintln!("SKIP (kernel-enforced part): cannot mount a tmpfs ({reason}); run as root to check the budget with the kernel");
+    eprintln!(
+        "SKIP (kernel-enforced part): cannot mount a tmpfs ({reason}); run as root to check the budget with the kernel"
+    );
     None
 }

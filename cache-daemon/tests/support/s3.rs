@@ -74,7 +74,9 @@ impl S3TestServer {
             let root = root.to_path_buf();
             tokio::spawn(async move {
                 loop {
-                    let Ok((socket, _)) = listener.accept().await else { continue };
+                    let Ok((socket, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let s3 = s3.clone();
                     let (log, faults, root) = (log.clone(), faults.clone(), root.clone());
                     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
@@ -183,7 +185,9 @@ impl S3TestServer {
     }
 
     pub fn set_get_delay(&self, delay: Duration) {
-        self.faults.get_delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+        self.faults
+            .get_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn fail_gets_containing(&self, needle: Option<&str>) {
