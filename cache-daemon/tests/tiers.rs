@@ -118,3 +118,36 @@ async fn pin_stays_within_the_disk_budget_without_evicting() {
         disk.blocks
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_degrades_to_the_source_with_a_metric_not_an_error() {
+    let env = s3_env().await;
+    for i in 0..4 {
+        env.put(&format!("ds/{i}.bin"), &pattern(4 * BLOCK as usize, i)).await;
+    }
+    // The cache is told it has 16 MiB, but the disk under it holds 200 KiB: writes fail.
+    let cache = env.cache_dir("cache");
+    let Some(_mount) = tmpfs(&cache, 200 << 10) else { return };
+    let mut config = env.config_with_disk("ds", &cache, 16 << 20, EvictionPolicy::Lru);
+    config.memory_size = 0;
+    let worker = start(config).await;
+    let pool = pool(&[&worker], 1);
+    for pass in 0..2 {
+        for i in 0..4 {
+            let got = read_all(&pool, &format!("/{i}.bin")).await;
+            assert!(
+                got.expect("reads never fail because of the disk") == pattern(4 * BLOCK as usize, i),
+                "pass {pass}"
+            );
+        }
+    }
+    let stats = pool.stats().await[0].1.clone().unwrap();
+    assert!(stats.disk_errors > 0, "the failing writes are counted");
+    let disk = stats.disk.unwrap();
+    assert!(disk.blocks >= 2, "what fits is still cached: {}", disk.blocks);
+    assert!(
+        disk.used_bytes <= 200 << 10,
+        "failed writes are not accounted: {}",
+        disk.used_bytes
+    );
+}

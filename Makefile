@@ -1,0 +1,29 @@
+# Granary: `make demo` runs the main job on an embedded default; `make test` runs every test.
+
+CARGO ?= cargo
+
+.PHONY: demo test lint unit bench build release
+
+## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
+demo: release
+	e2e/demo.sh
+
+## Formatting, lints, and every test (FUSE/mount tests run where the machine allows them).
+test: lint unit
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+unit:
+	$(CARGO) test --workspace
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --release --bin granary-cache --example s3-test-server
+
+## Cache worker benchmark against an S3-protocol server on loopback.
+bench: release
+	e2e/bench.sh
