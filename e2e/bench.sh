@@ -3,7 +3,8 @@
 # two workers, and `granary-cache bench` comparing warm reads with the local disk and cold
 # reads with direct parallel range reads of the store (see the README's Benchmarks).
 #
-#   make bench                       BENCH_FILE_SIZE=1GiB BENCH_SMALL_FILES=2000 by default
+#   make bench                       BENCH_FILE_SIZE=1GiB BENCH_SMALL_FILES=2000 by default;
+#   BENCH_WORKER_ARGS replaces the workers' cache flags (e.g. "--memory-size 2GiB" for no disk tier)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/lib.sh
@@ -22,7 +23,7 @@ sleep 0.5
 for i in 0 1; do
     port=$([ $i -eq 0 ] && echo "$P0" || echo "$P1")
     start "$WORK/worker-$i.log" "$BIN" worker --source s3://bench/ "${OPTS[@]}" --listen "127.0.0.1:$port" \
-        --cache-dir "$WORK/cache-$i" --cache-size 4GiB --memory-size 2GiB
+        ${BENCH_WORKER_ARGS:---cache-dir "$WORK/cache-$i" --cache-size 4GiB --memory-size 2GiB}
 done
 wait_for_workers "$BIN" "$WORKERS"
 "$BIN" bench --workers "$WORKERS" --source s3://bench/ "${OPTS[@]}" --local-dir "$WORK/local" \

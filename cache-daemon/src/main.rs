@@ -58,7 +58,22 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Blocks travel as multi-MiB buffers, allocated and freed per request on both ends. glibc
+/// serves allocations that large with fresh mmaps and hands freed heap back to the kernel, so
+/// every block paid its size in page faults; keeping them in the heap took warm reads from
+/// about 1.0 to 1.8 GB/s on the benchmark machine.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes the allocator's thresholds; it is called once, first thing
+    // in main, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     let cli = Cli::parse();
     if let Err(e) = init_logging(cli.log_format, &cli.log) {
         eprintln!("error: invalid --log filter: {e}");

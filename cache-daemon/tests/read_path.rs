@@ -124,6 +124,7 @@ async fn a_corrupt_block_file_is_detected_dropped_and_refetched() {
     let pool = pool(&[&worker], 1);
     assert!(read_all(&pool, "/shard.tar").await.unwrap() == pattern(3 * BLOCK as usize, 3));
 
+    worker.state.store.flush().await; // the blocks are written behind the reads
     let info = pool.stat("/shard.tar", false).await.unwrap();
     let path = block_file(&cache, &BlockName::of("shard.tar", &info.version, 1));
     let mut raw = std::fs::read(&path).expect("block file exists");

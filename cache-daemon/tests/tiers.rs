@@ -64,6 +64,8 @@ async fn churn(eviction: EvictionPolicy) -> (granary_cache::proto::StatsResponse
             let (i, got) = reader.await.unwrap();
             assert!(got.unwrap() == pattern(4 * BLOCK as usize, i), "file {i}");
         }
+        // Blocks are written behind the reads; let the first pass land before the second.
+        worker.state.store.flush().await;
     }
     let stats = pool.stats().await[0].1.clone().unwrap();
     let on_disk = disk_usage(&cache);
@@ -141,6 +143,7 @@ async fn a_full_disk_degrades_to_the_source_with_a_metric_not_an_error() {
             );
         }
     }
+    worker.state.store.flush().await;
     let stats = pool.stats().await[0].1.clone().unwrap();
     assert!(stats.disk_errors > 0, "the failing writes are counted");
     let disk = stats.disk.unwrap();

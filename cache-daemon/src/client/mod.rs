@@ -6,4 +6,4 @@ pub mod placement;
 mod pool;
 
 pub use error::{ClientError, ORIGIN_KEY};
-pub use pool::{parse_worker_list, WorkerPool, MAX_MESSAGE};
+pub use pool::{parse_worker_list, WorkerPool, FRAME_SIZE, MAX_MESSAGE};

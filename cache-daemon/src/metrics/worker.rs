@@ -47,6 +47,7 @@ pub struct WorkerMetrics {
     pub corrupt_blocks: Counter,
     pub disk_errors: Counter,
     pub singleflight_shared: Counter,
+    pub disk_write_pending_bytes: Gauge,
     pub metadata_requests: Family<StateLabel, Counter>,
     pub request_duration: Family<MethodLabel, Histogram>,
     pub prewarm_files: Family<StateLabel, Gauge>,
@@ -71,6 +72,7 @@ impl WorkerMetrics {
             corrupt_blocks: Counter::default(),
             disk_errors: Counter::default(),
             singleflight_shared: Counter::default(),
+            disk_write_pending_bytes: Gauge::default(),
             metadata_requests: Family::default(),
             request_duration: Family::new_with_constructor(|| {
                 // 50 µs .. ~26 s
@@ -150,6 +152,11 @@ impl WorkerMetrics {
             "granary_singleflight_shared",
             "Misses that joined a source read already in flight for the same block",
             metrics.singleflight_shared.clone(),
+        );
+        r.register(
+            "granary_cache_disk_write_pending_bytes",
+            "Fetched bytes served already and still on their way to the disk tier",
+            metrics.disk_write_pending_bytes.clone(),
         );
         r.register(
             "granary_metadata_requests",

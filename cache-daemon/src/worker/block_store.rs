@@ -15,11 +15,17 @@ use crate::proto::Tier;
 use crate::singleflight::SingleFlight;
 use crate::source::{SourceError, SourceStore};
 
+use super::write_behind::WriteBehind;
+
+/// Bytes of fetched blocks that may wait for the disk tier before fetches wait for the disk.
+pub const WRITE_BEHIND_BUDGET: u64 = 256 << 20;
+
 pub struct BlockStore {
     source: SourceStore,
     block_size: u64,
     memory: MemoryTier,
     disk: Option<DiskTier>,
+    write_behind: WriteBehind,
     flights: Arc<SingleFlight<BlockName>>,
     metrics: Arc<WorkerMetrics>,
 }
@@ -48,6 +54,7 @@ impl BlockStore {
             block_size,
             memory,
             disk,
+            write_behind: WriteBehind::new(WRITE_BEHIND_BUDGET),
             flights: Arc::new(SingleFlight::default()),
             metrics,
         };
@@ -77,6 +84,14 @@ impl BlockStore {
             self.metrics.capacity_bytes.get_or_create(&label).set(capacity as i64);
             self.metrics.blocks.get_or_create(&label).set(blocks as i64);
         }
+        self.metrics
+            .disk_write_pending_bytes
+            .set(self.write_behind.pending_bytes() as i64);
+    }
+
+    /// Waits until every fetched block has reached the disk tier (or been refused by it).
+    pub async fn flush(&self) {
+        self.write_behind.flush().await;
     }
 
     fn admit_to_memory(&self, name: BlockName, data: Bytes) {
@@ -96,6 +111,10 @@ impl BlockStore {
     pub async fn read(self: &Arc<Self>, key: &BlockKey, file_size: u64) -> Result<(Bytes, Tier), SourceError> {
         let name = key.name();
         if let Some(data) = self.memory.get(&name) {
+            self.metrics.hits.get_or_create(&MEMORY).inc();
+            return Ok((data, Tier::Memory));
+        }
+        if let Some(data) = self.write_behind.get(&name) {
             self.metrics.hits.get_or_create(&MEMORY).inc();
             return Ok((data, Tier::Memory));
         }
@@ -133,9 +152,10 @@ impl BlockStore {
         result.map(|data| (data, Tier::Source))
     }
 
-    /// Fetches a block from the source and stores it in both tiers before the flight ends, so
-    /// a reader arriving after it finds the block cached.
-    async fn fetch(&self, name: BlockName, key: BlockKey, file_size: u64) -> Result<Bytes, SourceError> {
+    /// Fetches a block from the source, puts it in memory, and hands it to the disk tier in
+    /// the background; it stays readable (memory or pending) until it is on disk, so a reader
+    /// arriving after the flight ends finds it.
+    async fn fetch(self: Arc<Self>, name: BlockName, key: BlockKey, file_size: u64) -> Result<Bytes, SourceError> {
         let range = block_range(file_size, self.block_size, key.index);
         self.metrics.source_reads.inc();
         let data = match self.source.read_range(&key.path, &key.version, range).await {
@@ -150,18 +170,30 @@ impl BlockStore {
         };
         self.metrics.source_read_bytes.inc_by(data.len() as u64);
         self.admit_to_memory(name, data.clone());
-        if let Some(disk) = &self.disk {
-            match disk.write(name, &key, data.clone()).await {
-                DiskWrite::Stored { evicted } => self.count_admission(DISK, true, evicted),
-                DiskWrite::Rejected => self.count_admission(DISK, false, 0),
-                DiskWrite::Failed(error) => {
-                    self.metrics.disk_errors.inc();
-                    tracing::warn!(block = %name, path = %key.path, %error,
-                        "the disk tier failed to store a block (full or failing disk); serving it uncached");
-                }
-            }
+        if self.disk.is_some() {
+            let pending = self.write_behind.begin(name, data.clone()).await;
+            let this = Arc::clone(&self);
+            let block = data.clone();
+            tokio::spawn(async move {
+                this.store_on_disk(name, &key, block).await;
+                this.write_behind.finish(&name, pending);
+                this.update_usage_gauges();
+            });
         }
         self.update_usage_gauges();
         Ok(data)
+    }
+
+    async fn store_on_disk(&self, name: BlockName, key: &BlockKey, data: Bytes) {
+        let Some(disk) = &self.disk else { return };
+        match disk.write(name, key, data).await {
+            DiskWrite::Stored { evicted } => self.count_admission(DISK, true, evicted),
+            DiskWrite::Rejected => self.count_admission(DISK, false, 0),
+            DiskWrite::Failed(error) => {
+                self.metrics.disk_errors.inc();
+                tracing::warn!(block = %name, path = %key.path, %error,
+                    "the disk tier failed to store a block (full or failing disk); it is served from the source");
+            }
+        }
     }
 }

@@ -5,6 +5,7 @@ mod metadata_cache;
 mod prewarm;
 mod service;
 mod status;
+mod write_behind;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -22,7 +23,7 @@ pub use block_store::BlockStore;
 pub use metadata_cache::MetadataCache;
 
 use crate::cache::{DiskTier, EvictionPolicy, MemoryTier};
-use crate::client::MAX_MESSAGE;
+use crate::client::{FRAME_SIZE, MAX_MESSAGE};
 use crate::metrics::WorkerMetrics;
 use crate::proto::cache_worker_server::CacheWorkerServer;
 use crate::source::{SourceConfigError, SourceStore, SourceTuning};
@@ -115,6 +116,8 @@ impl RunningWorker {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         self.server.await??;
+        // Blocks fetched but not yet on disk would be fetched again after a restart.
+        self.state.store.flush().await;
         if let Some(m) = self.metrics_server {
             m.await?;
         }
@@ -215,6 +218,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some(FRAME_SIZE))
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped(shutdown_rx));
     let server = tokio::spawn(server);

@@ -20,8 +20,9 @@ use crate::proto::{
 };
 use crate::source::{normalize_path, FileMeta, ListedEntry};
 
-/// Bytes per streamed message: small enough to pipeline, large enough to amortise framing.
-const CHUNK: usize = 1 << 20;
+/// Bytes per streamed message: a default 4 MiB block goes as one message, so the client
+/// needs no reassembly copy; larger blocks are split.
+const CHUNK: usize = 8 << 20;
 /// Entries per List message.
 const LIST_BATCH: usize = 1000;
 
