@@ -79,7 +79,16 @@ fn main() {
         eprintln!("error: invalid --log filter: {e}");
         std::process::exit(cli::exit::CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // Thread names say the role, in `top -H` and in profiles.
+    let role = match cli.command {
+        Command::Worker(_) => "granary-worker",
+        _ => "granary-client",
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(role)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
