@@ -146,3 +146,48 @@ async fn a_corrupt_block_file_is_detected_dropped_and_refetched() {
     assert!(read_all(&pool, "/shard.tar").await.unwrap() == pattern(3 * BLOCK as usize, 3));
     assert_eq!(env.s3.object_gets("shard.tar"), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_stream_entries_and_stat_is_cached_for_the_ttl() {
+    use futures::TryStreamExt;
+    let env = s3_env().await;
+    for i in 0..2500 {
+        env.put(&format!("ds/many/{i:05}.jpg"), b"x").await;
+    }
+    env.put("ds/many/sub/deep.jpg", b"deep").await;
+    let worker = start(env.config("ds")).await; // metadata TTL 60s
+    let pool = pool(&[&worker], 1);
+
+    let flat: Vec<_> = pool.list("/many", false).await.unwrap().try_collect().await.unwrap();
+    assert_eq!(
+        flat.iter().filter(|f| !f.is_dir).count(),
+        2500,
+        "more than one 1000-entry batch"
+    );
+    assert!(
+        flat.iter().any(|f| f.is_dir && f.path == "many/sub"),
+        "subdirectories are listed"
+    );
+    let deep: Vec<_> = pool.list("/many", true).await.unwrap().try_collect().await.unwrap();
+    assert!(deep.iter().any(|f| f.path == "many/sub/deep.jpg" && f.size == 4));
+    match pool.list("/nowhere", false).await {
+        Ok(s) => assert_eq!(s.try_collect::<Vec<_>>().await.unwrap().len(), 0),
+        Err(e) => panic!("an empty prefix lists as empty: {e}"),
+    }
+
+    // Within the TTL a stat is served from the cache, even after the object changed...
+    let before = pool.stat("/many/sub/deep.jpg", false).await.unwrap();
+    env.put("ds/many/sub/deep.jpg", b"changed!").await;
+    env.s3.clear_log();
+    let cached = pool.stat("many/sub/deep.jpg/", false).await.unwrap();
+    assert_eq!(cached.version, before.version);
+    assert!(
+        env.s3.requests().is_empty(),
+        "a cached stat makes no request: {:?}",
+        env.s3.requests()
+    );
+    // ...and a refresh goes to the store.
+    let fresh = pool.stat("/many/sub/deep.jpg", true).await.unwrap();
+    assert_ne!(fresh.version, before.version);
+    assert_eq!(fresh.size, 8);
+}

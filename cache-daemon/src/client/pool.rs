@@ -18,6 +18,7 @@ use crate::proto::{
     BlockRef, FileInfo, ListRequest, LoadProgress, LoadRequest, ReadBlockRequest, StatRequest, StatsRequest,
     StatsResponse, Tier, WarmBlockRequest,
 };
+use crate::source::normalize_path;
 
 /// Largest gRPC message accepted; a block is sent as one message up to 8 MiB.
 pub const MAX_MESSAGE: usize = 16 << 20;
@@ -144,9 +145,16 @@ impl WorkerPool {
         Err(last)
     }
 
+    /// Workers to ask about a path's metadata: its owner first, so each worker caches the
+    /// metadata of a share of the paths. "/a/b" and "a/b/" are the same path.
+    fn metadata_candidates(&self, path: &str) -> Vec<WorkerConn> {
+        let normalized = normalize_path(path).unwrap_or_else(|_| path.to_string());
+        self.candidates(&BlockName::of(&normalized, "", u64::MAX))
+    }
+
     /// Metadata of a path, from the worker that owns the path's metadata.
     pub async fn stat(&self, path: &str, refresh: bool) -> Result<FileInfo, ClientError> {
-        let candidates = self.candidates(&BlockName::of(path, "", u64::MAX));
+        let candidates = self.metadata_candidates(path);
         self.with_failover(candidates, |mut w| async move {
             w.client
                 .stat(StatRequest {
@@ -166,7 +174,7 @@ impl WorkerPool {
         path: &str,
         recursive: bool,
     ) -> Result<impl Stream<Item = Result<FileInfo, ClientError>> + Send + 'static, ClientError> {
-        let candidates = self.candidates(&BlockName::of(path, "", u64::MAX));
+        let candidates = self.metadata_candidates(path);
         let (addr, stream) = self
             .with_failover(candidates, |mut w| async move {
                 let stream = w

@@ -108,9 +108,11 @@ pub fn start(
             WorkerPool::new(&request.workers, request.replicas.max(1) as usize).map_err(|e| invalid(e.to_string()))?;
         Fetcher::Owners(pool)
     };
+    // A request cannot make a worker hold more fetches than this at once.
+    const MAX_PARALLELISM: usize = 1024;
     let parallelism = match request.parallelism {
         0 => state.load_parallelism,
-        n => n as usize,
+        n => (n as usize).min(MAX_PARALLELISM),
     };
     let (progress_tx, progress_rx) = mpsc::channel::<Result<LoadProgress, Status>>(16);
     tokio::spawn(async move {
