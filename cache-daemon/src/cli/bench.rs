@@ -72,6 +72,29 @@ fn mb_per_s(bytes: u64, elapsed: Duration) -> f64 {
     bytes as f64 / 1e6 / elapsed.as_secs_f64().max(1e-9)
 }
 
+/// Lets the cold read's aftermath finish before a warm measurement: the workers' write-behind
+/// and the kernel's writeback of the dirty pages, which would otherwise take CPU from it.
+async fn settle(pool: &granary_cache::client::WorkerPool) {
+    for _ in 0..600 {
+        let pending: u64 = pool
+            .stats()
+            .await
+            .iter()
+            .filter_map(|(_, s)| s.as_ref().ok())
+            .map(|s| s.disk_write_pending_bytes)
+            .sum();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = tokio::task::spawn_blocking(|| {
+        // SAFETY: sync(2) takes no arguments and only flushes dirty pages.
+        unsafe { libc::sync() }
+    })
+    .await;
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let pool = args.workers.pool()?;
     let options = args.source_options.iter().cloned().collect();
@@ -182,6 +205,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     };
     let cold_mbs = through("cold").await?;
+    settle(&pool).await;
     let warm_mbs = through("warm").await?;
 
     // Small objects: write, prewarm, list, then read them all warm.
@@ -224,6 +248,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         .await
         .context("listing the small objects")?;
     let files = Arc::new(files);
+    settle(&pool).await;
     let started = Instant::now();
     let read_all: u64 = futures::stream::iter(0..files.len())
         .map(|i| {

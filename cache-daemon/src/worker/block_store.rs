@@ -89,6 +89,10 @@ impl BlockStore {
             .set(self.write_behind.pending_bytes() as i64);
     }
 
+    pub fn pending_write_bytes(&self) -> u64 {
+        self.write_behind.pending_bytes()
+    }
+
     /// Waits until every fetched block has reached the disk tier (or been refused by it).
     pub async fn flush(&self) {
         self.write_behind.flush().await;

@@ -241,6 +241,7 @@ impl CacheWorker for WorkerService {
             corrupt_blocks: m.corrupt_blocks.get(),
             disk_errors: m.disk_errors.get(),
             singleflight_shared: m.singleflight_shared.get(),
+            disk_write_pending_bytes: state.store.pending_write_bytes(),
         }))
     }
 }
