@@ -82,6 +82,8 @@ pub enum StartError {
     },
     #[error("--cache-size must be given (and above 0) with --cache-dir")]
     NoCacheSize,
+    #[error("--cache-size was given without --cache-dir: give the disk tier a directory, or drop --cache-size")]
+    NoCacheDir,
     #[error("--block-size must be between 64KiB and 64MiB, not {0} bytes")]
     BlockSize(u64),
     #[error("cannot listen on {addr}: {source}")]
@@ -143,6 +145,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
     let registry = Arc::new(registry);
 
     let disk = match &config.cache_dir {
+        None if config.cache_size > 0 => return Err(StartError::NoCacheDir),
         None => None,
         Some(_) if config.cache_size == 0 => return Err(StartError::NoCacheSize),
         Some(dir) => {
