@@ -35,6 +35,11 @@ async fn an_unknown_scheme_or_missing_credentials_fail_at_start() {
     config.cache_size = 1 << 30;
     let err = worker::start(config).await.err().expect("refused").to_string();
     assert!(err.contains("without --cache-dir"), "{err}");
+
+    let mut config = WorkerConfig::new(format!("fs://{}", dir.path().display()), "127.0.0.1:0".parse().unwrap());
+    config.source_tuning.timeout = std::time::Duration::ZERO;
+    let err = worker::start(config).await.err().expect("refused").to_string();
+    assert!(err.contains("--source-timeout"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

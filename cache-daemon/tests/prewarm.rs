@@ -99,3 +99,23 @@ async fn replicas_put_each_block_on_that_many_workers() {
     assert_eq!(blocks, 20, "10 blocks, 2 replicas each");
     assert_eq!(env.s3.object_gets("model.safetensors"), 20);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listing_that_fails_midway_is_reported_once_and_the_listed_files_load() {
+    let env = s3_env().await;
+    for i in 0..1500 {
+        env.put(&format!("ds/big/{i:05}.bin"), b"sample").await;
+    }
+    let worker = start(env.config("ds")).await;
+    let pool = pool(&[&worker], 1);
+    // S3 lists 1000 keys a page: the first page arrives, the second fails.
+    env.s3.fail_list_continuations(true);
+
+    let (last, failed) = tokio::time::timeout(std::time::Duration::from_secs(60), run_load(&pool, "/big"))
+        .await
+        .expect("a failed listing ends the load rather than retrying it forever");
+    assert_eq!(last.files_done, 1000, "the first page was loaded");
+    assert_eq!(last.files_failed, 1);
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0].starts_with("big: listing stopped"), "{failed:?}");
+}

@@ -8,6 +8,7 @@ use super::bounded_index::{Admission, BoundedIndex, EvictionPolicy};
 use crate::block::BlockName;
 
 pub struct MemoryTier {
+    capacity: u64,
     index: Mutex<BoundedIndex<BlockName, Bytes>>,
 }
 
@@ -21,6 +22,7 @@ pub struct InsertOutcome {
 impl MemoryTier {
     pub fn new(capacity: u64, policy: EvictionPolicy) -> Self {
         MemoryTier {
+            capacity,
             index: Mutex::new(BoundedIndex::new(capacity, policy)),
         }
     }
@@ -35,25 +37,22 @@ impl MemoryTier {
         self.lock().get(name).cloned()
     }
 
-    pub fn insert(&self, name: BlockName, data: Bytes) -> InsertOutcome {
-        let size = data.len() as u64;
-        if self.lock().capacity() == 0 {
-            return InsertOutcome::default();
+    /// Offers a block to the tier; `None` when the tier is disabled (size 0), so that is not
+    /// counted as a rejection.
+    pub fn insert(&self, name: BlockName, data: Bytes) -> Option<InsertOutcome> {
+        if self.capacity == 0 {
+            return None;
         }
+        let size = data.len() as u64;
         // Evicted blocks are dropped after the lock is released.
         let admission = self.lock().insert(name, data, size);
-        match admission {
+        Some(match admission {
             Admission::Admitted { evicted } => InsertOutcome {
                 admitted: true,
                 evicted: evicted.len(),
             },
             Admission::Rejected => InsertOutcome::default(),
-        }
-    }
-
-    pub fn remove(&self, name: &BlockName) {
-        let removed = self.lock().remove(name);
-        drop(removed);
+        })
     }
 
     /// (used bytes, capacity, blocks)

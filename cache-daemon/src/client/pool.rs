@@ -31,6 +31,13 @@ struct WorkerConn {
     client: CacheWorkerClient<Channel>,
 }
 
+/// Placement ranks workers by their address.
+impl AsRef<str> for WorkerConn {
+    fn as_ref(&self) -> &str {
+        &self.addr
+    }
+}
+
 /// A set of workers, addressed as `host:port`. Connections are made lazily, so an
 /// unreachable worker costs nothing until a block it owns is read, and then fails over.
 #[derive(Clone)]
@@ -108,33 +115,33 @@ impl WorkerPool {
 
     /// The owners of a block, best first, for placement checks and tests.
     pub fn owners(&self, name: &BlockName) -> Vec<String> {
-        let addrs = self.addresses();
-        placement::owners(&addrs, name, self.replicas)
+        placement::owners(&self.workers, name, self.replicas)
             .into_iter()
-            .map(|i| addrs[i].clone())
+            .map(|i| self.workers[i].addr.clone())
             .collect()
     }
 
-    /// Workers to try for a block: its owners first, then the rest in rendezvous order (where
-    /// the block moves if an owner is gone).
-    fn candidates(&self, name: &BlockName) -> Vec<WorkerConn> {
-        let addrs = self.addresses();
-        placement::rank(&addrs, name)
-            .into_iter()
-            .map(|i| self.workers[i].clone())
-            .collect()
+    /// Workers to try for a block, as indices: its owners first, then the rest in rendezvous
+    /// order (where the block moves if an owner is gone). Nothing is cloned here: this runs
+    /// for every block read.
+    fn candidates(&self, name: &BlockName) -> Vec<usize> {
+        placement::rank(&self.workers, name)
     }
 
     /// Runs `call` on the candidates in order until one answers (an answer may be an error
     /// such as NotFound); only an unreachable worker moves on to the next.
-    async fn with_failover<T, F, Fut>(&self, candidates: Vec<WorkerConn>, mut call: F) -> Result<T, ClientError>
+    async fn with_failover<T, F, Fut>(
+        &self,
+        candidates: impl IntoIterator<Item = usize>,
+        mut call: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(WorkerConn) -> Fut,
         Fut: std::future::Future<Output = Result<T, ClientError>>,
     {
         let mut last = ClientError::NoWorkers;
-        for worker in candidates {
-            match call(worker).await {
+        for i in candidates {
+            match call(self.workers[i].clone()).await {
                 Err(e) if e.is_worker_failure() => {
                     tracing::debug!(error = %e, "worker unreachable, trying the next");
                     last = e;
@@ -147,7 +154,7 @@ impl WorkerPool {
 
     /// Workers to ask about a path's metadata: its owner first, so each worker caches the
     /// metadata of a share of the paths. "/a/b" and "a/b/" are the same path.
-    fn metadata_candidates(&self, path: &str) -> Vec<WorkerConn> {
+    fn metadata_candidates(&self, path: &str) -> Vec<usize> {
         let normalized = normalize_path(path).unwrap_or_else(|_| path.to_string());
         self.candidates(&BlockName::of(&normalized, "", u64::MAX))
     }
@@ -305,10 +312,11 @@ impl WorkerPool {
         let mut warmed = 0usize;
         let mut result: Option<(u64, Tier)> = None;
         let mut last_error = ClientError::NoWorkers;
-        for mut w in self.candidates(&Self::block_name(file, index)) {
+        for i in self.candidates(&Self::block_name(file, index)) {
             if warmed == self.replicas {
                 break;
             }
+            let mut w = self.workers[i].clone();
             let answer = w
                 .client
                 .warm_block(WarmBlockRequest {
@@ -341,7 +349,7 @@ impl WorkerPool {
         let addrs = self.addresses();
         let replicas = self.replicas as u32;
         let (addr, stream) = self
-            .with_failover(self.workers.clone(), |mut w| {
+            .with_failover(0..self.workers.len(), |mut w| {
                 let request = LoadRequest {
                     path: path.to_string(),
                     workers: addrs.clone(),

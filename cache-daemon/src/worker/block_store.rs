@@ -99,8 +99,9 @@ impl BlockStore {
     }
 
     fn admit_to_memory(&self, name: BlockName, data: Bytes) {
-        let outcome = self.memory.insert(name, data);
-        self.count_admission(MEMORY, outcome.admitted, outcome.evicted);
+        if let Some(outcome) = self.memory.insert(name, data) {
+            self.count_admission(MEMORY, outcome.admitted, outcome.evicted);
+        }
     }
 
     fn count_admission(&self, tier: TierLabel, admitted: bool, evicted: usize) {

@@ -84,6 +84,8 @@ pub enum StartError {
     NoCacheSize,
     #[error("--cache-size was given without --cache-dir: give the disk tier a directory, or drop --cache-size")]
     NoCacheDir,
+    #[error("--source-timeout must be above 0: every store request would time out")]
+    SourceTimeout,
     #[error("--block-size must be between 64KiB and 64MiB, not {0} bytes")]
     BlockSize(u64),
     #[error("cannot listen on {addr}: {source}")]
@@ -137,6 +139,9 @@ impl RunningWorker {
 pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
     if !(64 << 10..=64 << 20).contains(&config.block_size) {
         return Err(StartError::BlockSize(config.block_size));
+    }
+    if config.source_tuning.timeout.is_zero() {
+        return Err(StartError::SourceTimeout);
     }
     let source = SourceStore::open(&config.source, &config.source_options, &config.source_tuning)?;
 

@@ -177,7 +177,13 @@ async fn run(
                                 Ok(ListedEntry::NeedsStat(p)) => {
                                     state.metadata.stat(&p, false).await.map_err(|e| (p, e))
                                 }
-                                Err(e) => Err((root.path.clone(), e)),
+                                Err(e) => {
+                                    // A listing that failed (after the store layer's retries)
+                                    // cannot be resumed where it stopped: report it once and
+                                    // load what was listed. Running the load again retries.
+                                    counters.fail(&root.path, format!("listing stopped: {e}"));
+                                    break;
+                                }
                             };
                             match meta {
                                 Ok(meta) if meta.is_dir => {}

@@ -43,6 +43,7 @@ impl RequestRecord {
 struct Faults {
     get_delay_ms: AtomicU64,
     fail_gets_containing: Mutex<Option<String>>,
+    fail_list_continuations: AtomicBool,
     refuse_all: AtomicBool,
 }
 
@@ -98,7 +99,9 @@ impl S3TestServer {
                                 .unwrap()
                                 .as_deref()
                                 .is_some_and(|s| record.path.contains(s));
-                        let refuse = faults.refuse_all.load(Ordering::Relaxed);
+                        let refuse = faults.refuse_all.load(Ordering::Relaxed)
+                            || (faults.fail_list_continuations.load(Ordering::Relaxed)
+                                && record.query.contains("continuation-token"));
                         let object_get = record.is_object_get();
                         // s3s-fs answers a GET or HEAD of a key that is a directory on its disk
                         // with 500; S3 answers 404 (there is no such object), so do that.
@@ -192,6 +195,11 @@ impl S3TestServer {
 
     pub fn fail_gets_containing(&self, needle: Option<&str>) {
         *self.faults.fail_gets_containing.lock().unwrap() = needle.map(str::to_string);
+    }
+
+    /// Fails the second and later pages of every listing (an outage in the middle of a list).
+    pub fn fail_list_continuations(&self, fail: bool) {
+        self.faults.fail_list_continuations.store(fail, Ordering::Relaxed);
     }
 
     /// Answers every request with 500, as a store in an outage does.
