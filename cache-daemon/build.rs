@@ -1,4 +1,4 @@
-//! Compiles the worker's gRPC API with a vendored `protoc`, so a build needs nothing but crates.
+//! Compiles the worker's and the node daemon's gRPC APIs with a vendored `protoc`, so a build needs nothing but crates.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -10,7 +10,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `granary-cache stats --json` prints these as they are.
         .type_attribute(".granary.worker.v1.StatsResponse", "#[derive(serde::Serialize)]")
         .type_attribute(".granary.worker.v1.TierStats", "#[derive(serde::Serialize)]")
-        .compile_protos(&["proto/granary/worker/v1/worker.proto"], &["proto"])?;
+        .compile_protos(
+            &[
+                "proto/granary/worker/v1/worker.proto",
+                "proto/granary/node/v1/node.proto",
+            ],
+            &["proto"],
+        )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

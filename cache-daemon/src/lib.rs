@@ -9,7 +9,9 @@
 pub mod block;
 pub mod cache;
 pub mod client;
+pub mod fuse;
 pub mod metrics;
+pub mod node;
 pub mod proto;
 pub mod singleflight;
 pub mod source;

@@ -38,6 +38,10 @@ enum Command {
     Cat(cli::cat::CatArgs),
     /// Show per-worker cache usage, hits, misses and source bytes.
     Stats(cli::stats::StatsArgs),
+    /// Mount a dataset as a read-only directory (foreground, or --daemon).
+    Mount(cli::mount::MountArgs),
+    /// Run the node daemon: every FUSE mount of this node, driven over a unix socket.
+    Node(cli::node::NodeArgs),
     /// Measure warm and cold reads through the workers against local disk and the store.
     Bench(cli::bench::BenchArgs),
 }
@@ -82,6 +86,7 @@ fn main() {
     // Thread names say the role, in `top -H` and in profiles.
     let role = match cli.command {
         Command::Worker(_) => "granary-worker",
+        Command::Mount(_) | Command::Node(_) => "granary-fuse",
         _ => "granary-client",
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -102,6 +107,8 @@ fn main() {
             Command::Cat(args) => cli::cat::run(args).await,
             Command::Stats(args) => cli::stats::run(args).await,
             Command::Bench(args) => cli::bench::run(args).await,
+            Command::Mount(args) => cli::mount::run(args).await,
+            Command::Node(args) => cli::node::run(args).await,
         }
     });
     let code = match result {

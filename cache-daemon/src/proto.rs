@@ -4,6 +4,12 @@
 
 tonic::include_proto!("granary.worker.v1");
 
+/// The node daemon's API (`proto/granary/node/v1/node.proto`), served on a unix socket.
+pub mod node {
+    #![allow(clippy::all)]
+    tonic::include_proto!("granary.node.v1");
+}
+
 impl Tier {
     pub fn label(&self) -> &'static str {
         match self {
@@ -11,6 +17,20 @@ impl Tier {
             Tier::Disk => "disk",
             Tier::Source => "source",
             Tier::Unspecified => "unspecified",
+        }
+    }
+}
+
+impl FileInfo {
+    /// Source store metadata as the API describes a file, cut into `block_size` blocks.
+    pub fn from_meta(meta: &crate::source::FileMeta, block_size: u64) -> Self {
+        FileInfo {
+            path: meta.path.clone(),
+            is_dir: meta.is_dir,
+            size: meta.size,
+            version: meta.version.clone(),
+            mtime_unix_nanos: meta.mtime_unix_nanos(),
+            block_size,
         }
     }
 }

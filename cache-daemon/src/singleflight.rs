@@ -11,13 +11,28 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 
 use crate::source::SourceError;
 
-type Flight = Shared<BoxFuture<'static, Result<Bytes, SourceError>>>;
+type Flight<E> = Shared<BoxFuture<'static, Result<Bytes, E>>>;
 
-pub struct SingleFlight<K> {
-    inflight: Mutex<HashMap<K, Flight>>,
+/// An error a shared fetch can end with; it must also describe a fetch task that died.
+pub trait FlightError: Clone + Send + Sync + 'static {
+    fn task_failed(detail: String) -> Self;
 }
 
-impl<K: Hash + Eq + Clone + Send + 'static> Default for SingleFlight<K> {
+impl FlightError for SourceError {
+    fn task_failed(detail: String) -> Self {
+        SourceError::Failed {
+            op: "fetch",
+            path: String::new(),
+            detail,
+        }
+    }
+}
+
+pub struct SingleFlight<K, E = SourceError> {
+    inflight: Mutex<HashMap<K, Flight<E>>>,
+}
+
+impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> Default for SingleFlight<K, E> {
     fn default() -> Self {
         SingleFlight {
             inflight: Mutex::new(HashMap::new()),
@@ -25,8 +40,8 @@ impl<K: Hash + Eq + Clone + Send + 'static> Default for SingleFlight<K> {
     }
 }
 
-impl<K: Hash + Eq + Clone + Send + 'static> SingleFlight<K> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight>> {
+impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> SingleFlight<K, E> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<E>>> {
         self.inflight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -34,9 +49,9 @@ impl<K: Hash + Eq + Clone + Send + 'static> SingleFlight<K> {
     /// with whether it was shared (this caller did not start the fetch). `fetch` must store
     /// its result where later callers look first (the memory tier): the key is released when
     /// it ends.
-    pub async fn run<F>(self: &Arc<Self>, key: K, fetch: F) -> (Result<Bytes, SourceError>, bool)
+    pub async fn run<F>(self: &Arc<Self>, key: K, fetch: F) -> (Result<Bytes, E>, bool)
     where
-        F: std::future::Future<Output = Result<Bytes, SourceError>> + Send + 'static,
+        F: std::future::Future<Output = Result<Bytes, E>> + Send + 'static,
     {
         let (flight, shared) = {
             let mut inflight = self.lock();
@@ -51,13 +66,8 @@ impl<K: Hash + Eq + Clone + Send + 'static> SingleFlight<K> {
                         result
                     });
                     let flight = async move {
-                        task.await.unwrap_or_else(|e| {
-                            Err(SourceError::Failed {
-                                op: "fetch",
-                                path: String::new(),
-                                detail: format!("the fetch task failed: {e}"),
-                            })
-                        })
+                        task.await
+                            .unwrap_or_else(|e| Err(E::task_failed(format!("the fetch task failed: {e}"))))
                     }
                     .boxed()
                     .shared();
@@ -78,7 +88,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_callers_share_one_fetch() {
-        let flights = Arc::new(SingleFlight::<u32>::default());
+        let flights = Arc::new(SingleFlight::<u32, SourceError>::default());
         let fetches = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..32 {

@@ -101,6 +101,14 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
         Some(slot.value)
     }
 
+    /// Removes and returns the least recently used entry with its size.
+    pub fn pop_lru(&mut self) -> Option<(K, V, u64)> {
+        let (_, key) = self.recency.pop_first()?;
+        let slot = self.entries.remove(&key)?;
+        self.used -= slot.size;
+        Some((key, slot.value, slot.size))
+    }
+
     /// Inserts (or replaces) an entry of `size` bytes, evicting by the policy to make room.
     pub fn insert(&mut self, key: K, value: V, size: u64) -> Admission<K, V> {
         self.insert_evicting(key, value, size, |_| true)

@@ -275,6 +275,15 @@ impl DiskTier {
     }
 }
 
+/// Reads block `key` straight from the cache directory of a worker on this node, without the
+/// worker: the short circuit. `None` when the block is not there or its file does not verify
+/// (it may be mid-write or evicted; the caller asks the worker instead).
+pub fn read_block_file_in(cache_dir: &Path, key: &BlockKey) -> Option<Bytes> {
+    let path = block_path(&cache_dir.join("blocks"), &key.name());
+    let file = std::fs::read(path).ok()?;
+    block_file::decode(Bytes::from(file), key).ok()
+}
+
 fn block_path(blocks_dir: &Path, name: &BlockName) -> PathBuf {
     let file_name = name.file_name();
     blocks_dir.join(&file_name[..2]).join(file_name)

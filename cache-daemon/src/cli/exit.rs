@@ -1,6 +1,7 @@
 //! Process exit codes, decided in one place.
 
 use granary_cache::client::ClientError;
+use granary_cache::fuse::MountError;
 use granary_cache::worker::StartError;
 
 /// The command did its job.
@@ -13,6 +14,12 @@ pub const CONFIG: i32 = 2;
 
 pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if let Some(e) = cause.downcast_ref::<MountError>() {
+            return match e {
+                MountError::Mount { .. } | MountError::Workers(ClientError::WorkerUnavailable { .. }) => FAILED,
+                _ => CONFIG,
+            };
+        }
         if cause.downcast_ref::<StartError>().is_some() {
             return CONFIG;
         }

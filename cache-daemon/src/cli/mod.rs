@@ -5,6 +5,8 @@ pub mod bench;
 pub mod cat;
 pub mod exit;
 pub mod load;
+pub mod mount;
+pub mod node;
 pub mod stats;
 pub mod worker;
 
@@ -36,5 +38,21 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
         _ => Err(format!(
             "expected key=value, got {s:?} (e.g. --source-option region=us-east-1)"
         )),
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops this process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }

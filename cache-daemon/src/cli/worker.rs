@@ -82,24 +82,9 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let mut running = worker::start(config).await.context("the worker could not start")?;
     tokio::select! {
         result = running.wait() => result.context("the gRPC server stopped"),
-        _ = shutdown_signal() => {
+        _ = super::shutdown_signal() => {
             tracing::info!("shutting down");
             running.shutdown().await
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the worker");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }

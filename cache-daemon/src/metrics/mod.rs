@@ -1,6 +1,8 @@
 //! Prometheus metrics: the worker's metric set and the HTTP endpoint serving them.
 
+pub mod fuse;
 pub mod http;
 pub mod worker;
 
+pub use fuse::FuseMetrics;
 pub use worker::WorkerMetrics;

@@ -82,14 +82,7 @@ impl WorkerService {
 }
 
 pub fn file_info(meta: &FileMeta, block_size: u64) -> FileInfo {
-    FileInfo {
-        path: meta.path.clone(),
-        is_dir: meta.is_dir,
-        size: meta.size,
-        version: meta.version.clone(),
-        mtime_unix_nanos: meta.mtime_unix_nanos(),
-        block_size,
-    }
+    FileInfo::from_meta(meta, block_size)
 }
 
 fn tier_stats(usage: (u64, u64, u64)) -> TierStats {

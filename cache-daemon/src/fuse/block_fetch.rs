@@ -1,0 +1,145 @@
+//! How the filesystem gets a block: memory, then the node-local file cache, then a
+//! co-located worker's block files (short circuit), then the workers (or the source store
+//! while they are down). Concurrent requests for one block share one fetch. Every block held
+//! in memory holds a lease on the memory budget.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::block_cache::BlockCache;
+use super::error::FsError;
+use super::local_files::LocalFileCache;
+use super::memory_budget::{MemoryBudget, MemoryLease};
+use super::remote::{Origin, Remote};
+use crate::block::{block_range, BlockKey, BlockName};
+use crate::cache::read_block_file_in;
+use crate::metrics::FuseMetrics;
+use crate::proto::FileInfo;
+use crate::singleflight::SingleFlight;
+
+pub struct BlockFetcher {
+    pub remote: Arc<Remote>,
+    pub cache: BlockCache,
+    pub budget: Arc<MemoryBudget>,
+    pub local: Option<Arc<LocalFileCache>>,
+    /// Cache directories of workers on this node, read directly.
+    pub short_circuit: Vec<PathBuf>,
+    flights: Arc<SingleFlight<BlockName, FsError>>,
+    pub metrics: Arc<FuseMetrics>,
+}
+
+fn block_len(file: &FileInfo, index: u64) -> u64 {
+    let r = block_range(file.size, file.block_size.max(1), index);
+    r.end - r.start
+}
+
+impl BlockFetcher {
+    pub fn new(
+        remote: Arc<Remote>,
+        budget: Arc<MemoryBudget>,
+        local: Option<Arc<LocalFileCache>>,
+        short_circuit: Vec<PathBuf>,
+        metrics: Arc<FuseMetrics>,
+    ) -> Self {
+        BlockFetcher {
+            remote,
+            cache: BlockCache::default(),
+            budget,
+            local,
+            short_circuit,
+            flights: Arc::new(SingleFlight::default()),
+            metrics,
+        }
+    }
+
+    /// Block `index` of `file`, waiting for memory if the budget is exhausted.
+    pub async fn block(self: &Arc<Self>, file: &FileInfo, index: u64) -> Result<Bytes, FsError> {
+        let name = BlockName::of(&file.path, &file.version, index);
+        if let Some(data) = self.cache.get(&name) {
+            self.metrics
+                .read_bytes
+                .get_or_create(&Origin::Memory.label())
+                .inc_by(data.len() as u64);
+            return Ok(data);
+        }
+        let this = Arc::clone(self);
+        let file = file.clone();
+        let (result, _) = self
+            .flights
+            .run(name, async move {
+                let lease = this.budget.reserve(block_len(&file, index), &this.cache).await;
+                this.fetch(file, index, name, lease).await
+            })
+            .await;
+        result
+    }
+
+    /// Starts fetching block `index` ahead of the reader, if memory is free right now and it
+    /// is not held or on its way already.
+    pub fn prefetch(self: &Arc<Self>, file: &FileInfo, index: u64) {
+        let name = BlockName::of(&file.path, &file.version, index);
+        if self.cache.contains(&name) {
+            return;
+        }
+        let Some(lease) = self.budget.try_reserve(block_len(file, index)) else {
+            return;
+        };
+        self.metrics.prefetched_blocks.inc();
+        let this = Arc::clone(self);
+        let file = file.clone();
+        tokio::spawn(async move {
+            let flights = Arc::clone(&this.flights);
+            let (result, _) = flights.run(name, this.fetch(file, index, name, lease)).await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "readahead failed; the reader will fetch the block itself");
+            }
+        });
+    }
+
+    async fn fetch(
+        self: Arc<Self>,
+        file: FileInfo,
+        index: u64,
+        name: BlockName,
+        lease: MemoryLease,
+    ) -> Result<Bytes, FsError> {
+        let (data, origin) = self.fetch_uncached(&file, index).await?;
+        self.metrics
+            .read_bytes
+            .get_or_create(&origin.label())
+            .inc_by(data.len() as u64);
+        if !matches!(origin, Origin::Local) {
+            if let Some(local) = &self.local {
+                local.store(&file, index, data.clone());
+            }
+        }
+        self.cache.insert(name, data.clone(), lease);
+        Ok(data)
+    }
+
+    async fn fetch_uncached(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
+        if let Some(local) = &self.local {
+            if let Some(data) = local.read_block(file, index).await {
+                return Ok((data, Origin::Local));
+            }
+        }
+        if !self.short_circuit.is_empty() {
+            let key = BlockKey {
+                path: file.path.clone(),
+                version: file.version.clone(),
+                index,
+            };
+            let dirs = self.short_circuit.clone();
+            let found = tokio::task::spawn_blocking(move || dirs.iter().find_map(|dir| read_block_file_in(dir, &key)))
+                .await
+                .ok()
+                .flatten();
+            if let Some(data) = found {
+                return Ok((data, Origin::ShortCircuit));
+            }
+        }
+        self.remote.read_block(file, index).await
+    }
+}

@@ -1,0 +1,646 @@
+//! The FUSE filesystem of a dataset: kernel requests in, answers out. Each request is
+//! answered from memory when it can be, and otherwise on the async runtime, so a slow
+//! fetch never holds a FUSE thread and many reads run at once.
+
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use tokio::runtime::Handle;
+
+use super::block_fetch::BlockFetcher;
+use super::error::FsError;
+use super::handles::Handles;
+use super::inodes::{Inodes, ROOT};
+use super::metadata::{DirListing, Metadata};
+use super::readahead::Readahead;
+use crate::block::block_range;
+use crate::metrics::fuse::{ErrnoLabel, OpLabel, OriginLabel};
+use crate::proto::FileInfo;
+
+/// Entries fetched from a listing per readdir reply (a reply holds what fits in its buffer).
+const READDIR_BATCH: usize = 512;
+
+/// Ownership and permissions the mount shows: it is read-only, readable by everyone.
+#[derive(Debug, Clone, Copy)]
+pub struct Ownership {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+struct OpenFile {
+    info: FileInfo,
+    readahead: Mutex<Readahead>,
+    /// Held while the file is open through passthrough; dropping it (at release) ends the
+    /// backing file's registration with the kernel.
+    backing: Mutex<Option<BackingId>>,
+}
+
+/// What the request tasks need of the filesystem besides its data: attributes and metrics.
+struct Shared {
+    ownership: Ownership,
+    metrics: Arc<crate::metrics::FuseMetrics>,
+}
+
+struct OpenDir {
+    listing: Arc<DirListing>,
+    path: String,
+    ino: u64,
+}
+
+pub struct DatasetFs {
+    pub(super) runtime: Handle,
+    pub(super) metadata: Arc<Metadata>,
+    pub(super) fetcher: Arc<BlockFetcher>,
+    inodes: Arc<Inodes>,
+    files: Arc<Handles<OpenFile>>,
+    dirs: Arc<Handles<OpenDir>>,
+    shared: Arc<Shared>,
+    want_passthrough: bool,
+    /// Passthrough was asked for, and the kernel agreed at init.
+    passthrough: Arc<AtomicBool>,
+    max_readahead: u64,
+}
+
+fn root_info() -> FileInfo {
+    FileInfo {
+        path: String::new(),
+        is_dir: true,
+        ..Default::default()
+    }
+}
+
+fn child_path(parent: &str, name: &OsStr) -> Result<String, FsError> {
+    let name = name
+        .to_str()
+        .ok_or_else(|| FsError::NotFound(name.to_string_lossy().into_owned()))?;
+    Ok(if parent.is_empty() {
+        name.to_string()
+    } else {
+        format!("{parent}/{name}")
+    })
+}
+
+fn name_of(path: &str) -> &str {
+    path.rsplit_once('/').map(|(_, name)| name).unwrap_or(path)
+}
+
+impl DatasetFs {
+    pub fn new(
+        runtime: Handle,
+        metadata: Arc<Metadata>,
+        fetcher: Arc<BlockFetcher>,
+        ownership: Ownership,
+        passthrough: bool,
+        max_readahead: u64,
+    ) -> Self {
+        let fetcher_metrics = Arc::clone(&fetcher.metrics);
+        DatasetFs {
+            runtime,
+            metadata,
+            fetcher,
+            inodes: Arc::new(Inodes::new(root_info())),
+            files: Arc::new(Handles::default()),
+            dirs: Arc::new(Handles::default()),
+            shared: Arc::new(Shared {
+                ownership,
+                metrics: Arc::clone(&fetcher_metrics),
+            }),
+            want_passthrough: passthrough,
+            passthrough: Arc::new(AtomicBool::new(false)),
+            max_readahead,
+        }
+    }
+
+    fn observer(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    fn observe(&self, op: &'static str, started: Instant, result: Result<(), &FsError>) {
+        self.shared.observe(op, started, result)
+    }
+
+    /// What the kernel's inode `ino` is, with attributes refreshed when they are stale.
+    async fn fresh_info(metadata: &Metadata, inodes: &Inodes, ino: u64) -> Result<Arc<FileInfo>, FsError> {
+        let known = inodes.get(ino).ok_or(FsError::Stale(ino))?;
+        let info = metadata.stat(&known.path).await?;
+        if !Arc::ptr_eq(&info, &known) {
+            inodes.update(ino, Arc::clone(&info));
+        }
+        Ok(info)
+    }
+}
+
+impl Shared {
+    fn attr(&self, ino: u64, info: &FileInfo) -> FileAttr {
+        let mtime = UNIX_EPOCH + Duration::from_nanos(info.mtime_unix_nanos.max(0) as u64);
+        let (kind, perm, nlink) = if info.is_dir {
+            (FileType::Directory, 0o555, 2)
+        } else {
+            (FileType::RegularFile, 0o444, 1)
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: info.size,
+            blocks: info.size.div_ceil(512),
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm,
+            nlink,
+            uid: self.ownership.uid,
+            gid: self.ownership.gid,
+            rdev: 0,
+            blksize: 1 << 20,
+            flags: 0,
+        }
+    }
+
+    fn observe(&self, op: &'static str, started: Instant, result: Result<(), &FsError>) {
+        let m = &self.metrics;
+        m.ops.get_or_create(&OpLabel { op }).inc();
+        m.op_duration
+            .get_or_create(&OpLabel { op })
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            if let FsError::Io { .. } | FsError::PermissionDenied { .. } = e {
+                tracing::warn!(op, error = %e, "answering with an error");
+            }
+            m.op_errors
+                .get_or_create(&ErrnoLabel {
+                    op,
+                    errno: e.errno().code(),
+                })
+                .inc();
+        }
+    }
+}
+
+/// Copies `range` of a file out of its blocks, fetching them concurrently.
+async fn read_range(fetcher: &Arc<BlockFetcher>, info: &FileInfo, start: u64, end: u64) -> Result<Bytes, FsError> {
+    let bs = info.block_size.max(1);
+    let first = start / bs;
+    let last = (end - 1) / bs;
+    if first == last {
+        let block = fetcher.block(info, first).await?;
+        let base = block_range(info.size, bs, first).start;
+        let (from, to) = ((start - base) as usize, (end - base) as usize);
+        if to > block.len() {
+            return Err(FsError::Io {
+                path: info.path.clone(),
+                cause: format!("block {first} is {} bytes, expected at least {to}", block.len()),
+            });
+        }
+        return Ok(block.slice(from..to));
+    }
+    let blocks = futures::future::try_join_all((first..=last).map(|i| fetcher.block(info, i))).await?;
+    let mut out = Vec::with_capacity((end - start) as usize);
+    for (i, block) in (first..=last).zip(blocks) {
+        let r = block_range(info.size, bs, i);
+        let from = start.max(r.start) - r.start;
+        let to = end.min(r.end) - r.start;
+        if to as usize > block.len() {
+            return Err(FsError::Io {
+                path: info.path.clone(),
+                cause: format!("block {i} is {} bytes, expected {}", block.len(), r.end - r.start),
+            });
+        }
+        out.extend_from_slice(&block[from as usize..to as usize]);
+    }
+    Ok(Bytes::from(out))
+}
+
+impl Filesystem for DatasetFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for flag in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_AUTO_INVAL_DATA,
+        ] {
+            if let Err(missing) = config.add_capabilities(flag) {
+                tracing::debug!(?missing, "the kernel does not offer a FUSE capability");
+            }
+        }
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_background(64);
+        if self.want_passthrough {
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => {
+                    let _ = config.set_max_stack_depth(1);
+                    self.passthrough.store(true, Ordering::Release);
+                }
+                Err(_) => tracing::info!(
+                    "this kernel does not offer FUSE passthrough (Linux 6.9+); locally cached files are read through the daemon"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let started = Instant::now();
+        let Some(parent_info) = self.inodes.get(parent.0) else {
+            reply.error(Errno::ESTALE);
+            return;
+        };
+        let path = match child_path(&parent_info.path, name) {
+            Ok(p) => p,
+            Err(e) => {
+                reply.error(e.errno());
+                return;
+            }
+        };
+        let metadata = Arc::clone(&self.metadata);
+        let inodes = Arc::clone(&self.inodes);
+        let this = self.observer();
+        let ttl = metadata.kernel_ttl();
+        self.runtime.spawn(async move {
+            match metadata.stat(&path).await {
+                Ok(info) => {
+                    let ino = inodes.remember(Arc::clone(&info));
+                    reply.entry(&ttl, &this.attr(ino, &info), Generation(0));
+                    this.observe("lookup", started, Ok(()));
+                }
+                Err(e) => {
+                    reply.error(e.errno());
+                    this.observe("lookup", started, Err(&e));
+                }
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.inodes.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let started = Instant::now();
+        let metadata = Arc::clone(&self.metadata);
+        let inodes = Arc::clone(&self.inodes);
+        let this = self.observer();
+        self.runtime.spawn(async move {
+            match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
+                Ok(info) => {
+                    reply.attr(&metadata.kernel_ttl(), &this.attr(ino.0, &info));
+                    this.observe("getattr", started, Ok(()));
+                }
+                Err(e) => {
+                    reply.error(e.errno());
+                    this.observe("getattr", started, Err(&e));
+                }
+            }
+        });
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let started = Instant::now();
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            reply.error(FsError::ReadOnly.errno());
+            self.observe("open", started, Err(&FsError::ReadOnly));
+            return;
+        }
+        let metadata = Arc::clone(&self.metadata);
+        let inodes = Arc::clone(&self.inodes);
+        let files = Arc::clone(&self.files);
+        let this = self.observer();
+        let passthrough = self.passthrough.load(Ordering::Acquire);
+        let max_ra = self.max_readahead;
+        let local = self.fetcher.local.clone();
+        let metrics = Arc::clone(&self.fetcher.metrics);
+        self.runtime.spawn(async move {
+            let info = match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
+                Ok(info) if info.is_dir => Err(FsError::IsADirectory(info.path.clone())),
+                other => other,
+            };
+            let info = match info {
+                Ok(info) => info,
+                Err(e) => {
+                    reply.error(e.errno());
+                    this.observe("open", started, Err(&e));
+                    return;
+                }
+            };
+            // A file wholly in the node-local cache is read by the kernel from that file.
+            let local_file = if passthrough {
+                local.as_ref().and_then(|l| l.open_complete(&info))
+            } else {
+                None
+            };
+            let backing = local_file.and_then(|f| match reply.open_backing(&f) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(path = %info.path, error = %e, "the kernel refused a passthrough backing file; reading through the daemon");
+                    None
+                }
+            });
+            let how = OriginLabel {
+                origin: if backing.is_some() { "passthrough" } else { "fuse" },
+            };
+            metrics.opens.get_or_create(&how).inc();
+            let fh = files.insert(OpenFile {
+                info: (*info).clone(),
+                readahead: Mutex::new(Readahead::new(info.block_size, max_ra)),
+                backing: Mutex::new(None),
+            });
+            match backing {
+                Some(id) => {
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
+                    if let Some(open) = files.get(fh) {
+                        *open.backing.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
+                    }
+                }
+                // Blocks of a version never change, so the page cache may outlive this open.
+                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            }
+            this.observe("open", started, Ok(()));
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let started = Instant::now();
+        let Some(file) = self.files.get(fh.0) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let info = &file.info;
+        let end = offset.saturating_add(size as u64).min(info.size);
+        if offset >= end {
+            reply.data(&[]);
+            return;
+        }
+        // Decided here, in the kernel's order, before the requests run concurrently.
+        let ahead = file
+            .readahead
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .on_read(offset, end - offset);
+        let fetcher = Arc::clone(&self.fetcher);
+        let this = self.observer();
+        self.runtime.spawn(async move {
+            let info = &file.info;
+            if !ahead.is_empty() && ahead.start < info.size {
+                let bs = info.block_size.max(1);
+                let last = (ahead.end.min(info.size) - 1) / bs;
+                for index in (ahead.start / bs)..=last {
+                    fetcher.prefetch(info, index);
+                }
+            }
+            match read_range(&fetcher, info, offset, end).await {
+                Ok(data) => {
+                    reply.data(&data);
+                    this.observe("read", started, Ok(()));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %info.path, offset, error = %e, "read failed");
+                    reply.error(e.errno());
+                    this.observe("read", started, Err(&e));
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.remove(fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let started = Instant::now();
+        let metadata = Arc::clone(&self.metadata);
+        let inodes = Arc::clone(&self.inodes);
+        let dirs = Arc::clone(&self.dirs);
+        let this = self.observer();
+        self.runtime.spawn(async move {
+            let info = match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
+                Ok(info) if !info.is_dir => Err(FsError::NotADirectory(info.path.clone())),
+                other => other,
+            };
+            match info {
+                Ok(info) => {
+                    let listing = metadata.listing(&info.path);
+                    let fh = dirs.insert(OpenDir {
+                        listing,
+                        path: info.path.clone(),
+                        ino: ino.0,
+                    });
+                    reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+                    );
+                    this.observe("opendir", started, Ok(()));
+                }
+                Err(e) => {
+                    reply.error(e.errno());
+                    this.observe("opendir", started, Err(&e));
+                }
+            }
+        });
+    }
+
+    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let started = Instant::now();
+        let Some(dir) = self.dirs.get(fh.0) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let inodes = Arc::clone(&self.inodes);
+        let this = self.observer();
+        self.runtime.spawn(async move {
+            // Offsets: 1 is ".", 2 is "..", 3 + i is entry i of the listing.
+            let mut next = offset;
+            if next == 0 {
+                if reply.add(INodeNo(dir.ino), 1, FileType::Directory, ".") {
+                    reply.ok();
+                    return;
+                }
+                next = 1;
+            }
+            if next == 1 {
+                let parent = inodes.peek(parent_path(&dir.path)).unwrap_or(ROOT);
+                if reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
+                    reply.ok();
+                    return;
+                }
+                next = 2;
+            }
+            let mut index = (next - 2) as usize;
+            loop {
+                let batch = match dir.listing.entries_from(index, READDIR_BATCH).await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        reply.error(e.errno());
+                        this.observe("readdir", started, Err(&e));
+                        return;
+                    }
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for info in batch {
+                    let kind = if info.is_dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
+                    // Plain readdir takes no inode reference: known inodes keep their number,
+                    // others get a stand-in from the path's hash.
+                    let ino = inodes.peek(&info.path).unwrap_or_else(|| stand_in_ino(&info.path));
+                    index += 1;
+                    if reply.add(INodeNo(ino), index as u64 + 2, kind, name_of(&info.path)) {
+                        reply.ok();
+                        this.observe("readdir", started, Ok(()));
+                        return;
+                    }
+                }
+            }
+            reply.ok();
+            this.observe("readdir", started, Ok(()));
+        });
+    }
+
+    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let started = Instant::now();
+        let Some(dir) = self.dirs.get(fh.0) else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let inodes = Arc::clone(&self.inodes);
+        let metadata = Arc::clone(&self.metadata);
+        let this = self.observer();
+        self.runtime.spawn(async move {
+            let ttl = metadata.kernel_ttl();
+            let mut next = offset;
+            // "." and ".." carry attributes but take no reference.
+            if next == 0 {
+                if let Some(info) = inodes.get(dir.ino) {
+                    if reply.add(
+                        INodeNo(dir.ino),
+                        1,
+                        ".",
+                        &ttl,
+                        &this.attr(dir.ino, &info),
+                        Generation(0),
+                    ) {
+                        reply.ok();
+                        return;
+                    }
+                }
+                next = 1;
+            }
+            if next == 1 {
+                let parent = inodes.peek(parent_path(&dir.path)).unwrap_or(ROOT);
+                let info = inodes.get(parent).unwrap_or_else(|| Arc::new(root_info()));
+                if reply.add(INodeNo(parent), 2, "..", &ttl, &this.attr(parent, &info), Generation(0)) {
+                    reply.ok();
+                    return;
+                }
+                next = 2;
+            }
+            let mut index = (next - 2) as usize;
+            loop {
+                let batch = match dir.listing.entries_from(index, READDIR_BATCH).await {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        reply.error(e.errno());
+                        this.observe("readdirplus", started, Err(&e));
+                        return;
+                    }
+                };
+                if batch.is_empty() {
+                    break;
+                }
+                for info in batch {
+                    let ino = inodes.remember(Arc::clone(&info));
+                    let attr = this.attr(ino, &info);
+                    if reply.add(
+                        INodeNo(ino),
+                        index as u64 + 3,
+                        name_of(&info.path),
+                        &ttl,
+                        &attr,
+                        Generation(0),
+                    ) {
+                        // It did not fit: the kernel got no reference to it.
+                        inodes.forget(ino, 1);
+                        reply.ok();
+                        this.observe("readdirplus", started, Ok(()));
+                        return;
+                    }
+                    index += 1;
+                }
+            }
+            reply.ok();
+            this.observe("readdirplus", started, Ok(()));
+        });
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.dirs.remove(fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        // A dataset has no free space (it is read-only); the sizes are nominal so `df` shows it.
+        let bsize = 4096u32;
+        reply.statfs(1 << 38, 0, 0, self.inodes.len() as u64, 0, bsize, 255, bsize);
+    }
+
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(FsError::NoAttribute.errno());
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(0);
+        } else {
+            reply.data(&[]);
+        }
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            reply.error(FsError::ReadOnly.errno());
+        } else {
+            reply.ok();
+        }
+    }
+}
+
+fn parent_path(path: &str) -> &str {
+    path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+}
+
+/// An inode number for an entry the kernel holds no reference to, outside the range the
+/// inode table hands out.
+fn stand_in_ino(path: &str) -> u64 {
+    (1 << 63) | (xxhash_rust::xxh3::xxh3_64(path.as_bytes()) >> 1)
+}

@@ -1,0 +1,310 @@
+//! A dataset as a read-only POSIX directory over FUSE.
+//!
+//! A read's way: [`filesystem`] takes the kernel's request; [`metadata`] answers lookups and
+//! listings (cached for the dataset's TTL); [`block_fetch`] finds the block in memory
+//! ([`block_cache`]), the node-local file cache ([`local_files`], whose complete files the
+//! kernel reads directly through passthrough), a co-located worker's files (short circuit),
+//! or from the workers and, while they are down, the source store ([`remote`]).
+//! [`readahead`] fetches ahead of sequential readers; [`memory_budget`] bounds it all.
+
+mod block_cache;
+mod block_fetch;
+pub mod error;
+mod filesystem;
+mod handles;
+mod inodes;
+mod local_files;
+pub mod memory_budget;
+mod metadata;
+mod readahead;
+mod remote;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use tokio::runtime::Handle;
+
+pub use error::FsError;
+pub use filesystem::Ownership;
+pub use memory_budget::MemoryBudget;
+
+use crate::block::DEFAULT_BLOCK_SIZE;
+use crate::client::{ClientError, WorkerPool};
+use crate::metrics::FuseMetrics;
+use crate::source::{SourceConfigError, SourceStore, SourceTuning};
+use crate::units::MetadataTtl;
+
+/// What one dataset mount serves and how.
+#[derive(Debug, Clone)]
+pub struct DatasetMount {
+    /// Worker addresses (`host:port`); empty reads the source directly.
+    pub workers: Vec<String>,
+    pub replicas: usize,
+    /// The source store, for reads while the workers are unreachable (or always, without
+    /// workers).
+    pub source: Option<String>,
+    pub source_options: BTreeMap<String, String>,
+    pub source_tuning: SourceTuning,
+    pub metadata_ttl: MetadataTtl,
+    /// Block size for files described by the source directly.
+    pub block_size: u64,
+    /// The node-local file cache: directory and size.
+    pub local_cache: Option<(PathBuf, u64)>,
+    /// Cache directories of workers running on this node, read directly.
+    pub short_circuit: Vec<PathBuf>,
+    /// Let the kernel read locally complete files itself (Linux 6.9+).
+    pub passthrough: bool,
+    /// Largest readahead window of one sequential reader.
+    pub max_readahead: u64,
+    /// FUSE threads reading requests from the kernel.
+    pub threads: usize,
+    pub allow_other: bool,
+    pub ownership: Ownership,
+}
+
+impl DatasetMount {
+    pub fn new(workers: Vec<String>, source: Option<String>) -> Self {
+        DatasetMount {
+            workers,
+            replicas: 1,
+            source,
+            source_options: BTreeMap::new(),
+            source_tuning: SourceTuning::default(),
+            metadata_ttl: MetadataTtl::Expires(std::time::Duration::from_secs(60)),
+            block_size: DEFAULT_BLOCK_SIZE,
+            local_cache: None,
+            short_circuit: Vec::new(),
+            passthrough: true,
+            max_readahead: 64 << 20,
+            threads: 4,
+            allow_other: true,
+            ownership: Ownership { uid: 0, gid: 0 },
+        }
+    }
+
+    /// A name for `mount` and `/proc/mounts`.
+    pub fn fs_name(&self) -> String {
+        match (&self.source, self.workers.first()) {
+            (Some(source), _) => format!("granary:{source}"),
+            (None, Some(worker)) => format!("granary:{worker}"),
+            (None, None) => "granary".into(),
+        }
+    }
+}
+
+/// What every mount of one process shares: the memory budget and the metrics.
+#[derive(Clone)]
+pub struct MountResources {
+    pub budget: Arc<MemoryBudget>,
+    pub metrics: Arc<FuseMetrics>,
+    /// Bytes of metadata each mount may cache.
+    pub metadata_bytes: u64,
+}
+
+impl MountResources {
+    /// Splits `max_memory`: an eighth for metadata, the rest for blocks in flight and cached.
+    pub fn new(max_memory: u64, metrics: Arc<FuseMetrics>) -> Self {
+        let metadata_bytes = max_memory / 8;
+        let budget = MemoryBudget::new(
+            max_memory - metadata_bytes,
+            metrics.memory_used_bytes.clone(),
+            &metrics.memory_limit_bytes,
+            metrics.memory_waits.clone(),
+        );
+        MountResources {
+            budget,
+            metrics,
+            metadata_bytes,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Source(#[from] SourceConfigError),
+    #[error(transparent)]
+    Workers(#[from] ClientError),
+    #[error("nothing to read from: give the workers (--workers) or the source store (--source), or both")]
+    NothingToRead,
+    #[error("mountpoint {0:?} does not exist; create it first (mkdir -p)")]
+    MountpointMissing(PathBuf),
+    #[error("mountpoint {0:?} is not a directory")]
+    MountpointNotADirectory(PathBuf),
+    #[error("cannot open the local cache at {path:?}: {source}; check that it is a writable local directory")]
+    LocalCache { path: PathBuf, source: io::Error },
+    #[error("mounting at {path:?} failed: {source}; FUSE needs /dev/fuse and root (or CAP_SYS_ADMIN), or fusermount3 installed")]
+    Mount { path: PathBuf, source: io::Error },
+}
+
+/// A live mount. Dropping it without [`MountedFs::unmount`] leaves the kernel mount to die
+/// with the process.
+pub struct MountedFs {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    /// A duplicate of the mount's /dev/fuse descriptor: what a surviving holder keeps so a
+    /// restarted daemon can serve the same kernel mount.
+    fuse_fd: Option<OwnedFd>,
+}
+
+impl MountedFs {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    pub fn fuse_fd(&self) -> Option<&OwnedFd> {
+        self.fuse_fd.as_ref()
+    }
+
+    /// Unmounts (lazily, so readers holding files finish) and waits for the session to end.
+    pub fn unmount(mut self) -> io::Result<()> {
+        self.fuse_fd = None;
+        match self.session.take() {
+            Some(session) => session.umount_and_join(),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits until the mount goes away (someone ran `umount`). Blocking.
+    pub fn wait(mut self) -> io::Result<()> {
+        match self.session.take() {
+            Some(session) => session.join(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A path that was a FUSE mount of a process that died answers ENOTCONN; detach it so the
+/// path can be mounted again.
+pub fn clear_dead_mount(path: &Path) -> io::Result<bool> {
+    match std::fs::metadata(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            detach(path)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// Lazily unmounts `path` (MNT_DETACH).
+pub fn detach(path: &Path) -> io::Result<()> {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: umount2 reads a NUL-terminated path that lives across the call.
+    let rc = unsafe { libc::umount2(c_path.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Builds the filesystem's parts from the configuration; fails on configuration mistakes.
+fn build_fs(
+    config: &DatasetMount,
+    resources: &MountResources,
+    runtime: Handle,
+) -> Result<filesystem::DatasetFs, MountError> {
+    if config.workers.is_empty() && config.source.is_none() {
+        return Err(MountError::NothingToRead);
+    }
+    let workers = if config.workers.is_empty() {
+        None
+    } else {
+        Some(WorkerPool::new(&config.workers, config.replicas)?)
+    };
+    let source = match &config.source {
+        Some(uri) => Some(SourceStore::open(uri, &config.source_options, &config.source_tuning)?),
+        None => None,
+    };
+    let metrics = Arc::clone(&resources.metrics);
+    let remote = Arc::new(remote::Remote::new(
+        workers,
+        source,
+        config.block_size,
+        Arc::clone(&metrics),
+    ));
+    let local = match &config.local_cache {
+        Some((dir, size)) => Some(Arc::new(
+            local_files::LocalFileCache::open(dir, *size, metrics.local_cache_used_bytes.clone()).map_err(
+                |source| MountError::LocalCache {
+                    path: dir.clone(),
+                    source,
+                },
+            )?,
+        )),
+        None => None,
+    };
+    let metadata = metadata::Metadata::new(
+        Arc::clone(&remote),
+        config.metadata_ttl,
+        resources.metadata_bytes,
+        Arc::clone(&metrics),
+    );
+    let fetcher = Arc::new(block_fetch::BlockFetcher::new(
+        remote,
+        Arc::clone(&resources.budget),
+        local,
+        config.short_circuit.clone(),
+        metrics,
+    ));
+    Ok(filesystem::DatasetFs::new(
+        runtime,
+        metadata,
+        fetcher,
+        config.ownership,
+        config.passthrough,
+        config.max_readahead,
+    ))
+}
+
+/// Mounts `config` at `mountpoint`. Blocking (the kernel handshake); call it off the async
+/// runtime, whose `runtime` handle the filesystem's requests run on.
+pub fn mount(
+    config: &DatasetMount,
+    mountpoint: &Path,
+    resources: &MountResources,
+    runtime: Handle,
+) -> Result<MountedFs, MountError> {
+    let fs = build_fs(config, resources, runtime)?;
+    let _ = clear_dead_mount(mountpoint);
+    match std::fs::metadata(mountpoint) {
+        Err(_) => return Err(MountError::MountpointMissing(mountpoint.to_path_buf())),
+        Ok(md) if !md.is_dir() => return Err(MountError::MountpointNotADirectory(mountpoint.to_path_buf())),
+        Ok(_) => {}
+    }
+    let options = vec![
+        MountOption::RO,
+        MountOption::FSName(config.fs_name()),
+        MountOption::Subtype("granary".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    let mut session_config = Config::default();
+    if config.allow_other {
+        // Pods run as any user; fuser turns this into the allow_other mount option.
+        session_config.acl = SessionACL::All;
+    }
+    session_config.mount_options = options;
+    session_config.n_threads = Some(config.threads.max(1));
+    session_config.clone_fd = true;
+    let failed = |source| MountError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let session = Session::new(fs, mountpoint, &session_config).map_err(failed)?;
+    let fuse_fd = session.as_fd().try_clone_to_owned().ok();
+    let session = session.spawn().map_err(failed)?;
+    resources.metrics.mounts.inc();
+    tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
+    Ok(MountedFs {
+        session: Some(session),
+        mountpoint: mountpoint.to_path_buf(),
+        fuse_fd,
+    })
+}

@@ -1,0 +1,205 @@
+//! Where the filesystem gets what it does not hold locally: the cache workers, or the source
+//! store directly while the workers are unreachable. A failed worker call marks the workers
+//! down for a moment; calls then go to the source, and after the pause the workers are tried
+//! again, so reads return to them when they recover. The reader never sees the switch.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+
+use super::error::FsError;
+use crate::block::block_range;
+use crate::client::{ClientError, WorkerPool};
+use crate::metrics::fuse::OriginLabel;
+use crate::metrics::FuseMetrics;
+use crate::proto::FileInfo;
+use crate::source::{ListedEntry, SourceStore};
+
+/// How long calls skip the workers after they failed.
+const RETRY_WORKERS_AFTER: Duration = Duration::from_secs(2);
+
+/// Where a block came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Memory,
+    Local,
+    ShortCircuit,
+    Worker,
+    Source,
+}
+
+impl Origin {
+    pub fn label(self) -> OriginLabel {
+        OriginLabel {
+            origin: match self {
+                Origin::Memory => "memory",
+                Origin::Local => "local",
+                Origin::ShortCircuit => "short_circuit",
+                Origin::Worker => "worker",
+                Origin::Source => "source",
+            },
+        }
+    }
+}
+
+pub struct Remote {
+    workers: Option<WorkerPool>,
+    source: Option<SourceStore>,
+    /// Block size of files described by the source directly (the workers say their own).
+    block_size: u64,
+    workers_down_since: Mutex<Option<Instant>>,
+    metrics: Arc<FuseMetrics>,
+}
+
+enum Route<'a> {
+    Workers(&'a WorkerPool),
+    Source,
+}
+
+impl Remote {
+    pub fn new(
+        workers: Option<WorkerPool>,
+        source: Option<SourceStore>,
+        block_size: u64,
+        metrics: Arc<FuseMetrics>,
+    ) -> Self {
+        Remote {
+            workers,
+            source,
+            block_size,
+            workers_down_since: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    fn down_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.workers_down_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Workers unless they failed a moment ago and a source is there to fall back to.
+    fn route(&self) -> Result<Route<'_>, FsError> {
+        match (&self.workers, &self.source) {
+            (Some(workers), Some(_)) => {
+                let down = matches!(*self.down_since(), Some(at) if at.elapsed() < RETRY_WORKERS_AFTER);
+                Ok(if down { Route::Source } else { Route::Workers(workers) })
+            }
+            (Some(workers), None) => Ok(Route::Workers(workers)),
+            (None, Some(_)) => Ok(Route::Source),
+            (None, None) => Err(FsError::Io {
+                path: String::new(),
+                cause: "neither workers nor a source store are configured".into(),
+            }),
+        }
+    }
+
+    /// Decides what a worker error means: `Ok(())` to fall back to the source, or the error.
+    fn worker_failed(&self, path: &str, err: ClientError) -> Result<(), FsError> {
+        if err.is_worker_failure() && self.source.is_some() {
+            let mut since = self.down_since();
+            if since.is_none() {
+                tracing::warn!(error = %err, "the cache workers are unreachable; reading from the source store directly until they return");
+            }
+            *since = Some(Instant::now());
+            return Ok(());
+        }
+        Err(FsError::from_client(path, err))
+    }
+
+    fn worker_answered(&self) {
+        let mut since = self.down_since();
+        if since.take().is_some() {
+            tracing::info!("the cache workers answer again; reads go through them");
+        }
+    }
+
+    fn source(&self) -> Result<&SourceStore, FsError> {
+        self.source.as_ref().ok_or_else(|| FsError::Io {
+            path: String::new(),
+            cause: "no source store configured".into(),
+        })
+    }
+
+    /// Metadata of `path` ("" is the root).
+    pub async fn stat(&self, path: &str) -> Result<FileInfo, FsError> {
+        if let Route::Workers(workers) = self.route()? {
+            match workers.stat(path, false).await {
+                Ok(info) => {
+                    self.worker_answered();
+                    return Ok(info);
+                }
+                Err(e) => self.worker_failed(path, e)?,
+            }
+        }
+        let meta = self
+            .source()?
+            .stat(path)
+            .await
+            .map_err(|e| FsError::from_source(path, e))?;
+        Ok(FileInfo::from_meta(&meta, self.block_size))
+    }
+
+    /// The entries of directory `path`, streamed.
+    pub async fn list(&self, path: &str) -> Result<BoxStream<'static, Result<FileInfo, FsError>>, FsError> {
+        if let Route::Workers(workers) = self.route()? {
+            match workers.list(path, false).await {
+                Ok(stream) => {
+                    self.worker_answered();
+                    let dir = path.to_string();
+                    return Ok(stream.map_err(move |e| FsError::from_client(&dir, e)).boxed());
+                }
+                Err(e) => self.worker_failed(path, e)?,
+            }
+        }
+        let source = self.source()?.clone();
+        let block_size = self.block_size;
+        let dir = path.to_string();
+        let listing = source
+            .list(path, false)
+            .await
+            .map_err(|e| FsError::from_source(path, e))?;
+        Ok(listing
+            .then(move |entry| {
+                let source = source.clone();
+                let dir = dir.clone();
+                async move {
+                    let meta = match entry.map_err(|e| FsError::from_source(&dir, e))? {
+                        ListedEntry::Known(meta) => meta,
+                        ListedEntry::NeedsStat(path) => {
+                            source.stat(&path).await.map_err(|e| FsError::from_source(&path, e))?
+                        }
+                    };
+                    Ok(FileInfo::from_meta(&meta, block_size))
+                }
+            })
+            .boxed())
+    }
+
+    /// Block `index` of `file`, whole.
+    pub async fn read_block(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
+        if let Route::Workers(workers) = self.route()? {
+            match workers.read_block(file, index, 0, 0).await {
+                Ok((data, _tier)) => {
+                    self.worker_answered();
+                    return Ok((data, Origin::Worker));
+                }
+                Err(e) => self.worker_failed(&file.path, e)?,
+            }
+        }
+        let range = block_range(file.size, file.block_size.max(1), index);
+        let data = self
+            .source()?
+            .read_range(&file.path, &file.version, range)
+            .await
+            .map_err(|e| FsError::from_source(&file.path, e))?;
+        if self.workers.is_some() {
+            self.metrics.fallback_reads.inc();
+        }
+        Ok((data, Origin::Source))
+    }
+}

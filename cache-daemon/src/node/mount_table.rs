@@ -1,0 +1,271 @@
+//! The node daemon's mounts: one FUSE mount per volume, reference counted by publisher,
+//! recorded in the state directory after every change and mounted again from that record
+//! when the daemon starts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use tokio::runtime::Handle;
+use tokio::sync::Mutex;
+
+use super::records::{self, MountRecord};
+use super::volume_spec::{self, NodeDefaults, SpecError};
+use crate::fuse::{self, MountError, MountResources, MountedFs};
+use crate::proto::node::MountInfo;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("volume {0:?} is mounted with different attributes; unpublish it everywhere before changing its spec")]
+    Conflict(String),
+    #[error("volume {0:?} is not mounted on this node")]
+    NotFound(String),
+    #[error("mounting volume {volume_id:?} failed: {source}")]
+    Mount { volume_id: String, source: MountError },
+    #[error("cannot record the mounts in {path:?}: {source}")]
+    Records { path: PathBuf, source: io::Error },
+}
+
+struct Volume {
+    record: MountRecord,
+    mounted: Option<MountedFs>,
+    /// Why `mounted` is empty, when it is.
+    error: Option<String>,
+}
+
+pub struct MountTable {
+    mnt_dir: PathBuf,
+    cache_dir: PathBuf,
+    records_path: PathBuf,
+    resources: MountResources,
+    defaults: NodeDefaults,
+    runtime: Handle,
+    volumes: Mutex<BTreeMap<String, Volume>>,
+}
+
+/// A directory name for a volume id: readable where the id is, unique always.
+fn dir_name(volume_id: &str) -> String {
+    let readable: String = volume_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    if readable == volume_id && !readable.starts_with('.') {
+        readable
+    } else {
+        format!("{readable}-{:016x}", xxhash_rust::xxh3::xxh3_64(volume_id.as_bytes()))
+    }
+}
+
+impl MountTable {
+    pub fn new(
+        state_dir: &Path,
+        resources: MountResources,
+        defaults: NodeDefaults,
+        runtime: Handle,
+    ) -> io::Result<Self> {
+        let mnt_dir = state_dir.join("mnt");
+        let cache_dir = state_dir.join("cache");
+        std::fs::create_dir_all(&mnt_dir)?;
+        Ok(MountTable {
+            mnt_dir,
+            cache_dir,
+            records_path: state_dir.join("mounts.json"),
+            resources,
+            defaults,
+            runtime,
+            volumes: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    fn save(&self, volumes: &BTreeMap<String, Volume>) -> Result<(), NodeError> {
+        let list: Vec<MountRecord> = volumes.values().map(|v| v.record.clone()).collect();
+        records::save(&self.records_path, &list).map_err(|source| NodeError::Records {
+            path: self.records_path.clone(),
+            source,
+        })
+    }
+
+    async fn mount_record(&self, record: &MountRecord) -> Result<MountedFs, NodeError> {
+        let mut config = volume_spec::dataset_mount(&record.attributes, &record.secrets)?;
+        config.passthrough = self.defaults.passthrough;
+        config.max_readahead = self.defaults.max_readahead;
+        config.threads = self.defaults.threads;
+        if self.defaults.local_cache_size > 0 {
+            config.local_cache = Some((
+                self.cache_dir.join(dir_name(&record.volume_id)),
+                self.defaults.local_cache_size,
+            ));
+        }
+        let path = record.path.clone();
+        let resources = self.resources.clone();
+        let runtime = self.runtime.clone();
+        let volume_id = record.volume_id.clone();
+        tokio::task::spawn_blocking(move || {
+            // A mount left by a daemon that died answers ENOTCONN; fuse::mount detaches it.
+            std::fs::create_dir_all(&path).ok();
+            fuse::mount(&config, &path, &resources, runtime)
+        })
+        .await
+        .map_err(|e| NodeError::InvalidArgument(format!("the mount task failed: {e}")))?
+        .map_err(|source| NodeError::Mount { volume_id, source })
+    }
+
+    /// Mounts every recorded volume again, at its recorded path. A volume that cannot be
+    /// mounted stays recorded, with its error shown by List, and is retried by its next Mount.
+    pub async fn restore(&self) -> io::Result<usize> {
+        let recorded = records::load(&self.records_path)?;
+        let mut volumes = self.volumes.lock().await;
+        let mut restored = 0;
+        for record in recorded {
+            let (mounted, error) = match self.mount_record(&record).await {
+                Ok(m) => {
+                    restored += 1;
+                    (Some(m), None)
+                }
+                Err(e) => {
+                    tracing::error!(volume_id = %record.volume_id, error = %e, "a recorded mount could not be restored");
+                    (None, Some(e.to_string()))
+                }
+            };
+            volumes.insert(record.volume_id.clone(), Volume { record, mounted, error });
+        }
+        Ok(restored)
+    }
+
+    /// Mounts `volume_id` for `publisher` (or joins its mount); returns the path and whether
+    /// this call created the mount.
+    pub async fn mount(
+        &self,
+        volume_id: &str,
+        publisher: &str,
+        attributes: BTreeMap<String, String>,
+        secrets: BTreeMap<String, String>,
+    ) -> Result<(PathBuf, bool), NodeError> {
+        if volume_id.is_empty() {
+            return Err(NodeError::InvalidArgument("volume_id is empty".into()));
+        }
+        if publisher.is_empty() {
+            return Err(NodeError::InvalidArgument("publisher is empty".into()));
+        }
+        let mut volumes = self.volumes.lock().await;
+        if let Some(volume) = volumes.get_mut(volume_id) {
+            if volume.record.attributes != attributes {
+                return Err(NodeError::Conflict(volume_id.to_string()));
+            }
+            let mut created = false;
+            if volume.mounted.is_none() {
+                volume.mounted = Some(self.mount_record(&volume.record).await?);
+                volume.error = None;
+                created = true;
+            }
+            let path = volume.record.path.clone();
+            if volume.record.publishers.insert(publisher.to_string()) {
+                self.save(&volumes)?;
+            }
+            return Ok((path, created));
+        }
+        // Check the spec before touching anything.
+        volume_spec::dataset_mount(&attributes, &secrets)?;
+        let record = MountRecord {
+            volume_id: volume_id.to_string(),
+            path: self.mnt_dir.join(dir_name(volume_id)),
+            publishers: BTreeSet::from([publisher.to_string()]),
+            attributes,
+            secrets,
+        };
+        let mounted = self.mount_record(&record).await?;
+        let path = record.path.clone();
+        volumes.insert(
+            volume_id.to_string(),
+            Volume {
+                record,
+                mounted: Some(mounted),
+                error: None,
+            },
+        );
+        if let Err(e) = self.save(&volumes) {
+            // Unrecorded, the mount would not come back after a restart: undo it.
+            if let Some(v) = volumes.remove(volume_id) {
+                self.unmount_volume(v).await;
+            }
+            return Err(e);
+        }
+        Ok((path, true))
+    }
+
+    async fn unmount_volume(&self, volume: Volume) {
+        let path = volume.record.path.clone();
+        if let Some(mounted) = volume.mounted {
+            let result = tokio::task::spawn_blocking(move || mounted.unmount()).await;
+            if let Ok(Err(e)) = result {
+                tracing::warn!(path = %path.display(), error = %e, "unmount reported an error");
+            }
+            self.resources.metrics.mounts.dec();
+        }
+        let _ = std::fs::remove_dir(&path);
+    }
+
+    /// Drops `publisher`'s reference to `volume_id`; the last one unmounts. Returns whether
+    /// the mount went away and how many publishers are left.
+    pub async fn unmount(&self, volume_id: &str, publisher: &str) -> Result<(bool, u32), NodeError> {
+        let mut volumes = self.volumes.lock().await;
+        let volume = volumes
+            .get_mut(volume_id)
+            .ok_or_else(|| NodeError::NotFound(volume_id.to_string()))?;
+        let removed = volume.record.publishers.remove(publisher);
+        let left = volume.record.publishers.len() as u32;
+        if left > 0 {
+            if removed {
+                self.save(&volumes)?;
+            }
+            return Ok((false, left));
+        }
+        let Some(volume) = volumes.remove(volume_id) else {
+            return Ok((false, 0));
+        };
+        self.save(&volumes)?;
+        self.unmount_volume(volume).await;
+        tracing::info!(volume_id, "the last publisher left; unmounted");
+        Ok((true, 0))
+    }
+
+    pub async fn list(&self) -> Vec<MountInfo> {
+        self.volumes
+            .lock()
+            .await
+            .values()
+            .map(|v| MountInfo {
+                volume_id: v.record.volume_id.clone(),
+                path: v.record.path.to_string_lossy().into_owned(),
+                publishers: v.record.publishers.iter().cloned().collect(),
+                attributes: v.record.attributes.clone().into_iter().collect(),
+                error: v.error.clone().unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn volume_ids_become_safe_unique_directory_names() {
+        assert_eq!(dir_name("pvc-123"), "pvc-123");
+        let a = dir_name("ns/a b");
+        assert!(a.starts_with("ns_a_b-") && !a.contains('/'), "{a}");
+        assert_ne!(dir_name("ns/a"), dir_name("ns_a"), "sanitising must not merge ids");
+        assert_ne!(dir_name(".."), "..");
+    }
+}
