@@ -179,3 +179,79 @@ pub fn tmpfs(dir: &Path, size: u64) -> Option<Tmpfs> {
     );
     None
 }
+
+/// Whether FUSE mounts can be made here; says why not and returns false (a skip), or under
+/// `GRANARY_REQUIRE_MOUNTS=1` fails the test.
+pub fn fuse_possible() -> bool {
+    let reason = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse does not exist".to_string())
+    // SAFETY: geteuid only reads the process's credentials.
+    } else if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root".to_string())
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(reason) if mounts_required() => panic!("GRANARY_REQUIRE_MOUNTS=1 but FUSE mounts are impossible: {reason}"),
+        Some(reason) => {
+            eprintln!("SKIP: FUSE mount test needs root and /dev/fuse ({reason})");
+            false
+        }
+    }
+}
+
+/// A dataset mounted in this process; unmounted when dropped.
+pub struct TestMount {
+    pub dir: tempfile::TempDir,
+    pub metrics: std::sync::Arc<granary_cache::metrics::FuseMetrics>,
+    pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
+    mounted: Option<granary_cache::fuse::MountedFs>,
+}
+
+impl TestMount {
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The Prometheus text of the mount's metrics.
+    pub fn metrics_text(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encode");
+        out
+    }
+
+    /// A counter's value summed over the label sets whose text contains `labels`.
+    pub fn counter(&self, name: &str, labels: &str) -> f64 {
+        self.metrics_text()
+            .lines()
+            .filter(|l| l.starts_with(name) && l.contains(labels) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        if let Some(m) = self.mounted.take() {
+            let _ = m.unmount();
+        }
+    }
+}
+
+/// Mounts `config` on a fresh directory with a `max_memory` budget. Blocking: call it from
+/// a multi-thread runtime with `spawn_blocking` or `block_in_place`.
+pub fn mount(config: granary_cache::fuse::DatasetMount, max_memory: u64) -> TestMount {
+    let dir = tempfile::tempdir().expect("mountpoint");
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = std::sync::Arc::new(granary_cache::metrics::FuseMetrics::register(&mut registry));
+    let resources = granary_cache::fuse::MountResources::new(max_memory, std::sync::Arc::clone(&metrics));
+    let mounted = granary_cache::fuse::mount(&config, dir.path(), &resources, tokio::runtime::Handle::current())
+        .expect("mount");
+    TestMount {
+        dir,
+        metrics,
+        registry: std::sync::Arc::new(registry),
+        mounted: Some(mounted),
+    }
+}

@@ -1,0 +1,301 @@
+//! The FUSE read path over real mounts: a real S3-protocol server, real workers on real
+//! sockets, the kernel's FUSE driver. Mandatory in CI (GRANARY_REQUIRE_MOUNTS=1).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use granary_cache::fuse::DatasetMount;
+use granary_cache::units::MetadataTtl;
+use support::{fuse_possible, pattern, s3_env, start, BLOCK, BUCKET};
+
+/// Writes `files` (path, bytes) under `root`.
+fn write_tree(root: &Path, files: &[(String, Vec<u8>)]) {
+    for (path, data) in files {
+        let full = root.join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, data).unwrap();
+    }
+}
+
+/// A tree with nested directories, empty files and sizes around block boundaries.
+fn odd_tree() -> Vec<(String, Vec<u8>)> {
+    let sizes = [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 7, 100_000];
+    let mut files = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        files.push((format!("train/shard-{i:02}.bin"), pattern(*size as usize, i as u64 + 1)));
+    }
+    files.push(("train/nested/deeper/still/leaf.txt".into(), b"leaf\n".to_vec()));
+    files.push(("ünïcødé/日本語 ファイル.txt".into(), pattern(777, 99)));
+    files.push(("empty-dir-sibling/file".into(), Vec::new()));
+    files
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().expect("run a command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn s3_mount_config(env: &support::S3Env, prefix: &str, workers: &[String]) -> DatasetMount {
+    let mut config = DatasetMount::new(workers.to_vec(), Some(format!("s3://{BUCKET}/{prefix}")));
+    config.source_options = env.s3.options().into_iter().collect();
+    config.block_size = BLOCK;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generated_tree_over_three_workers_reads_back_identical() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let tree = odd_tree();
+    let expected = env.dir.path().join("expected");
+    write_tree(&expected, &tree);
+    for (path, data) in &tree {
+        env.put(&format!("ds/{path}"), data).await;
+    }
+    let workers = [
+        start(env.config("ds")).await,
+        start(env.config("ds")).await,
+        start(env.config("ds")).await,
+    ];
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
+    let config = s3_mount_config(&env, "ds", &addrs);
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 256 << 20)).await.unwrap();
+    let mnt = mount.path().to_path_buf();
+    let exp = expected.clone();
+    tokio::task::spawn_blocking(move || {
+        // diff compares names, types and every byte.
+        run(Command::new("diff").arg("-r").arg(&exp).arg(&mnt));
+        // What common tools need: ls -l, find, du, cp -a.
+        let ls = run(Command::new("ls").arg("-l").arg(mnt.join("train")));
+        assert!(String::from_utf8_lossy(&ls.stdout).contains("shard-03.bin"));
+        let find = run(Command::new("find").arg(&mnt).arg("-type").arg("f"));
+        assert_eq!(String::from_utf8_lossy(&find.stdout).lines().count(), tree.len());
+        let du = run(Command::new("du").arg("-sb").arg(&mnt));
+        let total: u64 = tree.iter().map(|(_, d)| d.len() as u64).sum();
+        let du_bytes: u64 = String::from_utf8_lossy(&du.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(du_bytes >= total, "du -sb says {du_bytes}, the files hold {total}");
+        let copy = exp.parent().unwrap().join("copy");
+        run(Command::new("cp").arg("-a").arg(&mnt).arg(&copy));
+        run(Command::new("diff").arg("-r").arg(&exp).arg(&copy));
+        // Errors a reader can act on.
+        let missing = std::fs::metadata(mnt.join("train/no-such-file")).unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
+        let write = std::fs::OpenOptions::new().write(true).open(mnt.join("train/shard-01.bin")).unwrap_err();
+        assert_eq!(write.raw_os_error(), Some(libc::EROFS));
+        let create = std::fs::write(mnt.join("new-file"), b"x").unwrap_err();
+        assert_eq!(create.raw_os_error(), Some(libc::EROFS));
+    })
+    .await
+    .unwrap();
+    assert!(mount.counter("granary_fuse_read_bytes_total", "origin=\"worker\"") > 0.0);
+    assert_eq!(mount.counter("granary_fuse_fallback_reads_total", ""), 0.0);
+    drop(mount);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_directory_of_100k_entries_is_listed_whole_and_then_served_from_the_cache() {
+    if !fuse_possible() {
+        return;
+    }
+    // An fs:// source: the S3 test server lists without ETags, which would cost a HEAD per
+    // entry and only measure the test server.
+    let src = tempfile::tempdir().unwrap();
+    let many = src.path().join("many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..100_000 {
+        std::fs::write(many.join(format!("sample-{i:06}.jpg")), []).unwrap();
+    }
+    std::fs::write(many.join("sample-000042.jpg"), b"forty-two").unwrap();
+    let uri = format!("fs://{}", src.path().display());
+    let mut worker_config = granary_cache::worker::WorkerConfig::new(uri.clone(), "127.0.0.1:0".parse().unwrap());
+    worker_config.block_size = BLOCK;
+    let worker = start(worker_config).await;
+    let mut config = DatasetMount::new(vec![worker.addr.to_string()], Some(uri));
+    config.metadata_ttl = MetadataTtl::Expires(Duration::from_secs(600));
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 512 << 20)).await.unwrap();
+    let mnt = mount.path().join("many");
+    let listed = {
+        let mnt = mnt.clone();
+        tokio::task::spawn_blocking(move || {
+            let names: Vec<String> = std::fs::read_dir(&mnt)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            assert_eq!(std::fs::read(mnt.join("sample-000042.jpg")).unwrap(), b"forty-two");
+            names
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(listed.len(), 100_000);
+    let unique: std::collections::HashSet<_> = listed.iter().collect();
+    assert_eq!(unique.len(), 100_000, "no entry twice, none lost");
+
+    // The kernel forgets its dentries; a walk + stat of every entry comes back to the daemon
+    // and is answered from its cache, without one request to the workers.
+    let remote_before = mount.counter("granary_fuse_metadata_requests_total", "origin=\"remote\"");
+    let cached_before = mount.counter("granary_fuse_metadata_requests_total", "origin=\"cache\"");
+    drop_kernel_caches();
+    let mnt2 = mnt.clone();
+    let stated = tokio::task::spawn_blocking(move || {
+        let mut n = 0;
+        for entry in std::fs::read_dir(&mnt2).unwrap() {
+            let md = std::fs::metadata(entry.unwrap().path()).unwrap();
+            assert!(md.is_file());
+            n += 1;
+        }
+        // A name missing from a complete listing is known missing without asking.
+        assert!(std::fs::metadata(mnt2.join("sample-999999.jpg")).is_err());
+        n
+    })
+    .await
+    .unwrap();
+    assert_eq!(stated, 100_000);
+    let remote_after = mount.counter("granary_fuse_metadata_requests_total", "origin=\"remote\"");
+    assert_eq!(remote_after, remote_before, "the second walk asked the workers {} times", remote_after - remote_before);
+    let cached = mount.counter("granary_fuse_metadata_requests_total", "origin=\"cache\"") - cached_before;
+    assert!(cached >= 100_000.0, "the daemon answered only {cached} lookups itself: the kernel kept its dentries");
+    drop(mount);
+    drop(worker);
+}
+
+fn drop_kernel_caches() {
+    // 2: dentries and inodes, so the kernel asks the filesystem again.
+    std::fs::write("/proc/sys/vm/drop_caches", "2").expect("drop the kernel's caches (needs root)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_readers_of_the_same_and_of_different_files_get_their_bytes() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("f{i}.bin"), pattern(2 * 1024 * 1024 + i * 4099, 40 + i as u64)))
+        .collect();
+    for (path, data) in &files {
+        env.put(&format!("cc/{path}"), data).await;
+    }
+    let workers = [start(env.config("cc")).await, start(env.config("cc")).await];
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
+    let config = s3_mount_config(&env, "cc", &addrs);
+    // A small budget, so readers also contend for memory.
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let mnt = mount.path().to_path_buf();
+    let mut readers = Vec::new();
+    for r in 0..12 {
+        // Half the readers share file 0; the others read one file each.
+        let (name, data) = if r % 2 == 0 { files[0].clone() } else { files[r / 2].clone() };
+        let path = mnt.join(&name);
+        readers.push(std::thread::spawn(move || {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&path).unwrap();
+            let mut got = Vec::new();
+            // Odd read sizes, so reads straddle block edges.
+            let mut buf = vec![0u8; 50_000 + r * 333];
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert!(got == data, "reader {r} of {name} got wrong bytes");
+        }));
+    }
+    tokio::task::spawn_blocking(move || readers.into_iter().for_each(|r| r.join().unwrap()))
+        .await
+        .unwrap();
+    drop(mount);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_the_workers_mid_read_falls_back_to_the_source_without_an_error() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let data = pattern(8 * 1024 * 1024, 7);
+    env.put("kill/big.bin", &data).await;
+    let workers = vec![start(env.config("kill")).await, start(env.config("kill")).await];
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
+    let mut config = s3_mount_config(&env, "kill", &addrs);
+    config.max_readahead = BLOCK; // keep the reader ahead of the cache, not the other way round
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let path = mount.path().join("big.bin");
+    let (progress_tx, progress_rx) = std::sync::mpsc::channel::<()>();
+    let (go_on_tx, go_on_rx) = std::sync::mpsc::channel::<()>();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path).unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 128 << 10];
+        loop {
+            let n = f.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.len() == 1 << 20 {
+                // A quarter in: let the test kill the workers, then read on.
+                progress_tx.send(()).unwrap();
+                go_on_rx.recv().unwrap();
+            }
+        }
+        got
+    });
+    tokio::task::spawn_blocking(move || progress_rx.recv().unwrap()).await.unwrap();
+    for w in workers {
+        w.shutdown().await.unwrap();
+    }
+    go_on_tx.send(()).unwrap();
+    let got = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    assert!(got == data, "the bytes read across the failover differ");
+    assert!(
+        mount.counter("granary_fuse_fallback_reads_total", "") > 0.0,
+        "the rest came from the source store directly"
+    );
+    drop(mount);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_store_outage_behind_the_workers_is_eio_with_the_cause_logged() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    env.put("down/a.bin", &pattern(1000, 1)).await;
+    let worker = start(env.config("down")).await;
+    let config = s3_mount_config(&env, "down", &[worker.addr.to_string()]);
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let path: PathBuf = mount.path().join("a.bin");
+    // Attributes are known first; then the store goes away before the data is read.
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || assert_eq!(std::fs::metadata(&p).unwrap().len(), 1000))
+        .await
+        .unwrap();
+    env.s3.set_outage(true);
+    let err = tokio::task::spawn_blocking(move || std::fs::read(&path).unwrap_err())
+        .await
+        .unwrap();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(mount.counter("granary_fuse_op_errors_total", "errno=\"5\"") >= 1.0);
+    env.s3.set_outage(false);
+    drop(mount);
+}
