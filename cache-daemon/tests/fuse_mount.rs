@@ -70,7 +70,9 @@ async fn a_generated_tree_over_three_workers_reads_back_identical() {
     ];
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
     let config = s3_mount_config(&env, "ds", &addrs);
-    let mount = tokio::task::spawn_blocking(move || support::mount(config, 256 << 20)).await.unwrap();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 256 << 20))
+        .await
+        .unwrap();
     let mnt = mount.path().to_path_buf();
     let exp = expected.clone();
     tokio::task::spawn_blocking(move || {
@@ -96,7 +98,10 @@ async fn a_generated_tree_over_three_workers_reads_back_identical() {
         // Errors a reader can act on.
         let missing = std::fs::metadata(mnt.join("train/no-such-file")).unwrap_err();
         assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
-        let write = std::fs::OpenOptions::new().write(true).open(mnt.join("train/shard-01.bin")).unwrap_err();
+        let write = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("train/shard-01.bin"))
+            .unwrap_err();
         assert_eq!(write.raw_os_error(), Some(libc::EROFS));
         let create = std::fs::write(mnt.join("new-file"), b"x").unwrap_err();
         assert_eq!(create.raw_os_error(), Some(libc::EROFS));
@@ -128,7 +133,9 @@ async fn a_directory_of_100k_entries_is_listed_whole_and_then_served_from_the_ca
     let worker = start(worker_config).await;
     let mut config = DatasetMount::new(vec![worker.addr.to_string()], Some(uri));
     config.metadata_ttl = MetadataTtl::Expires(Duration::from_secs(600));
-    let mount = tokio::task::spawn_blocking(move || support::mount(config, 512 << 20)).await.unwrap();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 512 << 20))
+        .await
+        .unwrap();
     let mnt = mount.path().join("many");
     let listed = {
         let mnt = mnt.clone();
@@ -176,7 +183,9 @@ async fn a_directory_of_100k_entries_is_listed_whole_and_then_served_from_the_ca
     let mnt3 = mnt.clone();
     tokio::task::spawn_blocking(move || {
         for i in (0..100_000).step_by(97) {
-            assert!(std::fs::metadata(mnt3.join(format!("sample-{i:06}.jpg"))).unwrap().is_file());
+            assert!(std::fs::metadata(mnt3.join(format!("sample-{i:06}.jpg")))
+                .unwrap()
+                .is_file());
         }
         let missing = std::fs::metadata(mnt3.join("sample-999999.jpg")).unwrap_err();
         assert_eq!(missing.raw_os_error(), Some(libc::ENOENT));
@@ -184,7 +193,12 @@ async fn a_directory_of_100k_entries_is_listed_whole_and_then_served_from_the_ca
     .await
     .unwrap();
     let remote_after = mount.counter("granary_fuse_metadata_requests_total", "origin=\"remote\"");
-    assert_eq!(remote_after, remote_before, "the second walk asked the workers {} times", remote_after - remote_before);
+    assert_eq!(
+        remote_after,
+        remote_before,
+        "the second walk asked the workers {} times",
+        remote_after - remote_before
+    );
     let cached = mount.counter("granary_fuse_metadata_requests_total", "origin=\"cache\"") - cached_before;
     assert!(cached >= 1000.0, "the daemon answered only {cached} lookups itself");
     drop(mount);
@@ -212,12 +226,18 @@ async fn concurrent_readers_of_the_same_and_of_different_files_get_their_bytes()
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
     let config = s3_mount_config(&env, "cc", &addrs);
     // A small budget, so readers also contend for memory.
-    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
     let mnt = mount.path().to_path_buf();
     let mut readers = Vec::new();
     for r in 0..12 {
         // Half the readers share file 0; the others read one file each.
-        let (name, data) = if r % 2 == 0 { files[0].clone() } else { files[r / 2].clone() };
+        let (name, data) = if r % 2 == 0 {
+            files[0].clone()
+        } else {
+            files[r / 2].clone()
+        };
         let path = mnt.join(&name);
         readers.push(std::thread::spawn(move || {
             use std::io::Read;
@@ -253,7 +273,9 @@ async fn killing_the_workers_mid_read_falls_back_to_the_source_without_an_error(
     let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
     let mut config = s3_mount_config(&env, "kill", &addrs);
     config.max_readahead = BLOCK; // keep the reader ahead of the cache, not the other way round
-    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
     let path = mount.path().join("big.bin");
     let (progress_tx, progress_rx) = std::sync::mpsc::channel::<()>();
     let (go_on_tx, go_on_rx) = std::sync::mpsc::channel::<()>();
@@ -276,12 +298,16 @@ async fn killing_the_workers_mid_read_falls_back_to_the_source_without_an_error(
         }
         got
     });
-    tokio::task::spawn_blocking(move || progress_rx.recv().unwrap()).await.unwrap();
+    tokio::task::spawn_blocking(move || progress_rx.recv().unwrap())
+        .await
+        .unwrap();
     for w in workers {
         w.shutdown().await.unwrap();
     }
     go_on_tx.send(()).unwrap();
-    let got = tokio::task::spawn_blocking(move || reader.join().unwrap()).await.unwrap();
+    let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
+        .await
+        .unwrap();
     assert!(got == data, "the bytes read across the failover differ");
     assert!(
         mount.counter("granary_fuse_fallback_reads_total", "") > 0.0,
@@ -299,7 +325,9 @@ async fn a_store_outage_behind_the_workers_is_eio_with_the_cause_logged() {
     env.put("down/a.bin", &pattern(1000, 1)).await;
     let worker = start(env.config("down")).await;
     let config = s3_mount_config(&env, "down", &[worker.addr.to_string()]);
-    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
     let path: PathBuf = mount.path().join("a.bin");
     // Attributes are known first; then the store goes away before the data is read.
     let p = path.clone();

@@ -181,7 +181,9 @@ impl MountedFs {
 /// A path that was a FUSE mount of a process that died answers ENOTCONN; detach it so the
 /// path can be mounted again.
 pub fn clear_dead_mount(path: &Path) -> io::Result<bool> {
-    match std::fs::metadata(path) {
+    // Open, not stat: the kernel may answer a stat from attributes it cached, while an open
+    // needs the (dead) daemon.
+    match std::fs::File::open(path) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             detach(path)?;
             Ok(true)

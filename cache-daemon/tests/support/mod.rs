@@ -193,7 +193,9 @@ pub fn fuse_possible() -> bool {
     };
     match reason {
         None => true,
-        Some(reason) if mounts_required() => panic!("GRANARY_REQUIRE_MOUNTS=1 but FUSE mounts are impossible: {reason}"),
+        Some(reason) if mounts_required() => {
+            panic!("GRANARY_REQUIRE_MOUNTS=1 but FUSE mounts are impossible: {reason}")
+        }
         Some(reason) => {
             eprintln!("SKIP: FUSE mount test needs root and /dev/fuse ({reason})");
             false
@@ -246,8 +248,8 @@ pub fn mount(config: granary_cache::fuse::DatasetMount, max_memory: u64) -> Test
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = std::sync::Arc::new(granary_cache::metrics::FuseMetrics::register(&mut registry));
     let resources = granary_cache::fuse::MountResources::new(max_memory, std::sync::Arc::clone(&metrics));
-    let mounted = granary_cache::fuse::mount(&config, dir.path(), &resources, tokio::runtime::Handle::current())
-        .expect("mount");
+    let mounted =
+        granary_cache::fuse::mount(&config, dir.path(), &resources, tokio::runtime::Handle::current()).expect("mount");
     TestMount {
         dir,
         metrics,

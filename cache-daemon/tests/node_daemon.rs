@@ -1,0 +1,198 @@
+//! The node daemon as a real process on its real unix socket: shared, reference-counted
+//! mounts, and mounts served again at the same paths after kill -9 and a restart.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use granary_cache::node::client::connect;
+use granary_cache::proto::node::{ListMountsRequest, MountRequest, UnmountRequest};
+use support::{fuse_possible, pattern, s3_env, start, BUCKET};
+use tonic::Code;
+
+struct NodeProcess {
+    child: Child,
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_node(state_dir: &Path, socket: &Path) -> NodeProcess {
+    // The socket file of a killed daemon stays; wait for the new one.
+    let _ = std::fs::remove_file(socket);
+    let child = Command::new(env!("CARGO_BIN_EXE_granary-cache"))
+        .args(["node", "--max-memory", "128MiB", "--state-dir"])
+        .arg(state_dir)
+        .arg("--socket")
+        .arg(socket)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start granary-cache node");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the node daemon did not create its socket");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    NodeProcess { child }
+}
+
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    info.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+async fn read(path: PathBuf) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || std::fs::read(path)).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publishers_share_one_mount_that_survives_a_killed_daemon() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let data = pattern(300_000, 5);
+    env.put("node/train/a.bin", &data).await;
+    let worker = start(env.config("node")).await;
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("run/node.sock");
+    let mut node = start_node(&state.path().join("state"), &socket);
+    let mut client = connect(&socket).unwrap();
+
+    let mut attributes: HashMap<String, String> = HashMap::from([
+        ("kind".into(), "dataset".into()),
+        ("source".into(), format!("s3://{BUCKET}/node")),
+        ("workers".into(), worker.addr.to_string()),
+        ("metadataTTL".into(), "60s".into()),
+    ]);
+    let mut secrets = HashMap::new();
+    for (k, v) in env.s3.options() {
+        if k.contains("key") {
+            secrets.insert(k, v);
+        } else {
+            attributes.insert(format!("option.{k}"), v);
+        }
+    }
+    let request = |publisher: &str| MountRequest {
+        volume_id: "pvc-imagenet".into(),
+        publisher: publisher.into(),
+        attributes: attributes.clone(),
+        secrets: secrets.clone(),
+    };
+
+    let first = client.mount(request("/pods/a/vol")).await.unwrap().into_inner();
+    assert!(first.created);
+    let path = PathBuf::from(&first.path);
+    assert!(path.starts_with(state.path().join("state/mnt")), "{}", first.path);
+    let second = client.mount(request("/pods/b/vol")).await.unwrap().into_inner();
+    assert_eq!(second.path, first.path, "one mount per volume");
+    assert!(!second.created);
+    // Mounting again for the same publisher is idempotent.
+    client.mount(request("/pods/b/vol")).await.unwrap();
+    assert_eq!(read(path.join("train/a.bin")).await.unwrap(), data);
+    let mounts_in_proc = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(first.path.as_str()))
+        .count();
+    assert_eq!(mounts_in_proc, 1, "two publishers, one FUSE mount");
+
+    // One publisher leaves: the mount stays for the other.
+    let left = client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-imagenet".into(),
+            publisher: "/pods/a/vol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!left.unmounted);
+    assert_eq!(left.publishers_left, 1);
+    assert_eq!(read(path.join("train/a.bin")).await.unwrap(), data);
+
+    // kill -9: the kernel mount loses its daemon. A restart serves it again at the same path.
+    node.child.kill().unwrap();
+    node.child.wait().unwrap();
+    let dead = read(path.join("train/a.bin")).await.unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{dead}");
+    let _node = start_node(&state.path().join("state"), &socket);
+    let mut client = connect(&socket).unwrap();
+    let listed = client.list(ListMountsRequest {}).await.unwrap().into_inner().mounts;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].path, first.path);
+    assert_eq!(listed[0].publishers, vec!["/pods/b/vol".to_string()]);
+    assert!(listed[0].error.is_empty(), "{}", listed[0].error);
+    assert_eq!(read(path.join("train/a.bin")).await.unwrap(), data);
+
+    // The last publisher leaves: unmounted and gone from the record.
+    let gone = client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-imagenet".into(),
+            publisher: "/pods/b/vol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(gone.unmounted);
+    assert!(!is_mounted(&path));
+    assert!(client
+        .list(ListMountsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts
+        .is_empty());
+    let unknown = client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-imagenet".into(),
+            publisher: "/pods/b/vol".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_volume_spec_is_refused_with_what_to_fix() {
+    if !fuse_possible() {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("node.sock");
+    let _node = start_node(&state.path().join("state"), &socket);
+    let mut client = connect(&socket).unwrap();
+    let refused = |attributes: &[(&str, &str)]| MountRequest {
+        volume_id: "v".into(),
+        publisher: "p".into(),
+        attributes: attributes.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        secrets: HashMap::new(),
+    };
+    let err = client.mount(refused(&[("source", "s3://b/p")])).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("`kind` is missing"), "{}", err.message());
+    let err = client
+        .mount(refused(&[("kind", "dataset"), ("source", "nfs://x/y")]))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("nfs"), "{}", err.message());
+    let err = client
+        .mount(refused(&[("kind", "dataset"), ("workers", "host-without-port")]))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("port"), "{}", err.message());
+    assert!(client
+        .list(ListMountsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts
+        .is_empty());
+}
