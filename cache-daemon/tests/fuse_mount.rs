@@ -343,3 +343,81 @@ async fn a_store_outage_behind_the_workers_is_eio_with_the_cause_logged() {
     env.s3.set_outage(false);
     drop(mount);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_locally_complete_file_is_read_by_the_kernel_through_passthrough() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let data = pattern(5 * BLOCK as usize + 123, 11);
+    env.put("pt/shard.bin", &data).await;
+    let worker = start(env.config("pt")).await;
+    let mut config = s3_mount_config(&env, "pt", &[worker.addr.to_string()]);
+    let local = env.dir.path().join("node-cache");
+    config.local_cache = Some((local.clone(), 64 << 20));
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
+    let path = mount.path().join("shard.bin");
+
+    // The first reader goes through the daemon and keeps its file open while the local copy
+    // completes; opens meanwhile must still work (the kernel refuses mixed modes with EIO).
+    let p = path.clone();
+    let held = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&p).unwrap();
+        assert!(std::fs::read(&p).unwrap() == data_of(&p, &f));
+        f
+    })
+    .await
+    .unwrap();
+    let files_dir = local.join("files");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&files_dir).map(|d| d.count()).unwrap_or(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the local copy never completed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let p = path.clone();
+    let expected = data.clone();
+    tokio::task::spawn_blocking(move || {
+        assert!(
+            std::fs::read(&p).unwrap() == expected,
+            "read while another open is cached"
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""), 0.0);
+    drop(held);
+
+    // Every open closed: the next one is passthrough, and it reads correct bytes with the
+    // store and the workers gone, because the kernel reads the local file.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    worker.shutdown().await.unwrap();
+    env.s3.set_outage(true);
+    let replied_before = mount.counter("granary_fuse_reply_bytes_total", "");
+    let p = path.clone();
+    let got = tokio::task::spawn_blocking(move || {
+        std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+        std::fs::read(&p).unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(got == data, "passthrough bytes differ");
+    assert_eq!(mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""), 1.0);
+    assert_eq!(
+        mount.counter("granary_fuse_reply_bytes_total", ""),
+        replied_before,
+        "passthrough reads never pass through the daemon"
+    );
+    drop(mount);
+}
+
+/// Reads a file's bytes through an already open handle.
+fn data_of(_path: &Path, f: &std::fs::File) -> Vec<u8> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    let mut f = f;
+    f.read_to_end(&mut out).unwrap();
+    out
+}

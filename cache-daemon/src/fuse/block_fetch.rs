@@ -58,10 +58,6 @@ impl BlockFetcher {
     pub async fn block(self: &Arc<Self>, file: &FileInfo, index: u64) -> Result<Bytes, FsError> {
         let name = BlockName::of(&file.path, &file.version, index);
         if let Some(data) = self.cache.get(&name) {
-            self.metrics
-                .read_bytes
-                .get_or_create(&Origin::Memory.label())
-                .inc_by(data.len() as u64);
             return Ok(data);
         }
         let this = Arc::clone(self);

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
-    ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use tokio::runtime::Handle;
 
@@ -19,6 +19,7 @@ use super::block_fetch::BlockFetcher;
 use super::error::FsError;
 use super::handles::Handles;
 use super::inodes::{Inodes, ROOT};
+use super::io_modes::{IoModes, Opened};
 use super::metadata::{DirListing, Metadata};
 use super::readahead::Readahead;
 use crate::block::block_range;
@@ -38,9 +39,7 @@ pub struct Ownership {
 struct OpenFile {
     info: FileInfo,
     readahead: Mutex<Readahead>,
-    /// Held while the file is open through passthrough; dropping it (at release) ends the
-    /// backing file's registration with the kernel.
-    backing: Mutex<Option<BackingId>>,
+    ino: u64,
 }
 
 /// What the request tasks need of the filesystem besides its data: attributes and metrics.
@@ -62,6 +61,7 @@ pub struct DatasetFs {
     inodes: Arc<Inodes>,
     files: Arc<Handles<OpenFile>>,
     dirs: Arc<Handles<OpenDir>>,
+    io_modes: Arc<IoModes>,
     shared: Arc<Shared>,
     want_passthrough: bool,
     /// Passthrough was asked for, and the kernel agreed at init.
@@ -109,6 +109,7 @@ impl DatasetFs {
             inodes: Arc::new(Inodes::new(root_info())),
             files: Arc::new(Handles::default()),
             dirs: Arc::new(Handles::default()),
+            io_modes: Arc::new(IoModes::default()),
             shared: Arc::new(Shared {
                 ownership,
                 metrics: Arc::clone(&fetcher_metrics),
@@ -312,6 +313,7 @@ impl Filesystem for DatasetFs {
         let metadata = Arc::clone(&self.metadata);
         let inodes = Arc::clone(&self.inodes);
         let files = Arc::clone(&self.files);
+        let io_modes = Arc::clone(&self.io_modes);
         let this = self.observer();
         let passthrough = self.passthrough.load(Ordering::Acquire);
         let max_ra = self.max_readahead;
@@ -336,32 +338,34 @@ impl Filesystem for DatasetFs {
             } else {
                 None
             };
-            let backing = local_file.and_then(|f| match reply.open_backing(&f) {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    tracing::warn!(path = %info.path, error = %e, "the kernel refused a passthrough backing file; reading through the daemon");
-                    None
+            let opened = io_modes.open(ino.0, || {
+                let file = local_file?;
+                match reply.open_backing(&file) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        tracing::warn!(path = %info.path, error = %e, "the kernel refused a passthrough backing file; reading through the daemon");
+                        None
+                    }
                 }
             });
-            let how = OriginLabel {
-                origin: if backing.is_some() { "passthrough" } else { "fuse" },
-            };
-            metrics.opens.get_or_create(&how).inc();
             let fh = files.insert(OpenFile {
                 info: (*info).clone(),
                 readahead: Mutex::new(Readahead::new(info.block_size, max_ra)),
-                backing: Mutex::new(None),
+                ino: ino.0,
             });
-            match backing {
-                Some(id) => {
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
-                    if let Some(open) = files.get(fh) {
-                        *open.backing.lock().unwrap_or_else(|p| p.into_inner()) = Some(id);
-                    }
+            let how = match opened {
+                Opened::Passthrough(id) => {
+                    // No FOPEN_KEEP_CACHE: the kernel refuses it on a passthrough open.
+                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                    "passthrough"
                 }
-                // Blocks of a version never change, so the page cache may outlive this open.
-                None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            }
+                Opened::Cached => {
+                    // Blocks of a version never change, so the page cache may outlive this open.
+                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                    "fuse"
+                }
+            };
+            metrics.opens.get_or_create(&OriginLabel { origin: how }).inc();
             this.observe("open", started, Ok(()));
         });
     }
@@ -408,6 +412,7 @@ impl Filesystem for DatasetFs {
             match read_range(&fetcher, info, offset, end).await {
                 Ok(data) => {
                     reply.data(&data);
+                    this.metrics.reply_bytes.inc_by(data.len() as u64);
                     this.observe("read", started, Ok(()));
                 }
                 Err(e) => {
@@ -429,7 +434,9 @@ impl Filesystem for DatasetFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.remove(fh.0);
+        if let Some(file) = self.files.remove(fh.0) {
+            self.io_modes.release(file.ino);
+        }
         reply.ok();
     }
 

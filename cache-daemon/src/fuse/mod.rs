@@ -13,6 +13,7 @@ pub mod error;
 mod filesystem;
 mod handles;
 mod inodes;
+mod io_modes;
 mod local_files;
 pub mod memory_budget;
 mod metadata;

@@ -25,7 +25,6 @@ const RETRY_WORKERS_AFTER: Duration = Duration::from_secs(2);
 /// Where a block came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
-    Memory,
     Local,
     ShortCircuit,
     Worker,
@@ -36,7 +35,6 @@ impl Origin {
     pub fn label(self) -> OriginLabel {
         OriginLabel {
             origin: match self {
-                Origin::Memory => "memory",
                 Origin::Local => "local",
                 Origin::ShortCircuit => "short_circuit",
                 Origin::Worker => "worker",

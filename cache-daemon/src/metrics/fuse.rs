@@ -29,6 +29,7 @@ pub struct FuseMetrics {
     pub op_duration: Family<OpLabel, Histogram>,
     pub op_errors: Family<ErrnoLabel, Counter>,
     pub read_bytes: Family<OriginLabel, Counter>,
+    pub reply_bytes: Counter,
     pub opens: Family<OriginLabel, Counter>,
     pub fallback_reads: Counter,
     pub prefetched_blocks: Counter,
@@ -50,6 +51,7 @@ impl FuseMetrics {
             }),
             op_errors: Family::default(),
             read_bytes: Family::default(),
+            reply_bytes: Counter::default(),
             opens: Family::default(),
             fallback_reads: Counter::default(),
             prefetched_blocks: Counter::default(),
@@ -74,8 +76,13 @@ impl FuseMetrics {
         );
         r.register(
             "granary_fuse_read_bytes",
-            "Bytes given to readers (not counting passthrough), by where they came from: memory, local, short_circuit, worker, source",
+            "Block bytes brought into the daemon, by where they came from: local, short_circuit, worker, source",
             m.read_bytes.clone(),
+        );
+        r.register(
+            "granary_fuse_reply_bytes",
+            "Bytes given to readers through the daemon (passthrough reads do not pass through it)",
+            m.reply_bytes.clone(),
         );
         r.register(
             "granary_fuse_opens",
