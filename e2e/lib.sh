@@ -2,8 +2,10 @@
 # on exit, waiting for a worker to answer.
 
 GRANARY_PIDS=()
+GRANARY_MOUNTS=()
 
 cleanup() {
+    for m in "${GRANARY_MOUNTS[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
     for pid in "${GRANARY_PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
 }
