@@ -22,6 +22,7 @@ use super::inodes::{Inodes, ROOT};
 use super::io_modes::{IoModes, Opened};
 use super::metadata::{DirListing, Metadata};
 use super::readahead::Readahead;
+use super::warm_ahead::WarmAhead;
 use crate::block::block_range;
 use crate::metrics::fuse::{ErrnoLabel, OpLabel, OriginLabel};
 use crate::proto::FileInfo;
@@ -58,6 +59,7 @@ pub struct DatasetFs {
     pub(super) runtime: Handle,
     pub(super) metadata: Arc<Metadata>,
     pub(super) fetcher: Arc<BlockFetcher>,
+    warm_ahead: Arc<WarmAhead>,
     inodes: Arc<Inodes>,
     files: Arc<Handles<OpenFile>>,
     dirs: Arc<Handles<OpenDir>>,
@@ -97,6 +99,7 @@ impl DatasetFs {
         runtime: Handle,
         metadata: Arc<Metadata>,
         fetcher: Arc<BlockFetcher>,
+        warm_ahead: Arc<WarmAhead>,
         ownership: Ownership,
         passthrough: bool,
         max_readahead: u64,
@@ -106,6 +109,7 @@ impl DatasetFs {
             runtime,
             metadata,
             fetcher,
+            warm_ahead,
             inodes: Arc::new(Inodes::new(root_info())),
             files: Arc::new(Handles::default()),
             dirs: Arc::new(Handles::default()),
@@ -319,6 +323,7 @@ impl Filesystem for DatasetFs {
         let max_ra = self.max_readahead;
         let local = self.fetcher.local.clone();
         let metrics = Arc::clone(&self.fetcher.metrics);
+        let warm_ahead = Arc::clone(&self.warm_ahead);
         self.runtime.spawn(async move {
             let info = match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
                 Ok(info) if info.is_dir => Err(FsError::IsADirectory(info.path.clone())),
@@ -332,6 +337,10 @@ impl Filesystem for DatasetFs {
                     return;
                 }
             };
+            if info.size <= info.block_size {
+                let dir = parent_path(&info.path);
+                warm_ahead.opened(dir, || metadata.listing(dir));
+            }
             // A file wholly in the node-local cache is read by the kernel from that file.
             let local_file = if passthrough {
                 local.as_ref().and_then(|l| l.open_complete(&info))

@@ -24,8 +24,9 @@ use crate::block::{block_count, block_range};
 use crate::cache::{Admission, BoundedIndex, EvictionPolicy};
 use crate::proto::FileInfo;
 
-/// Background writes in flight at once; more are dropped (the block is still served).
-const MAX_PENDING_WRITES: usize = 16;
+/// Background writes in flight at once; more are dropped (the block is still served, and
+/// stored when it is fetched again). Enough to keep up with a sequential reader's readahead.
+const MAX_PENDING_WRITES: usize = 64;
 
 type Key = u128;
 

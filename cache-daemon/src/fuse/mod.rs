@@ -19,6 +19,7 @@ pub mod memory_budget;
 mod metadata;
 mod readahead;
 mod remote;
+mod warm_ahead;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -248,6 +249,7 @@ fn build_fs(
         resources.metadata_bytes,
         Arc::clone(&metrics),
     );
+    let warm_ahead = Arc::new(warm_ahead::WarmAhead::new(Arc::clone(&remote)));
     let fetcher = Arc::new(block_fetch::BlockFetcher::new(
         remote,
         Arc::clone(&resources.budget),
@@ -259,6 +261,7 @@ fn build_fs(
         runtime,
         metadata,
         fetcher,
+        warm_ahead,
         config.ownership,
         config.passthrough,
         config.max_readahead,

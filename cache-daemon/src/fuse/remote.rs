@@ -162,7 +162,7 @@ impl Remote {
             .await
             .map_err(|e| FsError::from_source(path, e))?;
         Ok(listing
-            .then(move |entry| {
+            .map(move |entry| {
                 let source = source.clone();
                 let dir = dir.clone();
                 async move {
@@ -175,7 +175,28 @@ impl Remote {
                     Ok(FileInfo::from_meta(&meta, block_size))
                 }
             })
+            .buffered(32)
             .boxed())
+    }
+
+    /// Whether reads go to the workers now (they are configured and not marked down).
+    pub fn uses_workers(&self) -> bool {
+        matches!(self.route(), Ok(Route::Workers(_)))
+    }
+
+    /// Asks the block's owners to cache block `index` of `file` (no bytes come back).
+    pub async fn warm(&self, file: &FileInfo, index: u64) -> Result<(), FsError> {
+        match self.route()? {
+            Route::Workers(workers) => {
+                self.metrics.warmed_ahead.inc();
+                workers
+                    .warm_block(file, index)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| FsError::from_client(&file.path, e))
+            }
+            Route::Source => Ok(()),
+        }
     }
 
     /// Block `index` of `file`, whole.

@@ -33,6 +33,7 @@ pub struct FuseMetrics {
     pub opens: Family<OriginLabel, Counter>,
     pub fallback_reads: Counter,
     pub prefetched_blocks: Counter,
+    pub warmed_ahead: Counter,
     pub memory_used_bytes: Gauge,
     pub memory_limit_bytes: Gauge,
     pub memory_waits: Counter,
@@ -55,6 +56,7 @@ impl FuseMetrics {
             opens: Family::default(),
             fallback_reads: Counter::default(),
             prefetched_blocks: Counter::default(),
+            warmed_ahead: Counter::default(),
             memory_used_bytes: Gauge::default(),
             memory_limit_bytes: Gauge::default(),
             memory_waits: Counter::default(),
@@ -98,6 +100,11 @@ impl FuseMetrics {
             "granary_fuse_prefetched_blocks",
             "Blocks fetched ahead of the reader by adaptive readahead",
             m.prefetched_blocks.clone(),
+        );
+        r.register(
+            "granary_fuse_warmed_ahead",
+            "Small files the workers were asked to fetch ahead of an epoch-like scan of their directory",
+            m.warmed_ahead.clone(),
         );
         r.register(
             "granary_fuse_memory_used_bytes",

@@ -25,6 +25,8 @@ use crate::source::{normalize_path, FileMeta, ListedEntry};
 const CHUNK: usize = 8 << 20;
 /// Entries per List message.
 const LIST_BATCH: usize = 1000;
+/// Stats of listed entries made at once when the listing did not carry their versions.
+const LIST_STATS_AT_ONCE: usize = 32;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -118,7 +120,7 @@ impl CacheWorker for WorkerService {
             .await
             .map_err(|e| from_source(&e))?;
         let entries = listing
-            .then(move |entry| {
+            .map(move |entry| {
                 let state = Arc::clone(&state);
                 async move {
                     let meta = match entry {
@@ -132,6 +134,9 @@ impl CacheWorker for WorkerService {
                     Ok(file_info(&meta, block_size))
                 }
             })
+            // Stores whose listings lack the version (no ETag) cost a stat per entry; run
+            // them concurrently, in order.
+            .buffered(LIST_STATS_AT_ONCE)
             .chunks(LIST_BATCH)
             .map(|batch| {
                 let entries = batch
