@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test lint unit bench build release
+.PHONY: demo test lint unit bench fuse-bench build release
 
 ## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
 demo: release
@@ -27,3 +27,8 @@ release:
 ## Cache worker benchmark against an S3-protocol server on loopback.
 bench: release
 	e2e/bench.sh
+
+## FUSE benchmark: fio and a training-like epoch through a mount vs local disk, cold /
+## prewarmed / warm, with the store behind a rate-limited link (root; fio, ip, tc).
+fuse-bench: release
+	e2e/fuse-bench.sh

@@ -8,7 +8,9 @@
 #   warm       everything read once through this mount already
 # The kernel's page cache is dropped before every measurement, for the mount and local disk alike.
 #
-#   make fuse-bench     (root; needs fio, ip, tc)   BENCH_FILE_SIZE=2GiB BENCH_SMALL_FILES=20000
+#   make fuse-bench     (root; needs fio, ip, tc)   BENCH_FILE_MIB=2048 BENCH_SMALL_FILES=20000
+# The workers run on this node, so the mount reads their block files directly (short
+# circuit); BENCH_MOUNT_ARGS="" measures reads over gRPC only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source e2e/lib.sh
@@ -77,12 +79,14 @@ wait_for_workers "$BIN" "$WORKERS"
 
 MNT=$WORK/mnt; mkdir -p "$MNT"
 MOUNT_PID=
+MOUNT_METRICS=127.0.0.1:$(free_port)
 mount_fresh() {
     if [ -n "$MOUNT_PID" ]; then umount "$MNT"; sleep 0.5; fi
     rm -rf "$WORK/node-cache"
     out=$("$BIN" mount --workers "$WORKERS" --source s3://bench/ "${OPTS[@]}" --max-memory 1GiB \
         --cache-dir "$WORK/node-cache" --cache-size 8GiB --metadata-ttl 10m \
-        --log-file "$WORK/mount.log" --daemon "$MNT")
+        ${BENCH_MOUNT_ARGS---short-circuit-dir "$WORK/cache-0" --short-circuit-dir "$WORK/cache-1"} \
+        --metrics-listen "$MOUNT_METRICS" --log-file "$WORK/mount.log" --daemon "$MNT")
     MOUNT_PID=$(sed -n 's/.*(pid \([0-9]*\)).*/\1/p' <<<"$out")
     GRANARY_MOUNTS=("$MNT")
 }
@@ -140,7 +144,10 @@ run_state() {
     s=$(seq_read "$dir"); echo "   sequential read: $s MB/s"
     r=$(rand_read "$dir"); echo "   random 1 MiB reads, 4 jobs: $r MB/s"
     local rss=-
-    [ "$dir" = "$MNT" ] && rss=$(peak_rss_mib)
+    if [ "$dir" = "$MNT" ]; then
+        rss=$(peak_rss_mib)
+        echo "   mount so far: $(curl -s "http://$MOUNT_METRICS/metrics" | grep -E '^granary_fuse_(opens|read_bytes|warmed_ahead)_total' | tr '\n' ' ')"
+    fi
     printf "%s\t%s\t%s\t%s\t%s\t%s\n" "$state" "$s" "$r" "$e" "$w" "$rss" >>"$RESULTS"
 }
 

@@ -110,3 +110,29 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     stream.read_to_string(&mut response).await.unwrap();
     response
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mount_mistakes_fail_at_start_with_the_fix() {
+    let missing = granary(args(&["mount", "--source", "fs:///tmp", "/no/such/mountpoint"])).await;
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist; create it first"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().to_string_lossy().into_owned();
+    let half = granary(args(&["mount", "--source", "fs:///tmp", "--cache-dir", "/tmp/x", &mnt])).await;
+    assert_eq!(half.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&half.stderr).contains("--cache-dir needs --cache-size"));
+
+    let nothing = granary(args(&["mount", &mnt])).await;
+    assert_eq!(nothing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("give the workers (--workers) or the source store"));
+
+    // Nothing answers: an error at mount time, not EIO at the first read.
+    let dead = granary(args(&["mount", "--workers", "127.0.0.1:1", &mnt])).await;
+    assert_eq!(dead.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&dead.stderr);
+    assert!(
+        stderr.contains("cannot be read") && stderr.contains("unreachable"),
+        "{stderr}"
+    );
+}

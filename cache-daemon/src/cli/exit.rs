@@ -12,11 +12,30 @@ pub const FAILED: i32 = 1;
 /// The command could not start: bad flags or configuration (clap also uses 2).
 pub const CONFIG: i32 = 2;
 
+/// A mistake in the command line that clap cannot see (flags that need each other, values
+/// out of range): exit code [`CONFIG`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Returns early with a [`ConfigError`].
+macro_rules! config_error {
+    ($($arg:tt)*) => {
+        return Err(anyhow::Error::new($crate::cli::exit::ConfigError(format!($($arg)*))))
+    };
+}
+pub(crate) use config_error;
+
 pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
+        if cause.downcast_ref::<ConfigError>().is_some() {
+            return CONFIG;
+        }
         if let Some(e) = cause.downcast_ref::<MountError>() {
             return match e {
-                MountError::Mount { .. } | MountError::Workers(ClientError::WorkerUnavailable { .. }) => FAILED,
+                MountError::Mount { .. }
+                | MountError::Unreachable(_)
+                | MountError::Workers(ClientError::WorkerUnavailable { .. }) => FAILED,
                 _ => CONFIG,
             };
         }

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use super::exit::config_error;
 use clap::Args;
 use granary_cache::client::parse_worker_list;
 use granary_cache::fuse::{self, DatasetMount, MountResources, Ownership};
@@ -97,8 +99,8 @@ pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
     config.block_size = args.block_size.0;
     config.local_cache = match (&args.cache_dir, args.cache_size) {
         (Some(dir), Some(size)) => Some((dir.clone(), size.0)),
-        (Some(_), None) => bail!("--cache-dir needs --cache-size, e.g. --cache-size 100GiB"),
-        (None, Some(_)) => bail!("--cache-size needs --cache-dir"),
+        (Some(_), None) => config_error!("--cache-dir needs --cache-size, e.g. --cache-size 100GiB"),
+        (None, Some(_)) => config_error!("--cache-size needs --cache-dir"),
         (None, None) => None,
     };
     config.short_circuit = args.short_circuit.clone();
@@ -113,7 +115,7 @@ pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
     };
     config.allow_other = uid == 0;
     if args.max_memory.0 < MIN_MEMORY {
-        bail!("--max-memory {} is too small; give at least 64MiB", args.max_memory);
+        config_error!("--max-memory {} is too small; give at least 64MiB", args.max_memory);
     }
     Ok(config)
 }

@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
+
+use super::exit::config_error;
 use clap::Args;
 use granary_cache::node::{self, NodeConfig, NodeDefaults};
 use granary_cache::units::ByteSize;
@@ -39,7 +41,7 @@ pub struct NodeArgs {
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     if args.max_memory.0 < 64 << 20 {
-        bail!("--max-memory {} is too small; give at least 64MiB", args.max_memory);
+        config_error!("--max-memory {} is too small; give at least 64MiB", args.max_memory);
     }
     let running = node::start(NodeConfig {
         state_dir: args.state_dir,

@@ -101,6 +101,10 @@ impl BlockFetcher {
         name: BlockName,
         lease: MemoryLease,
     ) -> Result<Bytes, FsError> {
+        // A reader may have fetched it between the caller's look and this flight.
+        if let Some(data) = self.cache.get(&name) {
+            return Ok(data);
+        }
         let (data, origin) = self.fetch_uncached(&file, index).await?;
         self.metrics
             .read_bytes

@@ -139,6 +139,8 @@ pub enum MountError {
     MountpointNotADirectory(PathBuf),
     #[error("cannot open the local cache at {path:?}: {source}; check that it is a writable local directory")]
     LocalCache { path: PathBuf, source: io::Error },
+    #[error("the dataset cannot be read: {0}")]
+    Unreachable(FsError),
     #[error("mounting at {path:?} failed: {source}; FUSE needs /dev/fuse and root (or CAP_SYS_ADMIN), or fusermount3 installed")]
     Mount { path: PathBuf, source: io::Error },
 }
@@ -243,6 +245,22 @@ fn build_fs(
         )),
         None => None,
     };
+    // Fail at mount time, not at the first read, when nothing can serve the dataset's root.
+    let probe =
+        runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), remote.stat("")).await });
+    match probe {
+        Ok(Ok(root)) if root.is_dir => {}
+        Ok(Ok(root)) => {
+            return Err(MountError::Unreachable(FsError::NotADirectory(root.path)));
+        }
+        Ok(Err(e)) => return Err(MountError::Unreachable(e)),
+        Err(_) => {
+            return Err(MountError::Unreachable(FsError::Io {
+                path: String::new(),
+                cause: "no answer within 30s from the workers or the store".into(),
+            }))
+        }
+    }
     let metadata = metadata::Metadata::new(
         Arc::clone(&remote),
         config.metadata_ttl,
@@ -276,13 +294,13 @@ pub fn mount(
     resources: &MountResources,
     runtime: Handle,
 ) -> Result<MountedFs, MountError> {
-    let fs = build_fs(config, resources, runtime)?;
     let _ = clear_dead_mount(mountpoint);
     match std::fs::metadata(mountpoint) {
         Err(_) => return Err(MountError::MountpointMissing(mountpoint.to_path_buf())),
         Ok(md) if !md.is_dir() => return Err(MountError::MountpointNotADirectory(mountpoint.to_path_buf())),
         Ok(_) => {}
     }
+    let fs = build_fs(config, resources, runtime)?;
     let options = vec![
         MountOption::RO,
         MountOption::FSName(config.fs_name()),
