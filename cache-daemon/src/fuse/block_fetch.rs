@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::block_cache::BlockCache;
 use super::error::FsError;
 use super::local_files::LocalFileCache;
-use super::memory_budget::{MemoryBudget, MemoryLease};
+use super::memory_budget::{MemoryBudget, MemoryLease, Reclaim};
 use super::remote::{Origin, Remote};
 use crate::block::{block_range, BlockKey, BlockName};
 use crate::cache::read_block_file_in;
@@ -72,6 +72,15 @@ impl BlockFetcher {
         result
     }
 
+    /// Memory for work that may be skipped (readahead, local copies): taken from free memory,
+    /// else from the oldest cached blocks, else not at all. Readers' memory is never taken.
+    fn reserve_without_waiting(&self, len: u64) -> Option<MemoryLease> {
+        self.budget.try_reserve(len).or_else(|| {
+            self.cache.reclaim(len);
+            self.budget.try_reserve(len)
+        })
+    }
+
     /// Starts fetching block `index` ahead of the reader, if memory is free right now and it
     /// is not held or on its way already.
     pub fn prefetch(self: &Arc<Self>, file: &FileInfo, index: u64) {
@@ -79,7 +88,8 @@ impl BlockFetcher {
         if self.cache.contains(&name) {
             return;
         }
-        let Some(lease) = self.budget.try_reserve(block_len(file, index)) else {
+        // Readahead may push old cached blocks out, but never waits for memory.
+        let Some(lease) = self.reserve_without_waiting(block_len(file, index)) else {
             return;
         };
         self.metrics.prefetched_blocks.inc();
@@ -112,7 +122,10 @@ impl BlockFetcher {
             .inc_by(data.len() as u64);
         if !matches!(origin, Origin::Local) {
             if let Some(local) = &self.local {
-                local.store(&file, index, data.clone());
+                // Only with memory to spare: the local copy is an optimisation.
+                if let Some(write_lease) = self.reserve_without_waiting(data.len() as u64) {
+                    local.store(&file, index, data.clone(), write_lease);
+                }
             }
         }
         self.cache.insert(name, data.clone(), lease);

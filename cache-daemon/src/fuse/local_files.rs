@@ -20,6 +20,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 
+use super::memory_budget::MemoryLease;
 use crate::block::{block_count, block_range};
 use crate::cache::{Admission, BoundedIndex, EvictionPolicy};
 use crate::proto::FileInfo;
@@ -66,6 +67,20 @@ fn key_of(file: &FileInfo) -> Key {
 /// Disk usage of a file of `size` bytes, in whole 4 KiB units.
 fn allocated(size: u64) -> u64 {
     size.div_ceil(4096).max(1) * 4096
+}
+
+/// Reserves the file's extents up front: blocks arrive out of order, and a sparse file
+/// filled that way reads back sequentially slower (passthrough reads it from disk).
+fn preallocate(f: &File, size: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fallocate works on a descriptor `f` keeps open for the call.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        // Filesystems without fallocate get a sparse file.
+        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(size),
+        err => Err(io::Error::from_raw_os_error(err)),
+    }
 }
 
 impl LocalFileCache {
@@ -168,7 +183,9 @@ impl LocalFileCache {
 
     /// Stores block `index` of `file` in the background; dropped when too many writes are
     /// pending or the file does not fit.
-    pub fn store(self: &Arc<Self>, file: &FileInfo, index: u64, data: Bytes) {
+    /// `lease` holds the block's memory until it is written: a block evicted from memory
+    /// meanwhile is still counted against the budget.
+    pub fn store(self: &Arc<Self>, file: &FileInfo, index: u64, data: Bytes, lease: MemoryLease) {
         if file.size == 0 {
             return;
         }
@@ -178,7 +195,7 @@ impl LocalFileCache {
         let this = Arc::clone(self);
         let file = file.clone();
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _held = (permit, lease);
             if let Err(e) = this.write_block(&file, index, &data) {
                 tracing::warn!(path = %file.path, error = %e, "writing to the local file cache failed; the block is served from elsewhere");
                 this.forget(key_of(&file));
@@ -205,7 +222,7 @@ impl LocalFileCache {
                     match index_lock.insert(key, entry, allocated(file.size)) {
                         Admission::Admitted { evicted } => {
                             let f = File::create(&partial)?;
-                            f.set_len(file.size)?;
+                            preallocate(&f, file.size)?;
                             evicted
                         }
                         Admission::Rejected => return Ok(()),
