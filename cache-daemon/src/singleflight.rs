@@ -45,6 +45,11 @@ impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> SingleFlight<K, E> {
         self.inflight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether a fetch of `key` is running.
+    pub fn in_flight(&self, key: &K) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// Runs `fetch` for `key` unless a fetch of it is already running, and returns its result
     /// with whether it was shared (this caller did not start the fetch). `fetch` must store
     /// its result where later callers look first (the memory tier): the key is released when

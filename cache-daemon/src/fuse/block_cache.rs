@@ -36,6 +36,12 @@ impl BlockCache {
         self.lock().contains(name)
     }
 
+    /// Drops a block (its lease is released).
+    pub fn remove(&self, name: &BlockName) {
+        let removed = self.lock().remove(name);
+        drop(removed);
+    }
+
     pub fn insert(&self, name: BlockName, data: Bytes, lease: MemoryLease) {
         let size = data.len() as u64;
         // Replaced entries are dropped (and their leases released) after the lock is gone.

@@ -85,7 +85,9 @@ impl BlockFetcher {
     /// is not held or on its way already.
     pub fn prefetch(self: &Arc<Self>, file: &FileInfo, index: u64) {
         let name = BlockName::of(&file.path, &file.version, index);
-        if self.cache.contains(&name) {
+        // Only new work takes memory: a block held or on its way is left alone (asking for
+        // memory first would push out blocks the reader is about to use).
+        if self.cache.contains(&name) || self.flights.in_flight(&name) {
             return;
         }
         // Readahead may push old cached blocks out, but never waits for memory.

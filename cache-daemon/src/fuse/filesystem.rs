@@ -190,6 +190,19 @@ impl Shared {
     }
 }
 
+/// A sequential reader that has read a block to its end will not read it again (and the
+/// kernel's page cache serves any re-read): free its memory for the blocks ahead, which
+/// least-recently-used order would otherwise evict first.
+fn drop_behind(fetcher: &BlockFetcher, info: &FileInfo, end: u64) {
+    let bs = info.block_size.max(1);
+    let index = (end - 1) / bs;
+    if block_range(info.size, bs, index).end == end {
+        fetcher
+            .cache
+            .remove(&crate::block::BlockName::of(&info.path, &info.version, index));
+    }
+}
+
 /// Copies `range` of a file out of its blocks, fetching them concurrently.
 async fn read_range(fetcher: &Arc<BlockFetcher>, info: &FileInfo, start: u64, end: u64) -> Result<Bytes, FsError> {
     let bs = info.block_size.max(1);
@@ -421,6 +434,9 @@ impl Filesystem for DatasetFs {
             match read_range(&fetcher, info, offset, end).await {
                 Ok(data) => {
                     reply.data(&data);
+                    if !ahead.is_empty() {
+                        drop_behind(&fetcher, info, end);
+                    }
                     this.metrics.reply_bytes.inc_by(data.len() as u64);
                     this.observe("read", started, Ok(()));
                 }
