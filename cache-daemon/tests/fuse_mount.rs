@@ -421,3 +421,29 @@ fn data_of(_path: &Path, f: &std::fs::File) -> Vec<u8> {
     f.read_to_end(&mut out).unwrap();
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sequential_read_fetches_each_block_about_once_under_a_small_budget() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    // 48 MiB in 64 KiB blocks, through a 64 MiB budget (56 MiB for blocks): readahead runs
+    // far ahead, and must not evict what the reader is about to read.
+    let data = pattern(48 << 20, 21);
+    env.put("seq/shard.bin", &data).await;
+    let worker = start(env.config("seq")).await;
+    let config = s3_mount_config(&env, "seq", &[worker.addr.to_string()]);
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let path = mount.path().join("shard.bin");
+    let got = tokio::task::spawn_blocking(move || std::fs::read(path).unwrap()).await.unwrap();
+    assert!(got == data);
+    let fetched = mount.counter("granary_fuse_read_bytes_total", "");
+    assert!(mount.counter("granary_fuse_prefetched_blocks_total", "") > 0.0, "readahead ran");
+    assert!(
+        fetched <= 1.25 * data.len() as f64,
+        "{fetched} bytes fetched for a {} byte file: readahead thrashes",
+        data.len()
+    );
+    drop(mount);
+}
