@@ -434,12 +434,19 @@ async fn a_sequential_read_fetches_each_block_about_once_under_a_small_budget() 
     env.put("seq/shard.bin", &data).await;
     let worker = start(env.config("seq")).await;
     let config = s3_mount_config(&env, "seq", &[worker.addr.to_string()]);
-    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20)).await.unwrap();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
     let path = mount.path().join("shard.bin");
-    let got = tokio::task::spawn_blocking(move || std::fs::read(path).unwrap()).await.unwrap();
+    let got = tokio::task::spawn_blocking(move || std::fs::read(path).unwrap())
+        .await
+        .unwrap();
     assert!(got == data);
     let fetched = mount.counter("granary_fuse_read_bytes_total", "");
-    assert!(mount.counter("granary_fuse_prefetched_blocks_total", "") > 0.0, "readahead ran");
+    assert!(
+        mount.counter("granary_fuse_prefetched_blocks_total", "") > 0.0,
+        "readahead ran"
+    );
     assert!(
         fetched <= 1.25 * data.len() as f64,
         "{fetched} bytes fetched for a {} byte file: readahead thrashes",
