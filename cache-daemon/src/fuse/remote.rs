@@ -205,7 +205,10 @@ impl Remote {
             match workers.read_block(file, index, 0, 0).await {
                 Ok((data, _tier)) => {
                     self.worker_answered();
-                    return Ok((data, Origin::Worker));
+                    // The block arrives as a view into gRPC's receive buffer, which can be
+                    // larger than the block; a copy makes the memory held equal to the memory
+                    // counted against the budget.
+                    return Ok((Bytes::copy_from_slice(&data), Origin::Worker));
                 }
                 Err(e) => self.worker_failed(&file.path, e)?,
             }
