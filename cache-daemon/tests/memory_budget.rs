@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{fuse_possible, mounts_required, pattern, s3_env, start, BUCKET};
+use support::{fuse_possible, is_mounted, mounts_required, pattern, s3_env, start, BUCKET};
 
 const BUDGET_MIB: u64 = 96;
 /// What the process needs besides its budget: code, thread stacks, the allocator's slack,
@@ -184,10 +184,4 @@ async fn the_mount_stays_within_its_budget_under_a_cgroup_limit_just_above_it() 
         peak >> 20,
         limit >> 20
     );
-}
-
-fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use granary_cache::node::client::connect;
 use granary_cache::proto::node::{ListMountsRequest, MountRequest, UnmountRequest};
-use support::{fuse_possible, pattern, s3_env, start, BUCKET};
+use support::{fuse_possible, is_mounted, mounts_at, pattern, s3_env, start, BUCKET};
 use tonic::Code;
 
 struct NodeProcess {
@@ -43,10 +43,11 @@ fn start_node(state_dir: &Path, socket: &Path) -> NodeProcess {
     NodeProcess { child }
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    info.lines().any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+fn leave(publisher: &str) -> UnmountRequest {
+    UnmountRequest {
+        volume_id: "pvc-imagenet".into(),
+        publisher: publisher.into(),
+    }
 }
 
 async fn read(path: PathBuf) -> std::io::Result<Vec<u8>> {
@@ -98,22 +99,10 @@ async fn publishers_share_one_mount_that_survives_a_killed_daemon() {
     // Mounting again for the same publisher is idempotent.
     client.mount(request("/pods/b/vol")).await.unwrap();
     assert_eq!(read(path.join("train/a.bin")).await.unwrap(), data);
-    let mounts_in_proc = std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(first.path.as_str()))
-        .count();
-    assert_eq!(mounts_in_proc, 1, "two publishers, one FUSE mount");
+    assert_eq!(mounts_at(&path), 1, "two publishers, one FUSE mount");
 
     // One publisher leaves: the mount stays for the other.
-    let left = client
-        .unmount(UnmountRequest {
-            volume_id: "pvc-imagenet".into(),
-            publisher: "/pods/a/vol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let left = client.unmount(leave("/pods/a/vol")).await.unwrap().into_inner();
     assert!(!left.unmounted);
     assert_eq!(left.publishers_left, 1);
     assert_eq!(read(path.join("train/a.bin")).await.unwrap(), data);
@@ -133,14 +122,7 @@ async fn publishers_share_one_mount_that_survives_a_killed_daemon() {
     assert_eq!(read(path.join("train/a.bin")).await.unwrap(), data);
 
     // The last publisher leaves: unmounted and gone from the record.
-    let gone = client
-        .unmount(UnmountRequest {
-            volume_id: "pvc-imagenet".into(),
-            publisher: "/pods/b/vol".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let gone = client.unmount(leave("/pods/b/vol")).await.unwrap().into_inner();
     assert!(gone.unmounted);
     assert!(!is_mounted(&path));
     assert!(client
@@ -150,13 +132,7 @@ async fn publishers_share_one_mount_that_survives_a_killed_daemon() {
         .into_inner()
         .mounts
         .is_empty());
-    let unknown = client
-        .unmount(UnmountRequest {
-            volume_id: "pvc-imagenet".into(),
-            publisher: "/pods/b/vol".into(),
-        })
-        .await
-        .unwrap_err();
+    let unknown = client.unmount(leave("/pods/b/vol")).await.unwrap_err();
     assert_eq!(unknown.code(), Code::NotFound);
 }
 
@@ -188,6 +164,7 @@ async fn a_bad_volume_spec_is_refused_with_what_to_fix() {
         .await
         .unwrap_err();
     assert!(err.message().contains("port"), "{}", err.message());
+    assert_eq!(err.code(), Code::InvalidArgument, "a bad address is the caller's to fix");
     assert!(client
         .list(ListMountsRequest {})
         .await

@@ -32,12 +32,7 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             return CONFIG;
         }
         if let Some(e) = cause.downcast_ref::<MountError>() {
-            return match e {
-                MountError::Mount { .. }
-                | MountError::Unreachable(_)
-                | MountError::Workers(ClientError::WorkerUnavailable { .. }) => FAILED,
-                _ => CONFIG,
-            };
+            return if e.is_config() { CONFIG } else { FAILED };
         }
         if cause.downcast_ref::<StartError>().is_some() {
             return CONFIG;

@@ -57,15 +57,8 @@ pub struct MountArgs {
     /// cached blocks and metadata. Readers wait rather than the process exceeding it.
     #[arg(long, default_value = "1GiB")]
     pub max_memory: ByteSize,
-    /// Largest readahead window of a sequential reader.
-    #[arg(long, default_value = "64MiB")]
-    pub max_readahead: ByteSize,
-    /// Read locally complete files through the daemon even where the kernel offers passthrough.
-    #[arg(long)]
-    pub no_passthrough: bool,
-    /// Threads reading FUSE requests.
-    #[arg(long, default_value_t = 4)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub fuse: FuseTuning,
     /// Owner shown for every file (default: the user running the mount).
     #[arg(long)]
     pub uid: Option<u32>,
@@ -86,8 +79,30 @@ pub struct MountArgs {
     pub log_file: Option<PathBuf>,
 }
 
+/// How the FUSE side runs: shared by `mount` and `node`.
+#[derive(Debug, Args)]
+pub struct FuseTuning {
+    /// Largest readahead window of a sequential reader.
+    #[arg(long, default_value = "64MiB")]
+    pub max_readahead: ByteSize,
+    /// Read locally complete files through the daemon even where the kernel offers passthrough.
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// Threads reading FUSE requests, per mount (1–64).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+}
+
 /// Smallest --max-memory that leaves room for a few blocks in flight.
 const MIN_MEMORY: u64 = 64 << 20;
+
+/// Refuses a `--max-memory` too small to hold a few blocks in flight.
+pub fn check_max_memory(max_memory: ByteSize) -> anyhow::Result<()> {
+    if max_memory.0 < MIN_MEMORY {
+        config_error!("--max-memory {max_memory} is too small; give at least 64MiB");
+    }
+    Ok(())
+}
 
 pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
     let workers = args.workers.as_deref().map(parse_worker_list).unwrap_or_default();
@@ -104,9 +119,9 @@ pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
         (None, None) => None,
     };
     config.short_circuit = args.short_circuit.clone();
-    config.passthrough = !args.no_passthrough;
-    config.max_readahead = args.max_readahead.0;
-    config.threads = args.threads;
+    config.passthrough = !args.fuse.no_passthrough;
+    config.max_readahead = args.fuse.max_readahead.0;
+    config.threads = args.fuse.threads.into();
     // SAFETY: geteuid/getegid only read the process's credentials.
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     config.ownership = Ownership {
@@ -114,9 +129,7 @@ pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
         gid: args.gid.unwrap_or(gid),
     };
     config.allow_other = uid == 0;
-    if args.max_memory.0 < MIN_MEMORY {
-        config_error!("--max-memory {} is too small; give at least 64MiB", args.max_memory);
-    }
+    check_max_memory(args.max_memory)?;
     Ok(config)
 }
 
@@ -144,45 +157,24 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         .context("the mount task failed")??;
     ready.store(true, std::sync::atomic::Ordering::Release);
     println!("mounted {}", args.mountpoint.display());
-    // Serve until signalled (then unmount) or until someone unmounts the path.
-    let mounted = Arc::new(std::sync::Mutex::new(Some(mounted)));
-    let waiter = {
-        let mounted = Arc::clone(&mounted);
-        tokio::task::spawn_blocking(move || {
-            // Polls rather than joining, so the signal path can take the session to unmount it.
-            loop {
-                let still = mounted.lock().map(|m| m.is_some()).unwrap_or(false);
-                if !still {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-                if !is_mounted(&args.mountpoint) {
-                    return;
-                }
-            }
-        })
-    };
+    // Serve until someone unmounts the path; a signal unmounts it.
+    let mut serving = tokio::task::spawn_blocking(move || mounted.wait());
     tokio::select! {
-        _ = waiter => {
+        served = &mut serving => {
             tracing::info!("the mount went away; exiting");
-            Ok(())
+            served.context("the mount task failed")?.context("the FUSE session failed")
         }
         _ = super::shutdown_signal() => {
             tracing::info!("unmounting");
-            let taken = mounted.lock().ok().and_then(|mut m| m.take());
-            if let Some(m) = taken {
-                tokio::task::spawn_blocking(move || m.unmount()).await.context("the unmount task failed")?.context("unmount failed")?;
-            }
-            Ok(())
+            fuse::detach(&args.mountpoint).with_context(|| format!("cannot unmount {}", args.mountpoint.display()))?;
+            serving.await.context("the mount task failed")?.context("the FUSE session failed")
         }
     }
 }
 
 /// Whether `path` is a mount point (listed in /proc/self/mountinfo).
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(canonical) = std::fs::canonicalize(path).or_else(|_| Ok::<_, std::io::Error>(path.to_path_buf())) else {
-        return false;
-    };
+    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };

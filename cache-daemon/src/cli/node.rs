@@ -4,11 +4,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-
-use super::exit::config_error;
 use clap::Args;
 use granary_cache::node::{self, NodeConfig, NodeDefaults};
 use granary_cache::units::ByteSize;
+
+use super::mount::{check_max_memory, FuseTuning};
 
 #[derive(Debug, Args)]
 pub struct NodeArgs {
@@ -28,21 +28,12 @@ pub struct NodeArgs {
     /// Node-local file cache of each dataset volume, under the state dir; 0 disables it.
     #[arg(long, default_value = "0")]
     pub local_cache_size: ByteSize,
-    /// Largest readahead window of a sequential reader.
-    #[arg(long, default_value = "64MiB")]
-    pub max_readahead: ByteSize,
-    /// Read locally complete files through the daemon even where the kernel offers passthrough.
-    #[arg(long)]
-    pub no_passthrough: bool,
-    /// Threads reading FUSE requests, per mount.
-    #[arg(long, default_value_t = 4)]
-    pub threads: usize,
+    #[command(flatten)]
+    pub fuse: FuseTuning,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
-    if args.max_memory.0 < 64 << 20 {
-        config_error!("--max-memory {} is too small; give at least 64MiB", args.max_memory);
-    }
+    check_max_memory(args.max_memory)?;
     let running = node::start(NodeConfig {
         state_dir: args.state_dir,
         socket: args.socket,
@@ -50,9 +41,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         max_memory: args.max_memory.0,
         defaults: NodeDefaults {
             local_cache_size: args.local_cache_size.0,
-            passthrough: !args.no_passthrough,
-            max_readahead: args.max_readahead.0,
-            threads: args.threads,
+            passthrough: !args.fuse.no_passthrough,
+            max_readahead: args.fuse.max_readahead.0,
+            threads: args.fuse.threads.into(),
         },
     })
     .await

@@ -25,7 +25,7 @@ pub struct BlockFetcher {
     pub budget: Arc<MemoryBudget>,
     pub local: Option<Arc<LocalFileCache>>,
     /// Cache directories of workers on this node, read directly.
-    pub short_circuit: Vec<PathBuf>,
+    pub short_circuit: Arc<[PathBuf]>,
     flights: Arc<SingleFlight<BlockName, FsError>>,
     pub metrics: Arc<FuseMetrics>,
 }
@@ -48,7 +48,7 @@ impl BlockFetcher {
             cache: BlockCache::default(),
             budget,
             local,
-            short_circuit,
+            short_circuit: short_circuit.into(),
             flights: Arc::new(SingleFlight::default()),
             metrics,
         }
@@ -146,7 +146,7 @@ impl BlockFetcher {
                 version: file.version.clone(),
                 index,
             };
-            let dirs = self.short_circuit.clone();
+            let dirs = Arc::clone(&self.short_circuit);
             let found = tokio::task::spawn_blocking(move || dirs.iter().find_map(|dir| read_block_file_in(dir, &key)))
                 .await
                 .ok()

@@ -20,7 +20,7 @@ use super::error::FsError;
 use super::handles::Handles;
 use super::inodes::{Inodes, ROOT};
 use super::io_modes::{IoModes, Opened};
-use super::metadata::{DirListing, Metadata};
+use super::metadata::{name_of, parent_of, DirListing, Metadata};
 use super::readahead::Readahead;
 use super::warm_ahead::WarmAhead;
 use crate::block::block_range;
@@ -90,10 +90,6 @@ fn child_path(parent: &str, name: &OsStr) -> Result<String, FsError> {
     })
 }
 
-fn name_of(path: &str) -> &str {
-    path.rsplit_once('/').map(|(_, name)| name).unwrap_or(path)
-}
-
 impl DatasetFs {
     pub fn new(
         runtime: Handle,
@@ -104,7 +100,10 @@ impl DatasetFs {
         passthrough: bool,
         max_readahead: u64,
     ) -> Self {
-        let fetcher_metrics = Arc::clone(&fetcher.metrics);
+        let shared = Arc::new(Shared {
+            ownership,
+            metrics: Arc::clone(&fetcher.metrics),
+        });
         DatasetFs {
             runtime,
             metadata,
@@ -114,10 +113,7 @@ impl DatasetFs {
             files: Arc::new(Handles::default()),
             dirs: Arc::new(Handles::default()),
             io_modes: Arc::new(IoModes::default()),
-            shared: Arc::new(Shared {
-                ownership,
-                metrics: Arc::clone(&fetcher_metrics),
-            }),
+            shared,
             want_passthrough: passthrough,
             passthrough: Arc::new(AtomicBool::new(false)),
             max_readahead,
@@ -335,7 +331,6 @@ impl Filesystem for DatasetFs {
         let passthrough = self.passthrough.load(Ordering::Acquire);
         let max_ra = self.max_readahead;
         let local = self.fetcher.local.clone();
-        let metrics = Arc::clone(&self.fetcher.metrics);
         let warm_ahead = Arc::clone(&self.warm_ahead);
         self.runtime.spawn(async move {
             let info = match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
@@ -351,7 +346,7 @@ impl Filesystem for DatasetFs {
                 }
             };
             if info.size <= info.block_size {
-                let dir = parent_path(&info.path);
+                let dir = parent_of(&info.path);
                 warm_ahead.opened(dir, || metadata.listing(dir));
             }
             // A file wholly in the node-local cache is read by the kernel from that file.
@@ -387,7 +382,7 @@ impl Filesystem for DatasetFs {
                     "fuse"
                 }
             };
-            metrics.opens.get_or_create(&OriginLabel { origin: how }).inc();
+            this.metrics.opens.get_or_create(&OriginLabel { origin: how }).inc();
             this.observe("open", started, Ok(()));
         });
     }
@@ -424,17 +419,17 @@ impl Filesystem for DatasetFs {
         let this = self.observer();
         self.runtime.spawn(async move {
             let info = &file.info;
-            if !ahead.is_empty() && ahead.start < info.size {
+            let fetch = ahead.fetch.start..ahead.fetch.end.min(info.size);
+            if !fetch.is_empty() {
                 let bs = info.block_size.max(1);
-                let last = (ahead.end.min(info.size) - 1) / bs;
-                for index in (ahead.start / bs)..=last {
+                for index in (fetch.start / bs)..=((fetch.end - 1) / bs) {
                     fetcher.prefetch(info, index);
                 }
             }
             match read_range(&fetcher, info, offset, end).await {
                 Ok(data) => {
                     reply.data(&data);
-                    if !ahead.is_empty() {
+                    if ahead.streaming {
                         drop_behind(&fetcher, info, end);
                     }
                     this.metrics.reply_bytes.inc_by(data.len() as u64);
@@ -507,55 +502,28 @@ impl Filesystem for DatasetFs {
         let inodes = Arc::clone(&self.inodes);
         let this = self.observer();
         self.runtime.spawn(async move {
-            // Offsets: 1 is ".", 2 is "..", 3 + i is entry i of the listing.
-            let mut next = offset;
-            if next == 0 {
-                if reply.add(INodeNo(dir.ino), 1, FileType::Directory, ".") {
-                    reply.ok();
-                    return;
-                }
-                next = 1;
-            }
-            if next == 1 {
-                let parent = inodes.peek(parent_path(&dir.path)).unwrap_or(ROOT);
-                if reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
-                    reply.ok();
-                    return;
-                }
-                next = 2;
-            }
-            let mut index = (next - 2) as usize;
-            loop {
-                let batch = match dir.listing.entries_from(index, READDIR_BATCH).await {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        reply.error(e.errno());
-                        this.observe("readdir", started, Err(&e));
-                        return;
-                    }
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                for info in batch {
-                    let kind = if info.is_dir {
-                        FileType::Directory
-                    } else {
-                        FileType::RegularFile
-                    };
+            let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
+            let walked = walk_dir(&dir, offset, |entry, next| match entry {
+                DirEntry::Dot => reply.add(INodeNo(dir.ino), next, FileType::Directory, "."),
+                DirEntry::DotDot => reply.add(INodeNo(parent), next, FileType::Directory, ".."),
+                DirEntry::Listed(info) => {
                     // Plain readdir takes no inode reference: known inodes keep their number,
                     // others get a stand-in from the path's hash.
                     let ino = inodes.peek(&info.path).unwrap_or_else(|| stand_in_ino(&info.path));
-                    index += 1;
-                    if reply.add(INodeNo(ino), index as u64 + 2, kind, name_of(&info.path)) {
-                        reply.ok();
-                        this.observe("readdir", started, Ok(()));
-                        return;
-                    }
+                    reply.add(INodeNo(ino), next, file_type(&info), name_of(&info.path))
+                }
+            })
+            .await;
+            match walked {
+                Ok(()) => {
+                    reply.ok();
+                    this.observe("readdir", started, Ok(()));
+                }
+                Err(e) => {
+                    reply.error(e.errno());
+                    this.observe("readdir", started, Err(&e));
                 }
             }
-            reply.ok();
-            this.observe("readdir", started, Ok(()));
         });
     }
 
@@ -566,72 +534,62 @@ impl Filesystem for DatasetFs {
             return;
         };
         let inodes = Arc::clone(&self.inodes);
-        let metadata = Arc::clone(&self.metadata);
+        let ttl = self.metadata.kernel_ttl();
         let this = self.observer();
         self.runtime.spawn(async move {
-            let ttl = metadata.kernel_ttl();
-            let mut next = offset;
-            // "." and ".." carry attributes but take no reference.
-            if next == 0 {
-                if let Some(info) = inodes.get(dir.ino) {
-                    if reply.add(
+            let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
+            let walked = walk_dir(&dir, offset, |entry, next| match entry {
+                // "." and ".." carry attributes but take no reference.
+                DirEntry::Dot => match inodes.get(dir.ino) {
+                    Some(info) => reply.add(
                         INodeNo(dir.ino),
-                        1,
+                        next,
                         ".",
                         &ttl,
                         &this.attr(dir.ino, &info),
                         Generation(0),
-                    ) {
-                        reply.ok();
-                        return;
-                    }
+                    ),
+                    None => false,
+                },
+                DirEntry::DotDot => {
+                    let info = inodes.get(parent).unwrap_or_else(|| Arc::new(root_info()));
+                    reply.add(
+                        INodeNo(parent),
+                        next,
+                        "..",
+                        &ttl,
+                        &this.attr(parent, &info),
+                        Generation(0),
+                    )
                 }
-                next = 1;
-            }
-            if next == 1 {
-                let parent = inodes.peek(parent_path(&dir.path)).unwrap_or(ROOT);
-                let info = inodes.get(parent).unwrap_or_else(|| Arc::new(root_info()));
-                if reply.add(INodeNo(parent), 2, "..", &ttl, &this.attr(parent, &info), Generation(0)) {
-                    reply.ok();
-                    return;
-                }
-                next = 2;
-            }
-            let mut index = (next - 2) as usize;
-            loop {
-                let batch = match dir.listing.entries_from(index, READDIR_BATCH).await {
-                    Ok(batch) => batch,
-                    Err(e) => {
-                        reply.error(e.errno());
-                        this.observe("readdirplus", started, Err(&e));
-                        return;
-                    }
-                };
-                if batch.is_empty() {
-                    break;
-                }
-                for info in batch {
+                DirEntry::Listed(info) => {
                     let ino = inodes.remember(Arc::clone(&info));
-                    let attr = this.attr(ino, &info);
-                    if reply.add(
+                    let full = reply.add(
                         INodeNo(ino),
-                        index as u64 + 3,
+                        next,
                         name_of(&info.path),
                         &ttl,
-                        &attr,
+                        &this.attr(ino, &info),
                         Generation(0),
-                    ) {
+                    );
+                    if full {
                         // It did not fit: the kernel got no reference to it.
                         inodes.forget(ino, 1);
-                        reply.ok();
-                        this.observe("readdirplus", started, Ok(()));
-                        return;
                     }
-                    index += 1;
+                    full
+                }
+            })
+            .await;
+            match walked {
+                Ok(()) => {
+                    reply.ok();
+                    this.observe("readdirplus", started, Ok(()));
+                }
+                Err(e) => {
+                    reply.error(e.errno());
+                    this.observe("readdirplus", started, Err(&e));
                 }
             }
-            reply.ok();
-            this.observe("readdirplus", started, Ok(()));
         });
     }
 
@@ -667,8 +625,44 @@ impl Filesystem for DatasetFs {
     }
 }
 
-fn parent_path(path: &str) -> &str {
-    path.rsplit_once('/').map(|(p, _)| p).unwrap_or("")
+/// An entry as readdir hands it out.
+enum DirEntry {
+    Dot,
+    DotDot,
+    Listed(Arc<FileInfo>),
+}
+
+fn file_type(info: &FileInfo) -> FileType {
+    if info.is_dir {
+        FileType::Directory
+    } else {
+        FileType::RegularFile
+    }
+}
+
+/// Walks an open directory from the kernel's `offset`, giving `add` each entry with the
+/// offset that comes after it, until `add` says the reply is full. Offsets: 1 is ".", 2 is
+/// "..", 3 + i is entry i of the listing, which is waited for while it streams in.
+async fn walk_dir(dir: &OpenDir, offset: u64, mut add: impl FnMut(DirEntry, u64) -> bool) -> Result<(), FsError> {
+    if offset == 0 && add(DirEntry::Dot, 1) {
+        return Ok(());
+    }
+    if offset <= 1 && add(DirEntry::DotDot, 2) {
+        return Ok(());
+    }
+    let mut index = offset.saturating_sub(2) as usize;
+    loop {
+        let batch = dir.listing.entries_from(index, READDIR_BATCH).await?;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for info in batch {
+            index += 1;
+            if add(DirEntry::Listed(info), index as u64 + 2) {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// An inode number for an entry the kernel holds no reference to, outside the range the

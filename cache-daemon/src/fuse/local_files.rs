@@ -207,24 +207,21 @@ impl LocalFileCache {
         let key = key_of(file);
         let blocks = block_count(file.size, file.block_size.max(1));
         let partial = self.partial_path(key);
-        let evicted = {
+        // Only the index is touched under the lock; files are created and written outside it.
+        let (new_file, evicted) = {
             let mut index_lock = self.lock();
             match index_lock.get(&key) {
                 Some(e) if e.has(index) => return Ok(()),
-                Some(_) => Vec::new(),
+                Some(_) => (false, Vec::new()),
                 None => {
-                    // A new file: reserve its whole size, then create it sparse.
+                    // A new file: its whole size is reserved in the index.
                     let entry = Entry {
                         complete: false,
                         present: vec![0; blocks.div_ceil(64) as usize],
                         missing: blocks,
                     };
                     match index_lock.insert(key, entry, allocated(file.size)) {
-                        Admission::Admitted { evicted } => {
-                            let f = File::create(&partial)?;
-                            preallocate(&f, file.size)?;
-                            evicted
-                        }
+                        Admission::Admitted { evicted } => (true, evicted),
                         Admission::Rejected => return Ok(()),
                     }
                 }
@@ -238,12 +235,23 @@ impl LocalFileCache {
         if data.len() as u64 != range.end - range.start {
             return Ok(());
         }
-        // No create: an entry evicted meanwhile must not come back as a stray file.
-        let f = OpenOptions::new().write(true).open(&partial)?;
+        // Writers of other blocks of a new file may get here first: each may create it, and
+        // preallocation keeps what was written.
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)?;
+        if new_file {
+            preallocate(&f, file.size)?;
+        }
         f.write_all_at(data, range.start)?;
         let now_complete = {
             let mut index_lock = self.lock();
             let Some(entry) = index_lock.get(&key) else {
+                // Evicted meanwhile: leave no stray file behind.
+                drop(index_lock);
+                let _ = std::fs::remove_file(&partial);
                 return Ok(());
             };
             if entry.has(index) {

@@ -95,8 +95,14 @@ pub struct Metadata {
     me: Weak<Metadata>,
 }
 
-fn parent_of(path: &str) -> &str {
+/// The directory of a dataset path ("" for the root's entries).
+pub fn parent_of(path: &str) -> &str {
     path.rsplit_once('/').map(|(parent, _)| parent).unwrap_or("")
+}
+
+/// The last component of a dataset path.
+pub fn name_of(path: &str) -> &str {
+    path.rsplit_once('/').map(|(_, name)| name).unwrap_or(path)
 }
 
 /// A rough count of what one cached entry costs in memory.
@@ -140,20 +146,24 @@ impl Metadata {
     }
 
     fn remember(&self, state: &mut State, info: Arc<FileInfo>) {
+        let bytes = entry_bytes(&info);
+        self.insert(state, info.path.clone(), Cached::Found(info, Instant::now()), bytes);
+    }
+
+    /// Caches `entry` for `path`, within the byte bound.
+    fn insert(&self, state: &mut State, path: String, entry: Cached, bytes: u64) {
         if self.ttl == MetadataTtl::Expires(Duration::ZERO) {
             return;
         }
-        state.bytes += entry_bytes(&info);
+        state.bytes += bytes;
         if state.bytes > self.max_bytes {
             // Over budget: start over. Listings go too, so a listing never claims to be
             // complete while its entries are gone.
             state.stats.clear();
             state.dirs.clear();
-            state.bytes = entry_bytes(&info);
+            state.bytes = bytes;
         }
-        state
-            .stats
-            .insert(info.path.clone(), Cached::Found(info, Instant::now()));
+        state.stats.insert(path, entry);
     }
 
     /// Metadata of `path`: cached while fresh; a path missing from a complete, fresh listing
@@ -189,11 +199,13 @@ impl Metadata {
                 Ok(info)
             }
             Err(FsError::NotFound(p)) => {
-                if self.ttl != MetadataTtl::Expires(Duration::ZERO) {
-                    let mut state = self.lock();
-                    state.bytes += 100 + path.len() as u64;
-                    state.stats.insert(path.to_string(), Cached::Missing(Instant::now()));
-                }
+                let bytes = 100 + path.len() as u64;
+                self.insert(
+                    &mut self.lock(),
+                    path.to_string(),
+                    Cached::Missing(Instant::now()),
+                    bytes,
+                );
                 Err(FsError::NotFound(p))
             }
             Err(e) => Err(e),
@@ -238,39 +250,34 @@ impl Metadata {
                 return;
             }
         };
-        let mut pending = 0;
+        let mut len = 0;
+        let mut error = None;
         while let Some(entry) = stream.next().await {
             match entry {
                 Ok(info) => {
                     let info = Arc::new(info);
                     self.remember(&mut self.lock(), Arc::clone(&info));
-                    let len = {
-                        let mut entries = listing.entries.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-                        entries.push(info);
-                        entries.len()
-                    };
-                    pending += 1;
-                    if pending >= PUBLISH_EVERY {
-                        pending = 0;
+                    listing
+                        .entries
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .push(info);
+                    len += 1;
+                    if len % PUBLISH_EVERY == 0 {
                         listing.progress.send_modify(|p| p.len = len);
                     }
                 }
                 Err(e) => {
                     tracing::warn!(dir, error = %e, "a directory listing stopped midway");
-                    let len = listing.entries.read().map(|e| e.len()).unwrap_or(0);
-                    listing.progress.send_modify(|p| {
-                        p.len = len;
-                        p.done = true;
-                        p.error = Some(e);
-                    });
-                    return;
+                    error = Some(e);
+                    break;
                 }
             }
         }
-        let len = listing.entries.read().map(|e| e.len()).unwrap_or(0);
         listing.progress.send_modify(|p| {
             p.len = len;
             p.done = true;
+            p.error = error;
         });
     }
 }

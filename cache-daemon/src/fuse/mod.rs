@@ -23,7 +23,6 @@ mod warm_ahead;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -145,40 +144,31 @@ pub enum MountError {
     Mount { path: PathBuf, source: io::Error },
 }
 
-/// A live mount. Dropping it without [`MountedFs::unmount`] leaves the kernel mount to die
-/// with the process.
+impl MountError {
+    /// Whether the mount's configuration is at fault (fix the input), rather than the
+    /// machine or the store (retry later).
+    pub fn is_config(&self) -> bool {
+        !matches!(
+            self,
+            MountError::Mount { .. } | MountError::Unreachable(_) | MountError::LocalCache { .. }
+        )
+    }
+}
+
+/// A live mount. Dropping it without [`MountedFs::unmount`] or [`MountedFs::wait`] unmounts.
 pub struct MountedFs {
-    session: Option<BackgroundSession>,
-    mountpoint: PathBuf,
-    /// A duplicate of the mount's /dev/fuse descriptor: what a surviving holder keeps so a
-    /// restarted daemon can serve the same kernel mount.
-    fuse_fd: Option<OwnedFd>,
+    session: BackgroundSession,
 }
 
 impl MountedFs {
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    pub fn fuse_fd(&self) -> Option<&OwnedFd> {
-        self.fuse_fd.as_ref()
-    }
-
     /// Unmounts (lazily, so readers holding files finish) and waits for the session to end.
-    pub fn unmount(mut self) -> io::Result<()> {
-        self.fuse_fd = None;
-        match self.session.take() {
-            Some(session) => session.umount_and_join(),
-            None => Ok(()),
-        }
+    pub fn unmount(self) -> io::Result<()> {
+        self.session.umount_and_join()
     }
 
-    /// Waits until the mount goes away (someone ran `umount`). Blocking.
-    pub fn wait(mut self) -> io::Result<()> {
-        match self.session.take() {
-            Some(session) => session.join(),
-            None => Ok(()),
-        }
+    /// Serves until the mount goes away (someone unmounts it, e.g. [`detach`]). Blocking.
+    pub fn wait(self) -> io::Result<()> {
+        self.session.join()
     }
 }
 
@@ -335,15 +325,11 @@ pub fn mount(
         path: mountpoint.to_path_buf(),
         source,
     };
-    let session = Session::new(fs, mountpoint, &session_config).map_err(failed)?;
-    let fuse_fd = session.as_fd().try_clone_to_owned().ok();
-    let session = session.spawn().map_err(failed)?;
+    let session = Session::new(fs, mountpoint, &session_config)
+        .and_then(Session::spawn)
+        .map_err(failed)?;
     raise_kernel_readahead(mountpoint);
     resources.metrics.mounts.inc();
     tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
-    Ok(MountedFs {
-        session: Some(session),
-        mountpoint: mountpoint.to_path_buf(),
-        fuse_fd,
-    })
+    Ok(MountedFs { session })
 }

@@ -3,8 +3,8 @@
 //! down for a moment; calls then go to the source, and after the pause the workers are tried
 //! again, so reads return to them when they recover. The reader never sees the switch.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -49,7 +49,10 @@ pub struct Remote {
     source: Option<SourceStore>,
     /// Block size of files described by the source directly (the workers say their own).
     block_size: u64,
-    workers_down_since: Mutex<Option<Instant>>,
+    /// When the workers last failed, in milliseconds since `epoch` plus one; 0 while they
+    /// answer. An atomic: every block read checks it.
+    workers_down_at: AtomicU64,
+    epoch: Instant,
     metrics: Arc<FuseMetrics>,
 }
 
@@ -69,22 +72,22 @@ impl Remote {
             workers,
             source,
             block_size,
-            workers_down_since: Mutex::new(None),
+            workers_down_at: AtomicU64::new(0),
+            epoch: Instant::now(),
             metrics,
         }
     }
 
-    fn down_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        self.workers_down_since
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
     }
 
     /// Workers unless they failed a moment ago and a source is there to fall back to.
     fn route(&self) -> Result<Route<'_>, FsError> {
         match (&self.workers, &self.source) {
             (Some(workers), Some(_)) => {
-                let down = matches!(*self.down_since(), Some(at) if at.elapsed() < RETRY_WORKERS_AFTER);
+                let down_at = self.workers_down_at.load(Ordering::Relaxed);
+                let down = down_at != 0 && self.now_ms() - down_at < RETRY_WORKERS_AFTER.as_millis() as u64;
                 Ok(if down { Route::Source } else { Route::Workers(workers) })
             }
             (Some(workers), None) => Ok(Route::Workers(workers)),
@@ -99,19 +102,17 @@ impl Remote {
     /// Decides what a worker error means: `Ok(())` to fall back to the source, or the error.
     fn worker_failed(&self, path: &str, err: ClientError) -> Result<(), FsError> {
         if err.is_worker_failure() && self.source.is_some() {
-            let mut since = self.down_since();
-            if since.is_none() {
+            if self.workers_down_at.swap(self.now_ms(), Ordering::Relaxed) == 0 {
                 tracing::warn!(error = %err, "the cache workers are unreachable; reading from the source store directly until they return");
             }
-            *since = Some(Instant::now());
             return Ok(());
         }
         Err(FsError::from_client(path, err))
     }
 
     fn worker_answered(&self) {
-        let mut since = self.down_since();
-        if since.take().is_some() {
+        // A load first: the common case (they never failed) writes nothing.
+        if self.workers_down_at.load(Ordering::Relaxed) != 0 && self.workers_down_at.swap(0, Ordering::Relaxed) != 0 {
             tracing::info!("the cache workers answer again; reads go through them");
         }
     }

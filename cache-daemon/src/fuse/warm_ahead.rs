@@ -51,9 +51,17 @@ impl WarmAhead {
             if dirs.len() >= MAX_DIRS && !dirs.contains_key(dir) {
                 dirs.clear();
             }
-            let scan = dirs.entry(dir.to_string()).or_default();
+            // Looked up before inserting: most opens are of directories already seen, and
+            // need no key allocated.
+            let scan = match dirs.get_mut(dir) {
+                Some(scan) => scan,
+                None => dirs.entry(dir.to_string()).or_default(),
+            };
+            if scan.started {
+                return;
+            }
             scan.opened += 1;
-            if scan.started || scan.opened < TRIGGER_AFTER {
+            if scan.opened < TRIGGER_AFTER {
                 return;
             }
             scan.started = true;

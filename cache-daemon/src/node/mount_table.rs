@@ -28,6 +28,8 @@ pub enum NodeError {
     Mount { volume_id: String, source: MountError },
     #[error("cannot record the mounts in {path:?}: {source}")]
     Records { path: PathBuf, source: io::Error },
+    #[error("{0}")]
+    Internal(String),
 }
 
 struct Volume {
@@ -88,12 +90,18 @@ impl MountTable {
         })
     }
 
-    fn save(&self, volumes: &BTreeMap<String, Volume>) -> Result<(), NodeError> {
+    /// Writes the record (fsynced) on a blocking thread, not on the runtime's.
+    async fn save(&self, volumes: &BTreeMap<String, Volume>) -> Result<(), NodeError> {
         let list: Vec<MountRecord> = volumes.values().map(|v| v.record.clone()).collect();
-        records::save(&self.records_path, &list).map_err(|source| NodeError::Records {
+        let path = self.records_path.clone();
+        let failed = |source| NodeError::Records {
             path: self.records_path.clone(),
             source,
-        })
+        };
+        tokio::task::spawn_blocking(move || records::save(&path, &list))
+            .await
+            .map_err(|e| NodeError::Internal(format!("the record task failed: {e}")))?
+            .map_err(failed)
     }
 
     async fn mount_record(&self, record: &MountRecord) -> Result<MountedFs, NodeError> {
@@ -117,7 +125,7 @@ impl MountTable {
             fuse::mount(&config, &path, &resources, runtime)
         })
         .await
-        .map_err(|e| NodeError::InvalidArgument(format!("the mount task failed: {e}")))?
+        .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
         .map_err(|source| NodeError::Mount { volume_id, source })
     }
 
@@ -163,6 +171,9 @@ impl MountTable {
             if volume.record.attributes != attributes {
                 return Err(NodeError::Conflict(volume_id.to_string()));
             }
+            // Rotated credentials are kept for the next time the volume is mounted.
+            let mut changed = volume.record.secrets != secrets;
+            volume.record.secrets = secrets;
             let mut created = false;
             if volume.mounted.is_none() {
                 volume.mounted = Some(self.mount_record(&volume.record).await?);
@@ -170,8 +181,9 @@ impl MountTable {
                 created = true;
             }
             let path = volume.record.path.clone();
-            if volume.record.publishers.insert(publisher.to_string()) {
-                self.save(&volumes)?;
+            changed |= volume.record.publishers.insert(publisher.to_string());
+            if changed {
+                self.save(&volumes).await?;
             }
             return Ok((path, created));
         }
@@ -194,7 +206,7 @@ impl MountTable {
                 error: None,
             },
         );
-        if let Err(e) = self.save(&volumes) {
+        if let Err(e) = self.save(&volumes).await {
             // Unrecorded, the mount would not come back after a restart: undo it.
             if let Some(v) = volumes.remove(volume_id) {
                 self.unmount_volume(v).await;
@@ -219,6 +231,9 @@ impl MountTable {
     /// Drops `publisher`'s reference to `volume_id`; the last one unmounts. Returns whether
     /// the mount went away and how many publishers are left.
     pub async fn unmount(&self, volume_id: &str, publisher: &str) -> Result<(bool, u32), NodeError> {
+        if volume_id.is_empty() {
+            return Err(NodeError::InvalidArgument("volume_id is empty".into()));
+        }
         let mut volumes = self.volumes.lock().await;
         let volume = volumes
             .get_mut(volume_id)
@@ -227,14 +242,14 @@ impl MountTable {
         let left = volume.record.publishers.len() as u32;
         if left > 0 {
             if removed {
-                self.save(&volumes)?;
+                self.save(&volumes).await?;
             }
             return Ok((false, left));
         }
         let Some(volume) = volumes.remove(volume_id) else {
             return Ok((false, 0));
         };
-        self.save(&volumes)?;
+        self.save(&volumes).await?;
         self.unmount_volume(volume).await;
         tracing::info!(volume_id, "the last publisher left; unmounted");
         Ok((true, 0))

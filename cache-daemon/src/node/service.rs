@@ -18,9 +18,10 @@ fn status(err: NodeError) -> Status {
     let message = err.to_string();
     match err {
         NodeError::InvalidArgument(_) | NodeError::Spec(_) => Status::invalid_argument(message),
+        NodeError::Mount { ref source, .. } if source.is_config() => Status::invalid_argument(message),
         NodeError::Conflict(_) => Status::failed_precondition(message),
         NodeError::NotFound(_) => Status::not_found(message),
-        NodeError::Mount { .. } | NodeError::Records { .. } => Status::internal(message),
+        NodeError::Mount { .. } | NodeError::Records { .. } | NodeError::Internal(_) => Status::internal(message),
     }
 }
 

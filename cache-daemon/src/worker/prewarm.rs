@@ -14,7 +14,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::service::file_info;
 use super::status::{from_source, invalid};
 use super::WorkerState;
 use crate::block::{block_count, BlockKey};
@@ -160,7 +159,7 @@ async fn run(
             let add = |meta: &FileMeta| {
                 counters.files_total.fetch_add(1, Ordering::Relaxed);
                 counters.bytes_total.fetch_add(meta.size, Ordering::Relaxed);
-                file_info(meta, block_size)
+                FileInfo::from_meta(meta, block_size)
             };
             if !root.is_dir {
                 let _ = files_tx.send(add(&root)).await;

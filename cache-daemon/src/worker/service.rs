@@ -18,7 +18,7 @@ use crate::proto::{
     BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, ReadBlockRequest,
     StatRequest, StatsRequest, StatsResponse, TierStats, WarmBlockRequest, WarmBlockResponse,
 };
-use crate::source::{normalize_path, FileMeta, ListedEntry};
+use crate::source::{normalize_path, ListedEntry};
 
 /// Bytes per streamed message: a default 4 MiB block goes as one message, so the client
 /// needs no reassembly copy; larger blocks are split.
@@ -83,10 +83,6 @@ impl WorkerService {
     }
 }
 
-pub fn file_info(meta: &FileMeta, block_size: u64) -> FileInfo {
-    FileInfo::from_meta(meta, block_size)
-}
-
 fn tier_stats(usage: (u64, u64, u64)) -> TierStats {
     TierStats {
         used_bytes: usage.0,
@@ -104,7 +100,7 @@ impl CacheWorker for WorkerService {
         let result = self.state.metadata.stat(&req.path, req.refresh).await;
         self.observe("stat", started);
         let meta = result.map_err(|e| from_source(&e))?;
-        Ok(Response::new(file_info(&meta, self.state.store.block_size())))
+        Ok(Response::new(FileInfo::from_meta(&meta, self.state.store.block_size())))
     }
 
     type ListStream = BoxStream<ListResponse>;
@@ -131,7 +127,7 @@ impl CacheWorker for WorkerService {
                     if !meta.is_dir {
                         state.metadata.insert(meta.clone());
                     }
-                    Ok(file_info(&meta, block_size))
+                    Ok(FileInfo::from_meta(&meta, block_size))
                 }
             })
             // Stores whose listings lack the version (no ETag) cost a stat per entry; run

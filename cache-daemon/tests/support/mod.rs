@@ -257,3 +257,16 @@ pub fn mount(config: granary_cache::fuse::DatasetMount, max_memory: u64) -> Test
         mounted: Some(mounted),
     }
 }
+
+/// How many mounts sit at `path` (from /proc/self/mountinfo).
+pub fn mounts_at(path: &Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .filter(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+        .count()
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    mounts_at(path) > 0
+}
