@@ -164,7 +164,11 @@ async fn a_bad_volume_spec_is_refused_with_what_to_fix() {
         .await
         .unwrap_err();
     assert!(err.message().contains("port"), "{}", err.message());
-    assert_eq!(err.code(), Code::InvalidArgument, "a bad address is the caller's to fix");
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "a bad address is the caller's to fix"
+    );
     assert!(client
         .list(ListMountsRequest {})
         .await
