@@ -8,6 +8,7 @@
 
 pub mod block;
 pub mod cache;
+pub mod checkpoint;
 pub mod client;
 pub mod fuse;
 pub mod metrics;

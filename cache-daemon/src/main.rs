@@ -38,7 +38,8 @@ enum Command {
     Cat(cli::cat::CatArgs),
     /// Show per-worker cache usage, hits, misses and source bytes.
     Stats(cli::stats::StatsArgs),
-    /// Mount a dataset as a read-only directory (foreground, or --daemon).
+    /// Mount a dataset read-only, or with --checkpoint a write-back checkpoint volume
+    /// (foreground, or --daemon).
     Mount(cli::mount::MountArgs),
     /// Run the node daemon: every FUSE mount of this node, driven over a unix socket.
     Node(cli::node::NodeArgs),

@@ -1,5 +1,6 @@
 //! Process exit codes, decided in one place.
 
+use granary_cache::checkpoint::CheckpointMountError;
 use granary_cache::client::ClientError;
 use granary_cache::fuse::MountError;
 use granary_cache::worker::StartError;
@@ -32,6 +33,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
             return CONFIG;
         }
         if let Some(e) = cause.downcast_ref::<MountError>() {
+            return if e.is_config() { CONFIG } else { FAILED };
+        }
+        if let Some(e) = cause.downcast_ref::<CheckpointMountError>() {
             return if e.is_config() { CONFIG } else { FAILED };
         }
         if cause.downcast_ref::<StartError>().is_some() {

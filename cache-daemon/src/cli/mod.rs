@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cat;
+pub mod checkpoint_mount;
 pub mod exit;
 pub mod load;
 pub mod mount;

@@ -59,6 +59,8 @@ pub struct MountArgs {
     pub max_memory: ByteSize,
     #[command(flatten)]
     pub fuse: FuseTuning,
+    #[command(flatten)]
+    pub checkpoint: super::checkpoint_mount::CheckpointArgs,
     /// Owner shown for every file (default: the user running the mount).
     #[arg(long)]
     pub uid: Option<u32>,
@@ -134,6 +136,10 @@ pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
 }
 
 pub async fn run(args: MountArgs) -> anyhow::Result<()> {
+    if args.checkpoint.checkpoint {
+        return super::checkpoint_mount::run(args).await;
+    }
+    args.checkpoint.refuse_without_checkpoint()?;
     let config = dataset_mount(&args)?;
     if args.daemon {
         return daemonize(&args.mountpoint, args.log_file.as_deref());
@@ -184,7 +190,7 @@ pub fn is_mounted(path: &Path) -> bool {
 
 /// Starts this same command without --daemon in the background and returns once the
 /// mount is there, or with the child's failure.
-fn daemonize(mountpoint: &Path, log_file: Option<&Path>) -> anyhow::Result<()> {
+pub fn daemonize(mountpoint: &Path, log_file: Option<&Path>) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--daemon").collect();

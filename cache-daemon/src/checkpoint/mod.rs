@@ -1,0 +1,322 @@
+//! Checkpoint volumes: a read-write directory whose writes land in a node-local write-back
+//! area and reach the target store in the background.
+//!
+//! A byte's way: [`filesystem`] writes it into a local file; at close the [`tracker`]
+//! journals the file ([`journal`]) as a version to upload; the [`uploader`] sends it to the
+//! [`target`] store as a parallel multipart upload, the commit marker of a checkpoint
+//! directory last; after a commit, [`retention`] deletes checkpoints beyond `--keep-last`.
+//! Listings merge local files with the store's ([`store_view`]).
+
+mod error;
+mod filesystem;
+mod inodes;
+pub mod journal;
+pub mod retention;
+mod store_view;
+pub mod target;
+pub mod tracker;
+mod uploader;
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+
+pub use tracker::Tracker;
+pub use uploader::UploadTuning;
+
+use crate::fuse::{clear_dead_mount, detach};
+use crate::metrics::CheckpointMetrics;
+use crate::source::{SourceConfigError, SourceError, SourceTuning};
+
+/// What one checkpoint volume writes where.
+#[derive(Debug, Clone)]
+pub struct CheckpointMount {
+    /// Where checkpoints must end up (s3://bucket/prefix, fs:///path).
+    pub target: String,
+    pub target_options: BTreeMap<String, String>,
+    pub target_tuning: SourceTuning,
+    /// The node-local write-back area (local NVMe, or a tmpfs for memory): files, journal.
+    pub writeback_dir: PathBuf,
+    pub writeback_size: u64,
+    /// The file whose upload commits its directory (`.metadata`, `_COMPLETE`).
+    pub commit_marker: Option<String>,
+    pub upload: UploadTuning,
+    /// How long listings of the store are trusted.
+    pub listing_ttl: Duration,
+    /// Let the kernel read files with no writer straight from the write-back area.
+    pub passthrough: bool,
+    pub threads: usize,
+    pub allow_other: bool,
+}
+
+impl CheckpointMount {
+    pub fn new(target: String, writeback_dir: PathBuf, writeback_size: u64) -> Self {
+        CheckpointMount {
+            target,
+            target_options: BTreeMap::new(),
+            target_tuning: SourceTuning::default(),
+            writeback_dir,
+            writeback_size,
+            commit_marker: None,
+            upload: UploadTuning {
+                concurrency: 16,
+                part_size: 16 << 20,
+                keep_last: 0,
+            },
+            listing_ttl: Duration::from_secs(5),
+            passthrough: true,
+            threads: 4,
+            allow_other: true,
+        }
+    }
+
+    pub fn fs_name(&self) -> String {
+        format!("granary-checkpoint:{}", self.target)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointMountError {
+    #[error(transparent)]
+    Target(#[from] SourceConfigError),
+    #[error("the target store cannot be written: {0}; check the URI, that the bucket exists, and that the credentials may write")]
+    TargetNotWritable(SourceError),
+    #[error("the target store did not answer a test write within 30s; check the endpoint and the network")]
+    TargetTimeout,
+    #[error("cannot use the write-back directory {path:?}: {source}; give a writable local directory")]
+    WritebackDir { path: PathBuf, source: io::Error },
+    #[error("--writeback-size {size} is larger than the {available} bytes free in {path:?}; lower it or free space")]
+    WritebackTooBig { path: PathBuf, size: u64, available: u64 },
+    #[error("--part-size {0} is out of range: S3 needs parts of 5MiB to 5GiB")]
+    PartSize(u64),
+    #[error("the write-back journal {path:?} cannot be replayed: {source}")]
+    Journal { path: PathBuf, source: io::Error },
+    #[error("mountpoint {0:?} does not exist; create it first (mkdir -p)")]
+    MountpointMissing(PathBuf),
+    #[error("mountpoint {0:?} is not a directory")]
+    MountpointNotADirectory(PathBuf),
+    #[error("mounting at {path:?} failed: {source}; FUSE needs /dev/fuse and root (or CAP_SYS_ADMIN)")]
+    Mount { path: PathBuf, source: io::Error },
+}
+
+impl CheckpointMountError {
+    /// Whether the configuration is at fault (fix the input) rather than the machine or the
+    /// store (retry later).
+    pub fn is_config(&self) -> bool {
+        !matches!(
+            self,
+            CheckpointMountError::Mount { .. }
+                | CheckpointMountError::TargetTimeout
+                | CheckpointMountError::Journal { .. }
+                | CheckpointMountError::TargetNotWritable(SourceError::Unavailable { .. })
+        )
+    }
+}
+
+/// A live checkpoint mount and its uploader.
+pub struct MountedCheckpoint {
+    session: BackgroundSession,
+    tracker: Arc<Tracker>,
+    stop: watch::Sender<bool>,
+    uploader: tokio::task::JoinHandle<()>,
+}
+
+impl MountedCheckpoint {
+    pub fn tracker(&self) -> &Arc<Tracker> {
+        &self.tracker
+    }
+
+    /// Waits until every closed file is in the store (or `timeout` passes); true if so.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.tracker.idle() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// Unmounts and stops the uploader once its running uploads end; what is still pending
+    /// stays in the journal for the next mount of the same write-back directory.
+    pub async fn unmount(self) -> io::Result<()> {
+        let session = self.session;
+        tokio::task::spawn_blocking(move || session.umount_and_join())
+            .await
+            .map_err(io::Error::other)??;
+        let _ = self.stop.send(true);
+        let _ = self.uploader.await;
+        Ok(())
+    }
+
+    /// Whether the kernel mount is still served (someone may have unmounted it).
+    pub fn is_serving(&self) -> bool {
+        !self.session.guard.is_finished()
+    }
+}
+
+fn writeback_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointMountError + '_ {
+    move |source| CheckpointMountError::WritebackDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `dir`.
+fn available_bytes(dir: &Path) -> io::Result<u64> {
+    let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    // SAFETY: statvfs writes into the zeroed struct we own and reads a NUL-terminated path
+    // that lives across the call.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Mounts a checkpoint volume at `mountpoint`: checks the target can be written, replays the
+/// write-back journal (uploads left by a previous run resume), and starts the uploader on
+/// `runtime`. Blocking; call it off the async runtime.
+pub fn mount(
+    config: &CheckpointMount,
+    mountpoint: &Path,
+    metrics: Arc<CheckpointMetrics>,
+    runtime: Handle,
+) -> Result<MountedCheckpoint, CheckpointMountError> {
+    let _ = clear_dead_mount(mountpoint);
+    match std::fs::metadata(mountpoint) {
+        Err(_) => return Err(CheckpointMountError::MountpointMissing(mountpoint.to_path_buf())),
+        Ok(md) if !md.is_dir() => return Err(CheckpointMountError::MountpointNotADirectory(mountpoint.to_path_buf())),
+        Ok(_) => {}
+    }
+    let part = config.upload.part_size;
+    if !((5 << 20)..=(5 << 30)).contains(&part) {
+        return Err(CheckpointMountError::PartSize(part));
+    }
+    let target = target::TargetStore::open(&config.target, &config.target_options, &config.target_tuning)?;
+
+    let dir = &config.writeback_dir;
+    let files_root = dir.join("files");
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&files_root).map_err(writeback_err(dir))?;
+    // Half-done copies from the store of a previous run.
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(writeback_err(dir))?;
+
+    let journal_path = dir.join("journal.jsonl");
+    let (tracker, recovery) = Tracker::open(
+        &journal_path,
+        &files_root,
+        config.writeback_size,
+        config.commit_marker.clone(),
+    )
+    .map_err(|source| CheckpointMountError::Journal {
+        path: journal_path.clone(),
+        source,
+    })?;
+    let available = available_bytes(dir).map_err(writeback_err(dir))?;
+    if config.writeback_size > available + tracker.used() {
+        return Err(CheckpointMountError::WritebackTooBig {
+            path: dir.clone(),
+            size: config.writeback_size,
+            available: available + tracker.used(),
+        });
+    }
+    let probe =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(30), target.probe_writable()).await });
+    match probe {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(CheckpointMountError::TargetNotWritable(e)),
+        Err(_) => return Err(CheckpointMountError::TargetTimeout),
+    }
+    if recovery.pending_uploads + recovery.pending_deletes > 0 || !recovery.untracked.is_empty() {
+        tracing::info!(
+            uploads = recovery.pending_uploads,
+            deletes = recovery.pending_deletes,
+            untracked = recovery.untracked.len(),
+            "resuming the uploads of a previous run"
+        );
+    }
+    for path in &recovery.unfinished_writes {
+        tracing::warn!(
+            path,
+            "this file was open for writing when the previous run stopped; it stays local and is uploaded once written and closed again"
+        );
+    }
+    for path in &recovery.lost {
+        tracing::error!(
+            path,
+            "a closed file vanished from the write-back area before its upload"
+        );
+    }
+
+    let tracker = Arc::new(tracker);
+    let view = Arc::new(store_view::StoreView::new(target.clone(), config.listing_ttl));
+    let uploader = Arc::new(uploader::Uploader {
+        tracker: Arc::clone(&tracker),
+        target: target.clone(),
+        view: Arc::clone(&view),
+        tuning: config.upload.clone(),
+        metrics: Arc::clone(&metrics),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let uploader = runtime.spawn(uploader.run(stopped));
+
+    let fs = filesystem::CheckpointFs::new(
+        filesystem::CtxParts {
+            runtime: runtime.clone(),
+            tracker: Arc::clone(&tracker),
+            view,
+            target,
+            metrics,
+            part_size: config.upload.part_size,
+            concurrency: config.upload.concurrency,
+        },
+        config.passthrough,
+    );
+    let mut session_config = Config::default();
+    if config.allow_other {
+        session_config.acl = SessionACL::All;
+    }
+    session_config.mount_options = vec![
+        MountOption::RW,
+        MountOption::FSName(config.fs_name()),
+        MountOption::Subtype("granary".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    session_config.n_threads = Some(config.threads.max(1));
+    session_config.clone_fd = true;
+    let session = match Session::new(fs, mountpoint, &session_config).and_then(Session::spawn) {
+        Ok(s) => s,
+        Err(source) => {
+            let _ = stop.send(true);
+            return Err(CheckpointMountError::Mount {
+                path: mountpoint.to_path_buf(),
+                source,
+            });
+        }
+    };
+    tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), "checkpoint volume mounted");
+    Ok(MountedCheckpoint {
+        session,
+        tracker,
+        stop,
+        uploader,
+    })
+}
+
+/// Unmounts a checkpoint mount at `path` lazily (for signal handlers).
+pub fn detach_mount(path: &Path) -> io::Result<()> {
+    detach(path)
+}

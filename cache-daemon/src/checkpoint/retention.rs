@@ -1,0 +1,126 @@
+//! Retention: keep the newest N committed checkpoints in the target store. Older ones are
+//! deleted only after a newer one is committed (this runs after each commit), marker first,
+//! so a half-deleted checkpoint is never shown as committed.
+
+use std::cmp::Ordering;
+
+use super::target::{Committed, TargetStore};
+use super::tracker::Tracker;
+use crate::source::SourceError;
+
+/// Compares names so that "step_9" sorts before "step_10".
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let (mut a, mut b) = (a.as_bytes(), b.as_bytes());
+    while !a.is_empty() && !b.is_empty() {
+        if a[0].is_ascii_digit() && b[0].is_ascii_digit() {
+            let da = a.iter().take_while(|c| c.is_ascii_digit()).count();
+            let db = b.iter().take_while(|c| c.is_ascii_digit()).count();
+            let (na, nb) = (&a[..da], &b[..db]);
+            let (ta, tb) = (trim_zeros(na), trim_zeros(nb));
+            let ord = ta.len().cmp(&tb.len()).then_with(|| ta.cmp(tb));
+            if ord != Ordering::Equal {
+                return ord;
+            }
+            a = &a[da..];
+            b = &b[db..];
+        } else {
+            if a[0] != b[0] {
+                return a[0].cmp(&b[0]);
+            }
+            a = &a[1..];
+            b = &b[1..];
+        }
+    }
+    a.len().cmp(&b.len())
+}
+
+fn trim_zeros(digits: &[u8]) -> &[u8] {
+    let zeros = digits.iter().take_while(|c| **c == b'0').count();
+    &digits[zeros.min(digits.len().saturating_sub(1))..]
+}
+
+/// Committed checkpoints oldest first: by the marker's time, then by name (stores keep
+/// times to the second, and checkpoint names carry their step).
+pub fn oldest_first(mut committed: Vec<Committed>) -> Vec<Committed> {
+    committed.sort_by(|a, b| a.modified.cmp(&b.modified).then_with(|| natural_cmp(&a.dir, &b.dir)));
+    committed
+}
+
+/// Which checkpoints to delete so that `keep_last` remain.
+pub fn to_delete(committed: Vec<Committed>, keep_last: usize) -> Vec<Committed> {
+    let sorted = oldest_first(committed);
+    let excess = sorted.len().saturating_sub(keep_last);
+    sorted.into_iter().take(excess).collect()
+}
+
+/// Lists the committed checkpoints and deletes all but the newest `keep_last`, in the store
+/// and locally. Returns the directories deleted.
+pub async fn enforce(
+    target: &TargetStore,
+    tracker: &Tracker,
+    marker: &str,
+    keep_last: usize,
+) -> Result<Vec<String>, SourceError> {
+    let committed = target.committed(marker).await?;
+    if let Some(newest) = oldest_first(committed.clone()).pop() {
+        tracker.set_latest_commit(Some(newest.dir));
+    }
+    if keep_last == 0 {
+        return Ok(Vec::new());
+    }
+    let mut deleted = Vec::new();
+    for old in to_delete(committed, keep_last) {
+        if !tracker.settled_under(&old.dir) {
+            tracing::info!(
+                dir = old.dir,
+                "retention skips a checkpoint with local changes not yet uploaded"
+            );
+            continue;
+        }
+        let marker_key = format!("{}/{marker}", old.dir);
+        target.delete(&marker_key).await?;
+        target.delete_dir(&old.dir).await?;
+        if let Err(e) = tracker.forget_under(&old.dir) {
+            tracing::warn!(dir = old.dir, error = %e, "cannot record the local removal of a deleted checkpoint");
+        }
+        let local = tracker.local_path(&old.dir);
+        if let Err(e) = std::fs::remove_dir_all(&local) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %local.display(), error = %e, "cannot remove the local copy of a deleted checkpoint");
+            }
+        }
+        tracing::info!(dir = old.dir, keep_last, "retention deleted an old checkpoint");
+        deleted.push(old.dir);
+    }
+    Ok(deleted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, SystemTime};
+
+    fn c(dir: &str, secs: u64) -> Committed {
+        Committed {
+            dir: dir.into(),
+            modified: Some(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)),
+        }
+    }
+
+    #[test]
+    fn step_numbers_sort_as_numbers() {
+        assert_eq!(natural_cmp("step_9", "step_10"), Ordering::Less);
+        assert_eq!(natural_cmp("step_010", "step_10"), Ordering::Equal);
+        assert_eq!(natural_cmp("a", "b"), Ordering::Less);
+        assert_eq!(natural_cmp("ckpt-2/x", "ckpt-2"), Ordering::Greater);
+    }
+
+    #[test]
+    fn the_newest_n_are_kept_ties_broken_by_step() {
+        let all = vec![c("step_10", 5), c("step_9", 5), c("step_8", 4), c("step_11", 6)];
+        let gone: Vec<String> = to_delete(all.clone(), 2).into_iter().map(|c| c.dir).collect();
+        assert_eq!(gone, vec!["step_8", "step_9"]);
+        assert!(to_delete(all.clone(), 4).is_empty());
+        assert!(to_delete(all, 10).is_empty());
+    }
+}

@@ -1,0 +1,273 @@
+//! The target store of a checkpoint volume, through opendal: parallel multipart uploads from
+//! local files, deletes, listings, committed checkpoints (directories holding a marker), and
+//! parallel downloads into the write-back area.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use opendal::{EntryMode, Operator};
+
+use crate::source::{SourceConfigError, SourceError, SourceStore, SourceTuning};
+
+/// A file or directory the store has under some directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreEntry {
+    pub name: String,
+    pub is_dir: bool,
+    pub size: u64,
+    pub modified: Option<SystemTime>,
+}
+
+/// A committed checkpoint: a directory whose marker object exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub dir: String,
+    pub modified: Option<SystemTime>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("local file {path:?}: {source}")]
+    Local { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] SourceError),
+}
+
+#[derive(Clone)]
+pub struct TargetStore {
+    op: Operator,
+    uri: String,
+}
+
+impl TargetStore {
+    pub fn open(
+        uri: &str,
+        options: &BTreeMap<String, String>,
+        tuning: &SourceTuning,
+    ) -> Result<Self, SourceConfigError> {
+        let store = SourceStore::open(uri, options, tuning)?;
+        Ok(TargetStore {
+            op: store.operator().clone(),
+            uri: uri.to_string(),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// Writes and deletes a small object, so a target that is read-only, missing or
+    /// unreachable is reported when mounting rather than after a checkpoint was written.
+    pub async fn probe_writable(&self) -> Result<(), SourceError> {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let key = format!(".granary-write-probe-{}-{nanos}", std::process::id());
+        self.op
+            .write(&key, Bytes::from_static(b"granary write probe"))
+            .await
+            .map_err(|e| SourceError::from_opendal("write", &key, e))?;
+        self.op
+            .delete(&key)
+            .await
+            .map_err(|e| SourceError::from_opendal("delete", &key, e))
+    }
+
+    /// Uploads the local file at `local` as `key` with `concurrency` parts of `part_size` in
+    /// flight; the object appears only when complete (multipart, or one PUT for small files).
+    /// Returns the bytes uploaded.
+    pub async fn upload(
+        &self,
+        key: &str,
+        local: &Path,
+        part_size: u64,
+        concurrency: usize,
+    ) -> Result<u64, TransferError> {
+        let local_err = |source| TransferError::Local {
+            path: key.to_string(),
+            source,
+        };
+        let file = Arc::new(std::fs::File::open(local).map_err(local_err)?);
+        let size = file.metadata().map_err(local_err)?.len();
+        let store_err = |e| TransferError::Store(SourceError::from_opendal("upload", key, e));
+        let mut writer = self
+            .op
+            .writer_with(key)
+            .chunk(part_size as usize)
+            .concurrent(concurrency.max(1))
+            .await
+            .map_err(store_err)?;
+        let mut offset = 0u64;
+        let result: Result<(), TransferError> = async {
+            while offset < size {
+                let len = part_size.min(size - offset) as usize;
+                let file = Arc::clone(&file);
+                let at = offset;
+                let chunk = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len];
+                    file.read_exact_at(&mut buf, at).map(|()| buf)
+                })
+                .await
+                .map_err(|e| local_err(std::io::Error::other(e)))?
+                .map_err(local_err)?;
+                writer.write(chunk).await.map_err(store_err)?;
+                offset += len as u64;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            // Leaves no incomplete multipart upload behind (best effort).
+            let _ = writer.abort().await;
+            return Err(e);
+        }
+        writer.close().await.map_err(store_err)?;
+        Ok(size)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), SourceError> {
+        self.op
+            .delete(key)
+            .await
+            .map_err(|e| SourceError::from_opendal("delete", key, e))
+    }
+
+    /// Deletes every object under `dir`.
+    pub async fn delete_dir(&self, dir: &str) -> Result<(), SourceError> {
+        let prefix = format!("{}/", dir.trim_end_matches('/'));
+        let keys: Vec<String> = self
+            .op
+            .lister_with(&prefix)
+            .recursive(true)
+            .await
+            .map_err(|e| SourceError::from_opendal("list", &prefix, e))?
+            .map_ok(|entry| entry.path().to_string())
+            .try_collect()
+            .await
+            .map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
+        for key in keys.iter().filter(|k| !k.ends_with('/')) {
+            self.delete(key).await?;
+        }
+        Ok(())
+    }
+
+    /// The entries directly under `dir` ("" is the root).
+    pub async fn list_dir(&self, dir: &str) -> Result<Vec<StoreEntry>, SourceError> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{dir}/")
+        };
+        let list_path = if prefix.is_empty() { "/" } else { prefix.as_str() };
+        let mut lister = self
+            .op
+            .lister_with(list_path)
+            .await
+            .map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
+        let mut out = Vec::new();
+        while let Some(entry) = lister.next().await {
+            let entry = entry.map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
+            let path = entry.path().trim_start_matches('/');
+            let Some(name) = path.strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            let name = name.trim_end_matches('/');
+            if name.is_empty() || name.contains('/') {
+                continue;
+            }
+            let md = entry.metadata();
+            out.push(StoreEntry {
+                name: name.to_string(),
+                is_dir: md.mode() == EntryMode::DIR,
+                size: md.content_length(),
+                modified: md.last_modified().map(SystemTime::from),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every directory holding a `marker` object, anywhere under the root.
+    pub async fn committed(&self, marker: &str) -> Result<Vec<Committed>, SourceError> {
+        let mut lister = self
+            .op
+            .lister_with("/")
+            .recursive(true)
+            .await
+            .map_err(|e| SourceError::from_opendal("list", "", e))?;
+        let mut out = Vec::new();
+        while let Some(entry) = lister.next().await {
+            let entry = entry.map_err(|e| SourceError::from_opendal("list", "", e))?;
+            let path = entry.path().trim_start_matches('/');
+            let Some((dir, name)) = path.rsplit_once('/') else {
+                continue;
+            };
+            if name == marker {
+                out.push(Committed {
+                    dir: dir.to_string(),
+                    modified: entry.metadata().last_modified().map(SystemTime::from),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Size of `key`, or NotFound.
+    pub async fn size_of(&self, key: &str) -> Result<u64, SourceError> {
+        let md = self
+            .op
+            .stat(key)
+            .await
+            .map_err(|e| SourceError::from_opendal("stat", key, e))?;
+        Ok(md.content_length())
+    }
+
+    /// Copies `key` (of `size` bytes) into the local file `dest`, `concurrency` ranges of
+    /// `part_size` at a time.
+    pub async fn download(
+        &self,
+        key: &str,
+        dest: &Path,
+        size: u64,
+        part_size: u64,
+        concurrency: usize,
+    ) -> Result<(), TransferError> {
+        let local_err = |source| TransferError::Local {
+            path: dest.display().to_string(),
+            source,
+        };
+        let file = Arc::new(std::fs::File::create(dest).map_err(local_err)?);
+        file.set_len(size).map_err(local_err)?;
+        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part_size.max(1)))
+            .map(|i| (i * part_size, ((i + 1) * part_size).min(size)))
+            .collect();
+        let op = self.op.clone();
+        let mut reads = futures::stream::iter(ranges)
+            .map(|(start, end)| {
+                let op = op.clone();
+                async move {
+                    let data = op
+                        .read_with(key)
+                        .range(start..end)
+                        .await
+                        .map_err(|e| SourceError::from_opendal("read", key, e))?;
+                    Ok::<_, SourceError>((start, data.to_bytes()))
+                }
+            })
+            .buffer_unordered(concurrency.max(1));
+        while let Some(read) = reads.next().await {
+            let (start, data) = read?;
+            let file = Arc::clone(&file);
+            tokio::task::spawn_blocking(move || file.write_all_at(&data, start))
+                .await
+                .map_err(|e| local_err(std::io::Error::other(e)))?
+                .map_err(local_err)?;
+        }
+        Ok(())
+    }
+}
