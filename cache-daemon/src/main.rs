@@ -40,7 +40,7 @@ enum Command {
     Stats(cli::stats::StatsArgs),
     /// Mount a dataset read-only, or with --checkpoint a write-back checkpoint volume
     /// (foreground, or --daemon).
-    Mount(cli::mount::MountArgs),
+    Mount(Box<cli::mount::MountArgs>),
     /// Run the node daemon: every FUSE mount of this node, driven over a unix socket.
     Node(cli::node::NodeArgs),
     /// Measure warm and cold reads through the workers against local disk and the store.
@@ -120,7 +120,7 @@ fn main() {
             Command::Cat(args) => cli::cat::run(args).await,
             Command::Stats(args) => cli::stats::run(args).await,
             Command::Bench(args) => cli::bench::run(args).await,
-            Command::Mount(args) => cli::mount::run(args).await,
+            Command::Mount(args) => cli::mount::run(*args).await,
             Command::Node(args) => cli::node::run(args).await,
         }
     });

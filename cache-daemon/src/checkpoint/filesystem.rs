@@ -162,9 +162,15 @@ impl Ctx {
         if self.tracker.deleting(path) {
             return Err(CkptFsError::NotFound(path.to_string()));
         }
-        match self.view.lookup(path).await? {
-            Some(e) => Ok(Found::Store(e)),
-            None => Err(CkptFsError::NotFound(path.to_string())),
+        match self.view.lookup(path).await {
+            Ok(Some(e)) => Ok(Found::Store(e)),
+            Ok(None) => Err(CkptFsError::NotFound(path.to_string())),
+            // While the store is down, writers must keep writing: a name that is not local
+            // is new. (A file only the store has cannot be read then anyway.)
+            Err(e) => {
+                tracing::warn!(path, error = %e, "cannot list the target store; treating the name as new");
+                Err(CkptFsError::NotFound(path.to_string()))
+            }
         }
     }
 

@@ -121,7 +121,7 @@ impl CheckpointMountError {
 
 /// A live checkpoint mount and its uploader.
 pub struct MountedCheckpoint {
-    session: BackgroundSession,
+    session: Option<BackgroundSession>,
     tracker: Arc<Tracker>,
     stop: watch::Sender<bool>,
     uploader: tokio::task::JoinHandle<()>,
@@ -144,21 +144,39 @@ impl MountedCheckpoint {
         true
     }
 
-    /// Unmounts and stops the uploader once its running uploads end; what is still pending
-    /// stays in the journal for the next mount of the same write-back directory.
-    pub async fn unmount(self) -> io::Result<()> {
-        let session = self.session;
-        tokio::task::spawn_blocking(move || session.umount_and_join())
-            .await
-            .map_err(io::Error::other)??;
-        let _ = self.stop.send(true);
-        let _ = self.uploader.await;
-        Ok(())
-    }
-
     /// Whether the kernel mount is still served (someone may have unmounted it).
     pub fn is_serving(&self) -> bool {
-        !self.session.guard.is_finished()
+        self.session.as_ref().is_some_and(|s| !s.guard.is_finished())
+    }
+
+    /// Unmounts (no new writes) and ends the FUSE session; the uploader keeps running.
+    pub async fn close_mount(&mut self) -> io::Result<()> {
+        let Some(session) = self.session.take() else {
+            return Ok(());
+        };
+        let ended = tokio::task::spawn_blocking(move || {
+            if session.guard.is_finished() {
+                session.join()
+            } else {
+                session.umount_and_join()
+            }
+        })
+        .await
+        .map_err(io::Error::other)?;
+        match ended {
+            // Someone unmounted it first.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Unmounts and stops the uploader once its running uploads end; what is still pending
+    /// stays in the journal for the next mount of the same write-back directory.
+    pub async fn unmount(mut self) -> io::Result<()> {
+        let closed = self.close_mount().await;
+        let _ = self.stop.send(true);
+        let _ = (&mut self.uploader).await;
+        closed
     }
 }
 
@@ -309,14 +327,14 @@ pub fn mount(
     };
     tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), "checkpoint volume mounted");
     Ok(MountedCheckpoint {
-        session,
+        session: Some(session),
         tracker,
         stop,
         uploader,
     })
 }
 
-/// Unmounts a checkpoint mount at `path` lazily (for signal handlers).
+/// Unmounts a checkpoint mount at `path` lazily (for tests and signal handlers).
 pub fn detach_mount(path: &Path) -> io::Result<()> {
     detach(path)
 }

@@ -913,8 +913,10 @@ mod tests {
                 write_local(dir.path(), f, 5);
                 t.begin_write(f).expect("begin");
             }
-            t.closed("done", 5).expect("close");
-            t.closed("pending", 5).expect("close");
+            for f in ["done", "pending"] {
+                t.closed(f, 5).expect("close");
+                t.end_write(f);
+            }
             let work = t.take_work(16);
             let Some(Work::Upload { seq, .. }) = work
                 .iter()
@@ -947,6 +949,7 @@ mod tests {
             panic!("upload")
         };
         t.upload_finished("tmp/x", seq, true).expect("uploaded");
+        std::fs::rename(dir.path().join("files/tmp"), dir.path().join("files/final")).expect("rename");
         t.moved("tmp", "final").expect("moved");
         let work = t.take_work(16);
         assert!(work

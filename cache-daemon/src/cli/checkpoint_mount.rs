@@ -126,16 +126,17 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         .context("the mount task failed")??;
     ready.store(true, std::sync::atomic::Ordering::Release);
     println!("mounted {}", args.mountpoint.display());
-    let signalled = async {
-        super::shutdown_signal().await;
-    };
+    let mut mounted = mounted;
+    let signalled = super::shutdown_signal();
     tokio::pin!(signalled);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             _ = &mut signalled => {
-                tracing::info!("unmounting");
-                checkpoint::detach_mount(&args.mountpoint)
+                tracing::info!("unmounting; pending uploads continue until done or --drain-timeout");
+                mounted
+                    .close_mount()
+                    .await
                     .with_context(|| format!("cannot unmount {}", args.mountpoint.display()))?;
                 break;
             }

@@ -42,6 +42,7 @@ impl RequestRecord {
 #[derive(Default)]
 struct Faults {
     get_delay_ms: AtomicU64,
+    write_delay_ms: AtomicU64,
     fail_gets_containing: Mutex<Option<String>>,
     fail_list_continuations: AtomicBool,
     refuse_all: AtomicBool,
@@ -52,6 +53,9 @@ pub struct S3TestServer {
     pub endpoint: String,
     pub root: PathBuf,
     log: Arc<Mutex<Vec<RequestRecord>>>,
+    /// Object writes that completed (a PUT, or the completion of a multipart upload), in
+    /// the order the server finished them: when each object became visible.
+    completed: Arc<Mutex<Vec<String>>>,
     faults: Arc<Faults>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
@@ -67,11 +71,13 @@ impl S3TestServer {
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let log: Arc<Mutex<Vec<RequestRecord>>> = Arc::default();
+        let completed: Arc<Mutex<Vec<String>>> = Arc::default();
         let faults: Arc<Faults> = Arc::default();
         let tasks: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
 
         let accept = {
             let (log, faults, tasks) = (log.clone(), faults.clone(), tasks.clone());
+            let completed = completed.clone();
             let root = root.to_path_buf();
             tokio::spawn(async move {
                 loop {
@@ -80,6 +86,7 @@ impl S3TestServer {
                     };
                     let s3 = s3.clone();
                     let (log, faults, root) = (log.clone(), faults.clone(), root.clone());
+                    let completed = completed.clone();
                     let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                         let record = RequestRecord {
                             method: req.method().to_string(),
@@ -103,6 +110,12 @@ impl S3TestServer {
                             || (faults.fail_list_continuations.load(Ordering::Relaxed)
                                 && record.query.contains("continuation-token"));
                         let object_get = record.is_object_get();
+                        // A PUT of a whole object (not a part), or a multipart completion.
+                        let completes_object = (record.method == "PUT" && !record.query.contains("partNumber"))
+                            || (record.method == "POST" && record.query.contains("uploadId"));
+                        let object_path = record.path.clone();
+                        let write_delay = faults.write_delay_ms.load(Ordering::Relaxed);
+                        let completed = completed.clone();
                         // s3s-fs answers a GET or HEAD of a key that is a directory on its disk
                         // with 500; S3 answers 404 (there is no such object), so do that.
                         let directory_key = (record.method == "GET" || record.method == "HEAD")
@@ -129,7 +142,18 @@ impl S3TestServer {
                                     .body(s3s::Body::from(body.to_string()))
                                     .expect("static response"));
                             }
-                            Service::call(&s3, req).await
+                            if write_delay > 0 && (record_is_write(&req)) {
+                                tokio::time::sleep(Duration::from_millis(write_delay)).await;
+                            }
+                            let response = Service::call(&s3, req).await;
+                            if completes_object {
+                                if let Ok(r) = &response {
+                                    if r.status().is_success() {
+                                        completed.lock().unwrap().push(object_path);
+                                    }
+                                }
+                            }
+                            response
                         }
                     });
                     let conn = tokio::spawn(async move {
@@ -149,6 +173,7 @@ impl S3TestServer {
             endpoint: format!("http://{addr}"),
             root: root.to_path_buf(),
             log,
+            completed,
             faults,
             tasks,
         })
@@ -183,6 +208,18 @@ impl S3TestServer {
             .count()
     }
 
+    /// Paths (`/bucket/key`) of the objects written, in the order they became visible.
+    pub fn completed_writes(&self) -> Vec<String> {
+        self.completed.lock().unwrap().clone()
+    }
+
+    /// Delays every PUT and POST (uploads) by `delay`, as a slow link does.
+    pub fn set_write_delay(&self, delay: Duration) {
+        self.faults
+            .write_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+
     pub fn clear_log(&self) {
         self.log.lock().unwrap().clear();
     }
@@ -213,6 +250,10 @@ impl S3TestServer {
             task.abort();
         }
     }
+}
+
+fn record_is_write<B>(req: &http::Request<B>) -> bool {
+    req.method() == http::Method::PUT || req.method() == http::Method::POST
 }
 
 impl Drop for S3TestServer {
