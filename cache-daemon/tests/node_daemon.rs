@@ -177,3 +177,81 @@ async fn a_bad_volume_spec_is_refused_with_what_to_fix() {
         .mounts
         .is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_volume_uploads_through_the_node_daemon_even_after_its_last_pod_leaves() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("run/node.sock");
+    let _node = start_node(&state.path().join("state"), &socket);
+    let mut client = connect(&socket).unwrap();
+    let mut attributes: HashMap<String, String> = HashMap::from([
+        ("kind".into(), "checkpoint".into()),
+        ("target".into(), format!("s3://{BUCKET}/ckpt")),
+        ("commitMarker".into(), "_COMPLETE".into()),
+        ("writebackSize".into(), "256MiB".into()),
+        ("partSize".into(), "5MiB".into()),
+    ]);
+    let mut secrets = HashMap::new();
+    for (k, v) in env.s3.options() {
+        if k.contains("key") {
+            secrets.insert(k, v);
+        } else {
+            attributes.insert(format!("option.{k}"), v);
+        }
+    }
+    let request = MountRequest {
+        volume_id: "pvc-llama-ckpt".into(),
+        publisher: "/pods/trainer/ckpt".into(),
+        attributes,
+        secrets,
+    };
+    let mounted = client.mount(request).await.unwrap().into_inner();
+    let path = PathBuf::from(&mounted.path);
+    let shard = pattern(12 << 20, 77);
+    {
+        let (path, shard) = (path.clone(), shard.clone());
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(path.join("step_100")).unwrap();
+            std::fs::write(path.join("step_100/model.safetensors"), &shard).unwrap();
+            std::fs::write(path.join("step_100/_COMPLETE"), b"").unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    // The pod goes away at once; the node daemon still delivers the checkpoint.
+    let left = client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-llama-ckpt".into(),
+            publisher: "/pods/trainer/ckpt".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.unmounted);
+    assert!(!is_mounted(&path));
+    let marker = env.s3.root.join(BUCKET).join("ckpt/step_100/_COMPLETE");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the checkpoint never reached the store");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored = std::fs::read(env.s3.root.join(BUCKET).join("ckpt/step_100/model.safetensors")).unwrap();
+    assert!(stored == shard, "the shard differs in the store");
+
+    // A checkpoint spec without a target is refused with the spec's message.
+    let err = client
+        .mount(MountRequest {
+            volume_id: "pvc-bad".into(),
+            publisher: "/pods/x".into(),
+            attributes: HashMap::from([("kind".into(), "checkpoint".into())]),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("needs `target`"), "{}", err.message());
+}

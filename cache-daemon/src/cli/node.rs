@@ -28,6 +28,10 @@ pub struct NodeArgs {
     /// Node-local file cache of each dataset volume, under the state dir; 0 disables it.
     #[arg(long, default_value = "0")]
     pub local_cache_size: ByteSize,
+    /// Write-back area of each checkpoint volume (under <state-dir>/writeback/) unless the
+    /// volume's `writebackSize` attribute says otherwise.
+    #[arg(long, default_value = "50GiB")]
+    pub checkpoint_writeback_size: ByteSize,
     #[command(flatten)]
     pub fuse: FuseTuning,
 }
@@ -44,6 +48,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             passthrough: !args.fuse.no_passthrough,
             max_readahead: args.fuse.max_readahead.0,
             threads: args.fuse.threads.into(),
+            writeback_size: args.checkpoint_writeback_size.0,
         },
     })
     .await

@@ -23,7 +23,7 @@ pub use mount_table::{MountTable, NodeError};
 pub use volume_spec::NodeDefaults;
 
 use crate::fuse::MountResources;
-use crate::metrics::FuseMetrics;
+use crate::metrics::{CheckpointMetrics, FuseMetrics};
 use crate::proto::node::node_daemon_server::NodeDaemonServer;
 
 #[derive(Debug, Clone)]
@@ -68,11 +68,13 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeStartError> {
     std::fs::create_dir_all(&config.state_dir).map_err(state_err)?;
     let mut registry = Registry::default();
     let metrics = Arc::new(FuseMetrics::register(&mut registry));
+    let checkpoint_metrics = Arc::new(CheckpointMetrics::register(&mut registry));
     let resources = MountResources::new(config.max_memory, metrics);
     let table = Arc::new(
         MountTable::new(
             &config.state_dir,
             resources,
+            checkpoint_metrics,
             config.defaults.clone(),
             tokio::runtime::Handle::current(),
         )

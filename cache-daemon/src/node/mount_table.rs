@@ -5,13 +5,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::runtime::Handle;
 use tokio::sync::Mutex;
 
 use super::records::{self, MountRecord};
-use super::volume_spec::{self, NodeDefaults, SpecError};
+use super::volume_spec::{self, NodeDefaults, SpecError, VolumeMount};
+use crate::checkpoint::{self, CheckpointMountError, MountedCheckpoint};
 use crate::fuse::{self, MountError, MountResources, MountedFs};
+use crate::metrics::CheckpointMetrics;
 use crate::proto::node::MountInfo;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,15 +30,26 @@ pub enum NodeError {
     NotFound(String),
     #[error("mounting volume {volume_id:?} failed: {source}")]
     Mount { volume_id: String, source: MountError },
+    #[error("mounting checkpoint volume {volume_id:?} failed: {source}")]
+    MountCheckpoint {
+        volume_id: String,
+        source: CheckpointMountError,
+    },
     #[error("cannot record the mounts in {path:?}: {source}")]
     Records { path: PathBuf, source: io::Error },
     #[error("{0}")]
     Internal(String),
 }
 
+/// A live mount of either kind.
+enum Mounted {
+    Dataset(MountedFs),
+    Checkpoint(MountedCheckpoint),
+}
+
 struct Volume {
     record: MountRecord,
-    mounted: Option<MountedFs>,
+    mounted: Option<Mounted>,
     /// Why `mounted` is empty, when it is.
     error: Option<String>,
 }
@@ -42,8 +57,10 @@ struct Volume {
 pub struct MountTable {
     mnt_dir: PathBuf,
     cache_dir: PathBuf,
+    writeback_dir: PathBuf,
     records_path: PathBuf,
     resources: MountResources,
+    checkpoint_metrics: Arc<CheckpointMetrics>,
     defaults: NodeDefaults,
     runtime: Handle,
     volumes: Mutex<BTreeMap<String, Volume>>,
@@ -73,6 +90,7 @@ impl MountTable {
     pub fn new(
         state_dir: &Path,
         resources: MountResources,
+        checkpoint_metrics: Arc<CheckpointMetrics>,
         defaults: NodeDefaults,
         runtime: Handle,
     ) -> io::Result<Self> {
@@ -82,8 +100,10 @@ impl MountTable {
         Ok(MountTable {
             mnt_dir,
             cache_dir,
+            writeback_dir: state_dir.join("writeback"),
             records_path: state_dir.join("mounts.json"),
             resources,
+            checkpoint_metrics,
             defaults,
             runtime,
             volumes: Mutex::new(BTreeMap::new()),
@@ -104,8 +124,33 @@ impl MountTable {
             .map_err(failed)
     }
 
-    async fn mount_record(&self, record: &MountRecord) -> Result<MountedFs, NodeError> {
-        let mut config = volume_spec::dataset_mount(&record.attributes, &record.secrets)?;
+    fn spec(&self, record: &MountRecord) -> Result<VolumeMount, SpecError> {
+        volume_spec::volume_mount(
+            &record.attributes,
+            &record.secrets,
+            &self.defaults,
+            self.writeback_dir.join(dir_name(&record.volume_id)),
+        )
+    }
+
+    async fn mount_record(&self, record: &MountRecord) -> Result<Mounted, NodeError> {
+        let mut config = match self.spec(record)? {
+            VolumeMount::Dataset(config) => config,
+            VolumeMount::Checkpoint(config) => {
+                let path = record.path.clone();
+                let metrics = Arc::clone(&self.checkpoint_metrics);
+                let runtime = self.runtime.clone();
+                let volume_id = record.volume_id.clone();
+                return tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&path).ok();
+                    checkpoint::mount(&config, &path, metrics, runtime)
+                })
+                .await
+                .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
+                .map(Mounted::Checkpoint)
+                .map_err(|source| NodeError::MountCheckpoint { volume_id, source });
+            }
+        };
         config.passthrough = self.defaults.passthrough;
         config.max_readahead = self.defaults.max_readahead;
         config.threads = self.defaults.threads;
@@ -126,6 +171,7 @@ impl MountTable {
         })
         .await
         .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
+        .map(Mounted::Dataset)
         .map_err(|source| NodeError::Mount { volume_id, source })
     }
 
@@ -187,8 +233,6 @@ impl MountTable {
             }
             return Ok((path, created));
         }
-        // Check the spec before touching anything.
-        volume_spec::dataset_mount(&attributes, &secrets)?;
         let record = MountRecord {
             volume_id: volume_id.to_string(),
             path: self.mnt_dir.join(dir_name(volume_id)),
@@ -196,6 +240,8 @@ impl MountTable {
             attributes,
             secrets,
         };
+        // Check the spec before touching anything.
+        self.spec(&record)?;
         let mounted = self.mount_record(&record).await?;
         let path = record.path.clone();
         volumes.insert(
@@ -218,12 +264,33 @@ impl MountTable {
 
     async fn unmount_volume(&self, volume: Volume) {
         let path = volume.record.path.clone();
-        if let Some(mounted) = volume.mounted {
-            let result = tokio::task::spawn_blocking(move || mounted.unmount()).await;
-            if let Ok(Err(e)) = result {
-                tracing::warn!(path = %path.display(), error = %e, "unmount reported an error");
+        match volume.mounted {
+            Some(Mounted::Dataset(mounted)) => {
+                let result = tokio::task::spawn_blocking(move || mounted.unmount()).await;
+                if let Ok(Err(e)) = result {
+                    tracing::warn!(path = %path.display(), error = %e, "unmount reported an error");
+                }
+                self.resources.metrics.mounts.dec();
             }
-            self.resources.metrics.mounts.dec();
+            Some(Mounted::Checkpoint(mut mounted)) => {
+                if let Err(e) = mounted.close_mount().await {
+                    tracing::warn!(path = %path.display(), error = %e, "unmount reported an error");
+                }
+                // No pod uses the volume any more, but its closed files must still reach
+                // the store: the uploader finishes in the background.
+                let volume_id = volume.record.volume_id.clone();
+                tokio::spawn(async move {
+                    while !mounted.drain(Duration::from_secs(3600)).await {
+                        tracing::warn!(
+                            volume_id,
+                            "checkpoint uploads still pending after an hour; still trying"
+                        );
+                    }
+                    let _ = mounted.unmount().await;
+                    tracing::info!(volume_id, "checkpoint volume's uploads done");
+                });
+            }
+            None => {}
         }
         let _ = std::fs::remove_dir(&path);
     }

@@ -19,9 +19,13 @@ fn status(err: NodeError) -> Status {
     match err {
         NodeError::InvalidArgument(_) | NodeError::Spec(_) => Status::invalid_argument(message),
         NodeError::Mount { ref source, .. } if source.is_config() => Status::invalid_argument(message),
+        NodeError::MountCheckpoint { ref source, .. } if source.is_config() => Status::invalid_argument(message),
         NodeError::Conflict(_) => Status::failed_precondition(message),
         NodeError::NotFound(_) => Status::not_found(message),
-        NodeError::Mount { .. } | NodeError::Records { .. } | NodeError::Internal(_) => Status::internal(message),
+        NodeError::Mount { .. }
+        | NodeError::MountCheckpoint { .. }
+        | NodeError::Records { .. }
+        | NodeError::Internal(_) => Status::internal(message),
     }
 }
 

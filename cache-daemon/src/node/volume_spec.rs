@@ -4,26 +4,37 @@
 //!
 //! | key | meaning |
 //! |---|---|
-//! | `kind` | `dataset` (`checkpoint` volumes come with the checkpoint write path) |
-//! | `source` | the source store URI, read directly while the workers are down |
-//! | `workers` | comma-separated `host:port` of the dataset's workers |
-//! | `metadataTTL` | how long metadata is cached: `60s`, `never`, … |
-//! | `replicas` | blocks cached on this many workers |
+//! | `kind` | `dataset` or `checkpoint` |
+//! | `source` | dataset: the source store URI, read directly while the workers are down |
+//! | `workers` | dataset: comma-separated `host:port` of the dataset's workers |
+//! | `metadataTTL` | dataset: how long metadata is cached: `60s`, `never`, … |
+//! | `replicas` | dataset: blocks cached on this many workers |
+//! | `target` | checkpoint: the store URI checkpoints must reach |
+//! | `commitMarker` | checkpoint: the file committing its directory (`.metadata`) |
+//! | `keepLast` | checkpoint: committed checkpoints kept in the store (0: all) |
+//! | `writebackSize` | checkpoint: size of the node-local write-back area (default: the node's) |
+//! | `uploadConcurrency` | checkpoint: multipart parts in flight |
+//! | `partSize` | checkpoint: multipart part size (`16MiB`) |
 //! | `option.<name>` | a store option, e.g. `option.endpoint`, `option.region` |
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
+use std::path::PathBuf;
+
+use crate::checkpoint::CheckpointMount;
 use crate::client::parse_worker_list;
 use crate::fuse::DatasetMount;
-use crate::units::MetadataTtl;
+use crate::units::{ByteSize, MetadataTtl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("volume attribute `kind` is missing; set it to `dataset`")]
+    #[error("volume attribute `kind` is missing; set it to `dataset` or `checkpoint`")]
     MissingKind,
-    #[error("volume kind {0:?} is not served by this node daemon; supported: dataset")]
+    #[error("volume kind {0:?} is not served by this node daemon; supported: dataset, checkpoint")]
     UnsupportedKind(String),
+    #[error("a checkpoint volume needs `target` (the store URI checkpoints must reach)")]
+    NoTarget,
     #[error("a dataset volume needs `workers` (host:port list) or `source` (store URI), or both")]
     NothingToRead,
     #[error("volume attribute {key}={value:?} is invalid: {reason}")]
@@ -40,6 +51,101 @@ pub struct NodeDefaults {
     pub passthrough: bool,
     pub max_readahead: u64,
     pub threads: usize,
+    /// Write-back area of each checkpoint volume unless its `writebackSize` says otherwise.
+    pub writeback_size: u64,
+}
+
+/// What a volume's attributes ask for.
+#[derive(Debug, Clone)]
+pub enum VolumeMount {
+    Dataset(Box<DatasetMount>),
+    Checkpoint(Box<CheckpointMount>),
+}
+
+/// Builds the mount of any volume kind; `writeback_dir` is where a checkpoint volume keeps
+/// its write-back area.
+pub fn volume_mount(
+    attributes: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, String>,
+    defaults: &NodeDefaults,
+    writeback_dir: PathBuf,
+) -> Result<VolumeMount, SpecError> {
+    match attributes.get("kind").map(String::as_str) {
+        Some("checkpoint") => {
+            checkpoint_mount(attributes, secrets, defaults, writeback_dir).map(|c| VolumeMount::Checkpoint(Box::new(c)))
+        }
+        _ => dataset_mount(attributes, secrets).map(|d| VolumeMount::Dataset(Box::new(d))),
+    }
+}
+
+/// Builds the mount of a checkpoint volume from its attributes and secrets.
+pub fn checkpoint_mount(
+    attributes: &BTreeMap<String, String>,
+    secrets: &BTreeMap<String, String>,
+    defaults: &NodeDefaults,
+    writeback_dir: PathBuf,
+) -> Result<CheckpointMount, SpecError> {
+    let target = attributes
+        .get("target")
+        .filter(|t| !t.is_empty())
+        .ok_or(SpecError::NoTarget)?;
+    let mut mount = CheckpointMount::new(target.clone(), writeback_dir, defaults.writeback_size);
+    mount.passthrough = defaults.passthrough;
+    mount.threads = defaults.threads;
+    for (key, value) in attributes {
+        let invalid = |reason: &str| SpecError::Invalid {
+            key: key.clone(),
+            value: value.clone(),
+            reason: reason.to_string(),
+        };
+        let size = || {
+            value
+                .parse::<ByteSize>()
+                .map(|b| b.0)
+                .map_err(|_| invalid("expected a size such as 16MiB or 100GiB"))
+        };
+        match key.as_str() {
+            "kind" | "target" => {}
+            "commitMarker" => {
+                if value.is_empty() || value.contains('/') {
+                    return Err(invalid("expected a file name such as .metadata"));
+                }
+                mount.commit_marker = Some(value.clone());
+            }
+            "keepLast" => {
+                mount.upload.keep_last = value
+                    .parse()
+                    .map_err(|_| invalid("expected a whole number (0 keeps all)"))?;
+            }
+            "writebackSize" => mount.writeback_size = size()?,
+            "partSize" => mount.upload.part_size = size()?,
+            "uploadConcurrency" => {
+                mount.upload.concurrency = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|c| (1..=256).contains(c))
+                    .ok_or_else(|| invalid("expected a number from 1 to 256"))?;
+            }
+            k if k.starts_with("csi.storage.k8s.io/") => {}
+            k => match k.strip_prefix("option.") {
+                Some(option) if !option.is_empty() => {
+                    mount.target_options.insert(option.to_string(), value.clone());
+                }
+                _ => return Err(SpecError::UnknownKey(key.clone())),
+            },
+        }
+    }
+    if mount.upload.keep_last > 0 && mount.commit_marker.is_none() {
+        return Err(SpecError::Invalid {
+            key: "keepLast".into(),
+            value: mount.upload.keep_last.to_string(),
+            reason: "retention counts committed checkpoints: set commitMarker too".into(),
+        });
+    }
+    for (key, value) in secrets {
+        mount.target_options.insert(key.clone(), value.clone());
+    }
+    Ok(mount)
 }
 
 /// Builds the mount of a dataset volume from its attributes and secrets.
@@ -126,5 +232,44 @@ mod tests {
         assert!(err(&[("kind", "dataset")]).contains("needs `workers`"));
         assert!(err(&[("kind", "dataset"), ("source", "s3://b"), ("metadataTTL", "soon")]).contains("metadataTTL"));
         assert!(err(&[("kind", "dataset"), ("source", "s3://b"), ("region", "x")]).contains("option.<name>"));
+    }
+
+    #[test]
+    fn a_checkpoint_spec_becomes_a_mount_and_mistakes_are_named() {
+        let defaults = NodeDefaults {
+            local_cache_size: 0,
+            passthrough: true,
+            max_readahead: 1 << 20,
+            threads: 2,
+            writeback_size: 10 << 30,
+        };
+        let build = |pairs: &[(&str, &str)]| {
+            volume_mount(
+                &attrs(pairs),
+                &attrs(&[("secret_access_key", "s")]),
+                &defaults,
+                "/wb".into(),
+            )
+        };
+        let Ok(VolumeMount::Checkpoint(m)) = build(&[
+            ("kind", "checkpoint"),
+            ("target", "s3://ckpt/llama"),
+            ("commitMarker", ".metadata"),
+            ("keepLast", "3"),
+            ("writebackSize", "200GiB"),
+            ("option.region", "us-east-1"),
+        ]) else {
+            panic!("a checkpoint volume")
+        };
+        assert_eq!(m.target, "s3://ckpt/llama");
+        assert_eq!(m.commit_marker.as_deref(), Some(".metadata"));
+        assert_eq!(m.upload.keep_last, 3);
+        assert_eq!(m.writeback_size, 200 << 30);
+        assert_eq!(m.target_options.get("secret_access_key").map(String::as_str), Some("s"));
+        let err = |pairs: &[(&str, &str)]| build(pairs).map(|_| ()).unwrap_err().to_string();
+        assert!(err(&[("kind", "checkpoint")]).contains("needs `target`"));
+        assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("keepLast", "2")]).contains("commitMarker"));
+        assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("partSize", "big")]).contains("partSize"));
+        assert!(err(&[("kind", "blob")]).contains("supported: dataset, checkpoint"));
     }
 }
