@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test lint unit bench fuse-bench build release
+.PHONY: demo test lint unit bench fuse-bench ckpt-bench build release
 
 ## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
 demo: release
@@ -32,3 +32,8 @@ bench: release
 ## prewarmed / warm, with the store behind a rate-limited link (root; fio, ip, tc).
 fuse-bench: release
 	e2e/fuse-bench.sh
+
+## Checkpoint benchmark: close(), commit and restore of a 2 GiB checkpoint vs local disk
+## and a direct PUT, with the store behind a rate-limited link (root; ip, tc, curl).
+ckpt-bench: release
+	e2e/ckpt-bench.sh

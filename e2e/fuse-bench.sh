@@ -44,19 +44,7 @@ PY
 fi
 
 echo "== the store: a network namespace behind a $LINK veth link"
-ip netns add "$NS"
-cleanup_net() { ip netns del "$NS" 2>/dev/null || true; ip link del "veth-$$" 2>/dev/null || true; }
-trap 'cleanup; cleanup_net' EXIT
-ip link add "veth-$$" type veth peer name "vethns-$$"
-ip link set "vethns-$$" netns "$NS"
-ip addr add 10.231.0.1/24 dev "veth-$$"; ip link set "veth-$$" up
-ip netns exec "$NS" ip addr add 10.231.0.2/24 dev "vethns-$$"
-ip netns exec "$NS" ip link set "vethns-$$" up
-ip netns exec "$NS" ip link set lo up
-tc qdisc add dev "veth-$$" root handle 1: htb default 10
-tc class add dev "veth-$$" parent 1: classid 1:10 htb rate "$LINK"
-ip netns exec "$NS" tc qdisc add dev "vethns-$$" root handle 1: htb default 10
-ip netns exec "$NS" tc class add dev "vethns-$$" parent 1: classid 1:10 htb rate "$LINK"
+store_netns "$NS" "$LINK"
 
 rm -rf "$WORK/s3"
 start "$WORK/s3.log" ip netns exec "$NS" "$S3_BIN" --root "$WORK/s3" --listen 10.231.0.2:9000 --bucket bench \

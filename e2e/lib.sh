@@ -33,3 +33,23 @@ wait_for_workers() {
     tail -n 20 "$WORK"/*.log >&2
     return 1
 }
+
+# store_netns NS LINK: a network namespace NS reached over a veth pair rate-limited to LINK
+# (htb, both directions), 10.231.0.1 here and 10.231.0.2 inside; removed on exit.
+store_netns() {
+    STORE_NS=$1
+    local ns=$1 link=$2
+    ip netns add "$ns"
+    cleanup_net() { ip netns del "$STORE_NS" 2>/dev/null || true; ip link del "veth-$$" 2>/dev/null || true; }
+    trap 'cleanup; cleanup_net' EXIT
+    ip link add "veth-$$" type veth peer name "vethns-$$"
+    ip link set "vethns-$$" netns "$ns"
+    ip addr add 10.231.0.1/24 dev "veth-$$"; ip link set "veth-$$" up
+    ip netns exec "$ns" ip addr add 10.231.0.2/24 dev "vethns-$$"
+    ip netns exec "$ns" ip link set "vethns-$$" up
+    ip netns exec "$ns" ip link set lo up
+    tc qdisc add dev "veth-$$" root handle 1: htb default 10
+    tc class add dev "veth-$$" parent 1: classid 1:10 htb rate "$link"
+    ip netns exec "$ns" tc qdisc add dev "vethns-$$" root handle 1: htb default 10
+    ip netns exec "$ns" tc class add dev "vethns-$$" parent 1: classid 1:10 htb rate "$link"
+}

@@ -79,6 +79,11 @@ impl Drop for Ckpt {
 }
 
 fn try_mount(config: CheckpointMount) -> Result<Ckpt, CheckpointMountError> {
+    // The mount's log, shown with a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("granary_cache=info")
+        .with_test_writer()
+        .try_init();
     let dir = tempfile::tempdir().expect("mountpoint");
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = Arc::new(CheckpointMetrics::register(&mut registry));

@@ -368,7 +368,11 @@ fn system_time(t: TimeOrNow) -> SystemTime {
 
 impl Filesystem for CheckpointFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        for flag in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_BIG_WRITES] {
+        for flag in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_WRITEBACK_CACHE,
+        ] {
             let _ = config.add_capabilities(flag);
         }
         let _ = config.set_max_write(1 << 20);

@@ -282,6 +282,8 @@ pub struct Tracker {
     pub space_freed: Notify,
     /// The checkpoint directory committed last; its files stay local for fast restores.
     latest_commit: Mutex<Option<String>>,
+    /// Commits whose follow-up (retention) is still running: not idle yet.
+    committing: std::sync::atomic::AtomicUsize,
 }
 
 /// What a replay found, for the log.
@@ -359,6 +361,7 @@ impl Tracker {
                 work_ready: Notify::new(),
                 space_freed: Notify::new(),
                 latest_commit: Mutex::new(None),
+                committing: std::sync::atomic::AtomicUsize::new(0),
             },
             recovery,
         ))
@@ -802,8 +805,22 @@ impl Tracker {
         p
     }
 
-    /// Whether nothing is waiting for the store (uploads, deletes) — for tests and shutdown.
+    /// A commit's follow-up work starts (`true`) or ends (`false`).
+    pub fn committing(&self, started: bool) {
+        use std::sync::atomic::Ordering;
+        if started {
+            self.committing.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.committing.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Whether nothing is waiting for the store (uploads, deletes, retention) — for tests
+    /// and shutdown.
     pub fn idle(&self) -> bool {
+        if self.committing.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            return false;
+        }
         let guard = self.lock();
         guard.0.deletes.is_empty()
             && guard.0.uploading.is_empty()

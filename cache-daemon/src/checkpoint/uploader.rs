@@ -152,6 +152,11 @@ impl Uploader {
             }
         };
         let commit_started = ok.then(|| self.tracker.closed_at(&path)).flatten();
+        let commits = ok && self.tracker.marks_commit(&path);
+        if commits {
+            // Not idle until retention is done, though the upload is.
+            self.tracker.committing(true);
+        }
         if let Err(e) = self.tracker.upload_finished(&path, seq, ok) {
             tracing::error!(path, error = %e, "cannot write the journal");
         }
@@ -159,8 +164,9 @@ impl Uploader {
             return;
         }
         self.view.invalidate_parent(&path);
-        if self.tracker.marks_commit(&path) {
+        if commits {
             self.committed(&path, commit_started).await;
+            self.tracker.committing(false);
         }
     }
 
