@@ -24,6 +24,10 @@ struct Args {
     /// ETags like any uploaded object: LOCAL_DIR=BUCKET[/PREFIX]. Repeatable.
     #[arg(long = "upload", value_name = "DIR=BUCKET/PREFIX")]
     uploads: Vec<String>,
+    /// Print a line whenever an object becomes visible (a PUT, or a multipart completion),
+    /// with how long that request took.
+    #[arg(long)]
+    print_completions: bool,
 }
 
 /// PUTs every file under `dir` to `bucket/prefix` on this server, in parallel.
@@ -90,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     std::fs::create_dir_all(&args.root)?;
     let server = s3::S3TestServer::start(&args.root, args.listen).await?;
+    server.print_completions(args.print_completions);
     for bucket in &args.buckets {
         server.create_bucket(bucket)?;
     }

@@ -46,6 +46,7 @@ struct Faults {
     fail_gets_containing: Mutex<Option<String>>,
     fail_list_continuations: AtomicBool,
     refuse_all: AtomicBool,
+    print_completions: AtomicBool,
 }
 
 pub struct S3TestServer {
@@ -116,6 +117,8 @@ impl S3TestServer {
                         let object_path = record.path.clone();
                         let write_delay = faults.write_delay_ms.load(Ordering::Relaxed);
                         let completed = completed.clone();
+                        let print_completions = faults.print_completions.load(Ordering::Relaxed);
+                        let received = std::time::Instant::now();
                         // s3s-fs answers a GET or HEAD of a key that is a directory on its disk
                         // with 500; S3 answers 404 (there is no such object), so do that.
                         let directory_key = (record.method == "GET" || record.method == "HEAD")
@@ -149,6 +152,12 @@ impl S3TestServer {
                             if completes_object {
                                 if let Ok(r) = &response {
                                     if r.status().is_success() {
+                                        if print_completions {
+                                            println!(
+                                                "object complete: {object_path} (the request took {:.3}s)",
+                                                received.elapsed().as_secs_f64()
+                                            );
+                                        }
                                         completed.lock().unwrap().push(object_path);
                                     }
                                 }
@@ -237,6 +246,12 @@ impl S3TestServer {
     /// Fails the second and later pages of every listing (an outage in the middle of a list).
     pub fn fail_list_continuations(&self, fail: bool) {
         self.faults.fail_list_continuations.store(fail, Ordering::Relaxed);
+    }
+
+    /// Prints a line for every object that becomes visible, with the time its completing
+    /// request took (s3s-fs assembles multipart uploads by copying every part).
+    pub fn print_completions(&self, on: bool) {
+        self.faults.print_completions.store(on, Ordering::Relaxed);
     }
 
     /// Answers every request with 500, as a store in an outage does.
