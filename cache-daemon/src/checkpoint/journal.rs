@@ -60,6 +60,7 @@ impl Record {
 pub struct Journal {
     file: File,
     path: PathBuf,
+    appended: u64,
 }
 
 impl Journal {
@@ -113,6 +114,7 @@ impl Journal {
         Ok(Journal {
             file,
             path: path.to_path_buf(),
+            appended: 0,
         })
     }
 
@@ -120,7 +122,14 @@ impl Journal {
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
-        self.file.write_all(&line)
+        self.file.write_all(&line)?;
+        self.appended += 1;
+        Ok(())
+    }
+
+    /// Records appended since the journal was last rewritten.
+    pub fn appended(&self) -> u64 {
+        self.appended
     }
 
     pub fn sync(&self) -> io::Result<()> {

@@ -208,6 +208,17 @@ impl State {
     /// Records that rebuild this state from nothing (for rewriting the journal).
     pub fn snapshot(&self) -> Vec<Record> {
         let mut out = Vec::new();
+        // Deletes first: a removal record drops any entry at its path, and a file written
+        // there since (still open) must survive the replay.
+        let mut deletes: Vec<(&String, &DeleteEntry)> = self.deletes.iter().collect();
+        deletes.sort_by_key(|(p, _)| *p);
+        for (path, d) in deletes {
+            out.push(Record::Removed {
+                path: path.clone(),
+                seq: d.seq,
+                store: true,
+            });
+        }
         let mut paths: Vec<&String> = self.files.keys().collect();
         paths.sort();
         for path in paths {
@@ -229,15 +240,6 @@ impl State {
                     }
                 }
             }
-        }
-        let mut deletes: Vec<(&String, &DeleteEntry)> = self.deletes.iter().collect();
-        deletes.sort_by_key(|(p, _)| *p);
-        for (path, d) in deletes {
-            out.push(Record::Removed {
-                path: path.clone(),
-                seq: d.seq,
-                store: true,
-            });
         }
         out
     }
@@ -400,8 +402,7 @@ impl Tracker {
         let mut guard = self.lock();
         let (state, journal) = &mut *guard;
         let record = make(state.next_seq);
-        journal.append(&record)?;
-        state.apply(&record);
+        commit_record(state, journal, &record)?;
         Ok(())
     }
 
@@ -420,8 +421,7 @@ impl Tracker {
                 path: path.to_string(),
                 seq,
             };
-            journal.append(&record)?;
-            state.apply(&record);
+            commit_record(state, journal, &record)?;
         }
         let e = state.entry(path, seq);
         e.writers += 1;
@@ -441,8 +441,7 @@ impl Tracker {
                     path: path.to_string(),
                     seq: state.next_seq,
                 };
-                journal.append(&record)?;
-                state.apply(&record);
+                commit_record(state, journal, &record)?;
             }
             Self::set_size_locked(state, path, size);
         }
@@ -599,8 +598,7 @@ impl Tracker {
             Err(err) => return Err(err),
         }
         let record = Record::Evicted { path: path.to_string() };
-        journal.append(&record)?;
-        state.apply(&record);
+        commit_record(state, journal, &record)?;
         drop(guard);
         self.space_freed.notify_waiters();
         Ok(size)
@@ -739,8 +737,7 @@ impl Tracker {
                 path: path.to_string(),
                 seq,
             };
-            journal.append(&record)?;
-            state.apply(&record);
+            commit_record(state, journal, &record)?;
             if let Some(e) = state.files.get_mut(path) {
                 e.failures = 0;
                 e.retry_at = None;
@@ -767,8 +764,7 @@ impl Tracker {
                 path: path.to_string(),
                 seq,
             };
-            journal.append(&record)?;
-            state.apply(&record);
+            commit_record(state, journal, &record)?;
         }
         if let Some(d) = state.deletes.get_mut(path) {
             d.busy = false;
@@ -832,6 +828,21 @@ impl Tracker {
         let guard = self.lock();
         !guard.0.uploading.is_empty() || guard.0.files.values().any(|e| e.upload_pending())
     }
+}
+
+/// Records appended before the journal is rewritten to what still matters: replay time and
+/// disk use stay bounded however long a job runs.
+const COMPACT_AFTER: u64 = 100_000;
+
+/// Journals `record` and applies it; compacts the journal when it has grown long.
+fn commit_record(state: &mut State, journal: &mut Journal, record: &Record) -> io::Result<()> {
+    journal.append(record)?;
+    state.apply(record);
+    if journal.appended() > COMPACT_AFTER {
+        let path = journal.path().to_path_buf();
+        *journal = Journal::rewrite(&path, &state.snapshot())?;
+    }
+    Ok(())
 }
 
 /// 1 s, 2 s, 4 s … up to 30 s between attempts: a store outage costs few requests, and its
@@ -979,6 +990,72 @@ mod tests {
         let (t, recovery) = open(dir.path(), None);
         assert_eq!(recovery.pending_deletes, 1);
         assert!(t.entry("final/x").is_some_and(|e| e.upload_pending()));
+    }
+
+    #[test]
+    fn a_compacted_journal_replays_to_the_same_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut state = State {
+            next_seq: 1,
+            ..Default::default()
+        };
+        let records = [
+            Record::Closed {
+                path: "a".into(),
+                seq: 1,
+            },
+            Record::Uploaded {
+                path: "a".into(),
+                seq: 1,
+            },
+            Record::Removed {
+                path: "a".into(),
+                seq: 2,
+                store: true,
+            },
+            // A new file at the removed path, still open: the old object must still go.
+            Record::Writing {
+                path: "a".into(),
+                seq: 3,
+            },
+            Record::Closed {
+                path: "b".into(),
+                seq: 4,
+            },
+            Record::Uploaded {
+                path: "b".into(),
+                seq: 4,
+            },
+            Record::Closed {
+                path: "b".into(),
+                seq: 5,
+            },
+            Record::Broken {
+                path: "c".into(),
+                seq: 6,
+            },
+        ];
+        for r in &records {
+            state.apply(r);
+        }
+        let path = dir.path().join("j");
+        drop(Journal::rewrite(&path, &state.snapshot()).expect("rewrite"));
+        let mut replayed = State::default();
+        for r in Journal::read(&path).expect("read") {
+            replayed.apply(&r);
+        }
+        assert!(
+            replayed.deletes.contains_key("a"),
+            "the old object of a is still to be deleted"
+        );
+        assert_eq!(replayed.files["a"].want, Want::Writing);
+        let b = &replayed.files["b"];
+        assert!(
+            b.upload_pending() && b.in_store,
+            "b: a newer version to upload over an older one"
+        );
+        assert_eq!(replayed.files["c"].want, Want::Broken);
+        assert_eq!(replayed.next_seq, state.next_seq);
     }
 
     #[test]
