@@ -2,8 +2,9 @@
 //! the write-back area (`<writeback-dir>/files/<path>`): writes, truncates and renames are
 //! local operations, journaled by the [`Tracker`] so the [`super::uploader`] brings the store
 //! along. Listings merge the local files with the store's; a file only the store has is
-//! copied into the area when opened. Files with no writer are read by the kernel directly
-//! from the local file (passthrough), so a restore runs at local-disk speed.
+//! copied into the area when opened, so a restore reads local files. Writes go through the
+//! kernel's write-back cache; on a kernel without it, files with no writer are read through
+//! passthrough instead.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -368,17 +369,18 @@ fn system_time(t: TimeOrNow) -> SystemTime {
 
 impl Filesystem for CheckpointFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        for flag in [
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_BIG_WRITES,
-            InitFlags::FUSE_WRITEBACK_CACHE,
-        ] {
+        for flag in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_BIG_WRITES] {
             let _ = config.add_capabilities(flag);
         }
+        // The kernel's write-back cache turns many small writes into 1 MiB requests sent
+        // behind the writer: close() of a 2 GiB checkpoint went from 4.5 s to 2.0 s. The
+        // kernel never combines it with passthrough, so with it, reads go through the daemon
+        // (measured at local-disk speed for restores).
+        let writeback_cache = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE).is_ok();
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
-        if self.want_passthrough {
+        if self.want_passthrough && !writeback_cache {
             match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
                 Ok(()) => {
                     let _ = config.set_max_stack_depth(1);

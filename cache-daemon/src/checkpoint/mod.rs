@@ -49,7 +49,8 @@ pub struct CheckpointMount {
     pub upload: UploadTuning,
     /// How long listings of the store are trusted.
     pub listing_ttl: Duration,
-    /// Let the kernel read files with no writer straight from the write-back area.
+    /// Let the kernel read files with no writer straight from the write-back area, where it
+    /// offers no write-back cache (the two never combine).
     pub passthrough: bool,
     pub threads: usize,
     pub allow_other: bool,
