@@ -378,6 +378,11 @@ async fn bad_targets_and_a_write_back_area_too_small_fail_clearly_and_store_noth
     assert!(err.to_string().contains("--writeback-size"), "{err}");
 
     let ckpt = mount(config(&env, "small", &wb, 8 * MIB));
+    // A second volume on the same write-back area would share its journal.
+    let err = try_mount(config(&env, "small", &wb, 8 * MIB))
+        .err()
+        .expect("one owner per area");
+    assert!(matches!(err, CheckpointMountError::WritebackInUse(_)), "{err}");
     let path = ckpt.path().join("too-big.pt");
     let result = tokio::task::block_in_place(|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&path)?;

@@ -94,6 +94,8 @@ pub enum CheckpointMountError {
     WritebackDir { path: PathBuf, source: io::Error },
     #[error("--writeback-size {size} is larger than the {available} bytes free in {path:?}; lower it or free space")]
     WritebackTooBig { path: PathBuf, size: u64, available: u64 },
+    #[error("the write-back directory {0:?} is in use by another process; each checkpoint volume needs its own --writeback-dir")]
+    WritebackInUse(PathBuf),
     #[error("--part-size {0} is out of range: S3 needs parts of 5MiB to 5GiB")]
     PartSize(u64),
     #[error("the write-back journal {path:?} cannot be replayed: {source}")]
@@ -123,6 +125,8 @@ impl CheckpointMountError {
 /// A live checkpoint mount and its uploader.
 pub struct MountedCheckpoint {
     session: Option<BackgroundSession>,
+    /// Held while this process owns the write-back area (released when dropped).
+    _lock: std::fs::File,
     tracker: Arc<Tracker>,
     stop: watch::Sender<bool>,
     uploader: tokio::task::JoinHandle<()>,
@@ -188,6 +192,31 @@ fn writeback_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointMountError 
     }
 }
 
+/// Takes the write-back area's lock (released by the kernel when the process dies).
+fn lock_writeback(dir: &Path) -> Result<std::fs::File, CheckpointMountError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(writeback_err(dir))?;
+    // SAFETY: flock only reads the descriptor, which `file` keeps open across the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            CheckpointMountError::WritebackInUse(dir.to_path_buf())
+        } else {
+            CheckpointMountError::WritebackDir {
+                path: dir.to_path_buf(),
+                source: err,
+            }
+        });
+    }
+    Ok(file)
+}
+
 /// Bytes free for an unprivileged writer on the filesystem holding `dir`.
 fn available_bytes(dir: &Path) -> io::Result<u64> {
     let c_path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
@@ -227,6 +256,8 @@ pub fn mount(
     let files_root = dir.join("files");
     let tmp = dir.join("tmp");
     std::fs::create_dir_all(&files_root).map_err(writeback_err(dir))?;
+    // Two processes sharing a journal would corrupt it: one owner per area.
+    let lock = lock_writeback(dir)?;
     // Half-done copies from the store of a previous run.
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(writeback_err(dir))?;
@@ -329,6 +360,7 @@ pub fn mount(
     tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), "checkpoint volume mounted");
     Ok(MountedCheckpoint {
         session: Some(session),
+        _lock: lock,
         tracker,
         stop,
         uploader,
