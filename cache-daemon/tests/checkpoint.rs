@@ -534,3 +534,72 @@ async fn kill_9_during_uploads_then_a_restart_delivers_every_closed_file_marker_
         std::fs::read_to_string(&log).unwrap_or_default()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_posix_subset_checkpoint_writers_use_behaves_as_on_a_local_disk() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let wb = env.dir.path().join("writeback");
+    let ckpt = mount(config(&env, "posix", &wb, 1 << 30));
+    let root = ckpt.path().to_path_buf();
+    tokio::task::block_in_place(|| {
+        // Truncate, then extend with a write past the end (a hole reads as zeros).
+        std::fs::write(root.join("t.bin"), pattern(3 * MIB as usize, 1)).expect("write");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("t.bin"))
+            .expect("open");
+        f.set_len(1000).expect("truncate");
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(b"tail", 5000).expect("write past the end");
+        drop(f);
+        // Rename over an existing file (torch.save's tmp -> final).
+        std::fs::write(root.join("model.pt"), b"old").expect("write");
+        std::fs::write(root.join("model.pt.tmp"), b"new model").expect("write");
+        std::fs::rename(root.join("model.pt.tmp"), root.join("model.pt")).expect("rename over");
+        // Directories: a non-empty one cannot be removed, an empty one can.
+        std::fs::create_dir_all(root.join("d/sub")).expect("mkdir");
+        std::fs::write(root.join("d/sub/f"), b"f").expect("write");
+        let err = std::fs::remove_dir(root.join("d/sub")).expect_err("not empty");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTEMPTY));
+        std::fs::create_dir(root.join("empty")).expect("mkdir");
+        std::fs::remove_dir(root.join("empty")).expect("rmdir");
+    });
+    ckpt.drain().await;
+    assert!(stored(&env, "posix/d/sub/f").is_some());
+    // A whole directory renamed after its files were uploaded (HF Trainer's
+    // tmp-checkpoint-N -> checkpoint-N): the objects follow it.
+    tokio::task::block_in_place(|| std::fs::rename(root.join("d"), root.join("d2"))).expect("rename a directory");
+    ckpt.drain().await;
+    let mut expected_t = pattern(3 * MIB as usize, 1);
+    expected_t.truncate(1000);
+    expected_t.resize(5000, 0);
+    expected_t.extend_from_slice(b"tail");
+    assert!(stored(&env, "posix/t.bin") == Some(expected_t), "t.bin in the store");
+    assert_eq!(stored(&env, "posix/model.pt").as_deref(), Some(&b"new model"[..]));
+    assert_eq!(
+        listed(&env, "posix").await,
+        vec!["posix/d2/sub/f", "posix/model.pt", "posix/t.bin"],
+        "temporary and old names are gone from the store"
+    );
+    // A file only the store has: visible, readable, and not renameable (EXDEV, as across
+    // filesystems: `mv` copies instead).
+    env.put("posix/remote-only.bin", b"from elsewhere").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::task::block_in_place(|| {
+        let names: Vec<String> = std::fs::read_dir(&root)
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.contains(&"remote-only.bin".to_string()), "{names:?}");
+        let err = std::fs::rename(root.join("remote-only.bin"), root.join("moved.bin")).expect_err("EXDEV");
+        assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+        assert_eq!(
+            std::fs::read(root.join("remote-only.bin")).expect("read"),
+            b"from elsewhere"
+        );
+    });
+    ckpt.unmount().await;
+}

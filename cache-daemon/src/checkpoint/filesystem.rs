@@ -645,8 +645,13 @@ impl Filesystem for CheckpointFs {
                     return Err(CkptFsError::CrossStore(from.clone()));
                 };
                 if md.is_dir() {
-                    let store_children = ctx.view.listing(&from).await.map(|l| !l.is_empty()).unwrap_or(false);
-                    if store_children {
+                    // Objects this mount uploaded from the directory move with it (the new
+                    // names are uploaded, the old deleted); objects only the store has cannot.
+                    let keys = ctx.target.keys_under(&from).await?;
+                    let store_only = keys
+                        .iter()
+                        .any(|k| ctx.local_md(k).is_none() && !ctx.tracker.deleting(k));
+                    if store_only {
                         return Err(CkptFsError::CrossStore(from.clone()));
                     }
                 }

@@ -140,6 +140,14 @@ impl TargetStore {
 
     /// Deletes every object under `dir`.
     pub async fn delete_dir(&self, dir: &str) -> Result<(), SourceError> {
+        for key in self.keys_under(dir).await? {
+            self.delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// Every object key under `dir`, at any depth.
+    pub async fn keys_under(&self, dir: &str) -> Result<Vec<String>, SourceError> {
         let prefix = format!("{}/", dir.trim_end_matches('/'));
         let keys: Vec<String> = self
             .op
@@ -151,10 +159,11 @@ impl TargetStore {
             .try_collect()
             .await
             .map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
-        for key in keys.iter().filter(|k| !k.ends_with('/')) {
-            self.delete(key).await?;
-        }
-        Ok(())
+        Ok(keys
+            .into_iter()
+            .map(|k| k.trim_start_matches('/').to_string())
+            .filter(|k| !k.ends_with('/'))
+            .collect())
     }
 
     /// The entries directly under `dir` ("" is the root).
