@@ -111,14 +111,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Arc::new(CheckpointMetrics::register(&mut registry));
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some(listen) = args.metrics_listen {
-        let (addr, _) = granary_cache::metrics::http::serve(listen, Arc::new(registry), Arc::clone(&ready), async {
-            std::future::pending::<()>().await
-        })
-        .await
-        .with_context(|| format!("cannot serve metrics on {listen}"))?;
-        tracing::info!(%addr, "metrics endpoint");
-    }
+    super::mount::serve_metrics(args.metrics_listen, registry, &ready).await?;
     let runtime = tokio::runtime::Handle::current();
     let mountpoint = args.mountpoint.clone();
     let mounted = tokio::task::spawn_blocking(move || checkpoint::mount(&config, &mountpoint, metrics, runtime))

@@ -148,14 +148,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     let metrics = Arc::new(FuseMetrics::register(&mut registry));
     let resources = MountResources::new(args.max_memory.0, metrics);
     let ready = Arc::new(AtomicBool::new(false));
-    if let Some(listen) = args.metrics_listen {
-        let (addr, _) = granary_cache::metrics::http::serve(listen, Arc::new(registry), Arc::clone(&ready), async {
-            std::future::pending::<()>().await
-        })
-        .await
-        .with_context(|| format!("cannot serve metrics on {listen}"))?;
-        tracing::info!(%addr, "metrics endpoint");
-    }
+    serve_metrics(args.metrics_listen, registry, &ready).await?;
     let runtime = tokio::runtime::Handle::current();
     let mountpoint = args.mountpoint.clone();
     let mounted = tokio::task::spawn_blocking(move || fuse::mount(&config, &mountpoint, &resources, runtime))
@@ -176,6 +169,23 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
             serving.await.context("the mount task failed")?.context("the FUSE session failed")
         }
     }
+}
+
+/// Serves the mount's metrics, /healthz and /readyz on `listen` for as long as the process
+/// runs (readiness follows `ready`).
+pub async fn serve_metrics(
+    listen: Option<SocketAddr>,
+    registry: Registry,
+    ready: &Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let Some(listen) = listen else { return Ok(()) };
+    let (addr, _) = granary_cache::metrics::http::serve(listen, Arc::new(registry), Arc::clone(ready), async {
+        std::future::pending::<()>().await
+    })
+    .await
+    .with_context(|| format!("cannot serve metrics on {listen}"))?;
+    tracing::info!(%addr, "metrics endpoint");
+    Ok(())
 }
 
 /// Whether `path` is a mount point (listed in /proc/self/mountinfo).
