@@ -73,7 +73,7 @@ impl Ckpt {
 impl Drop for Ckpt {
     fn drop(&mut self) {
         if self.mounted.is_some() {
-            let _ = checkpoint::detach_mount(self.dir.path());
+            let _ = granary_cache::fuse::detach(self.dir.path());
         }
     }
 }

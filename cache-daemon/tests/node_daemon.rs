@@ -50,6 +50,20 @@ fn leave(publisher: &str) -> UnmountRequest {
     }
 }
 
+/// Splits the S3 server's settings as the operator does: endpoint and region as
+/// `option.*` attributes, the keys as node-publish secrets (returned).
+fn store_access(env: &support::S3Env, attributes: &mut HashMap<String, String>) -> HashMap<String, String> {
+    let mut secrets = HashMap::new();
+    for (k, v) in env.s3.options() {
+        if k.contains("key") {
+            secrets.insert(k, v);
+        } else {
+            attributes.insert(format!("option.{k}"), v);
+        }
+    }
+    secrets
+}
+
 async fn read(path: PathBuf) -> std::io::Result<Vec<u8>> {
     tokio::task::spawn_blocking(move || std::fs::read(path)).await.unwrap()
 }
@@ -74,14 +88,7 @@ async fn publishers_share_one_mount_that_survives_a_killed_daemon() {
         ("workers".into(), worker.addr.to_string()),
         ("metadataTTL".into(), "60s".into()),
     ]);
-    let mut secrets = HashMap::new();
-    for (k, v) in env.s3.options() {
-        if k.contains("key") {
-            secrets.insert(k, v);
-        } else {
-            attributes.insert(format!("option.{k}"), v);
-        }
-    }
+    let secrets = store_access(&env, &mut attributes);
     let request = |publisher: &str| MountRequest {
         volume_id: "pvc-imagenet".into(),
         publisher: publisher.into(),
@@ -195,14 +202,7 @@ async fn a_checkpoint_volume_uploads_through_the_node_daemon_even_after_its_last
         ("writebackSize".into(), "256MiB".into()),
         ("partSize".into(), "5MiB".into()),
     ]);
-    let mut secrets = HashMap::new();
-    for (k, v) in env.s3.options() {
-        if k.contains("key") {
-            secrets.insert(k, v);
-        } else {
-            attributes.insert(format!("option.{k}"), v);
-        }
-    }
+    let secrets = store_access(&env, &mut attributes);
     let request = MountRequest {
         volume_id: "pvc-llama-ckpt".into(),
         publisher: "/pods/trainer/ckpt".into(),

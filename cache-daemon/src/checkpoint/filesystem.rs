@@ -23,9 +23,9 @@ use tokio::runtime::Handle;
 
 use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
-use super::store_view::{parent_of, StoreView};
+use super::store_view::StoreView;
 use super::target::{StoreEntry, TargetStore};
-use super::tracker::Tracker;
+use super::tracker::{parent_of, Tracker};
 use crate::fuse::handles::Handles;
 use crate::fuse::io_modes::{IoModes, Opened};
 use crate::metrics::CheckpointMetrics;
@@ -151,6 +151,11 @@ impl Ctx {
         self.inodes.path(ino.0).ok_or(CkptFsError::Stale(ino.0))
     }
 
+    /// The path of `name` in the directory `parent`.
+    fn child_of(&self, parent: INodeNo, name: &OsStr) -> Result<String, CkptFsError> {
+        child_path(&self.path_of(parent)?, name)
+    }
+
     fn local_md(&self, path: &str) -> Option<std::fs::Metadata> {
         std::fs::symlink_metadata(self.tracker.local_path(path)).ok()
     }
@@ -232,9 +237,11 @@ impl Ctx {
         if self.tracker.deleting(path) {
             return Ok(false);
         }
-        let size = match self.view.lookup(path).await? {
-            Some(e) if !e.is_dir => self.target.size_of(path).await?,
-            _ => return Ok(false),
+        // A stat, not the (possibly stale) listing: the copy needs the object's size now.
+        let size = match self.target.size_of(path).await {
+            Ok(size) => size,
+            Err(crate::source::SourceError::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(e.into()),
         };
         if size > self.tracker.limit() {
             return Err(CkptFsError::NoSpace(super::tracker::NoSpace::TooLarge {
@@ -340,6 +347,14 @@ impl CheckpointFs {
         }
     }
 
+    /// Answers `reply` with success or the error's errno (logged unless expected).
+    fn reply_empty(op: &'static str, path: &str, reply: ReplyEmpty, result: Result<(), CkptFsError>) {
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(Self::fail(op, path, &e)),
+        }
+    }
+
     fn fail(op: &'static str, path: &str, e: &CkptFsError) -> Errno {
         match e {
             CkptFsError::NotFound(_) | CkptFsError::Exists(_) | CkptFsError::NotEmpty(_) => {}
@@ -396,7 +411,7 @@ impl Filesystem for CheckpointFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.path_of(parent).and_then(|p| child_path(&p, name)) {
+        let path = match ctx.child_of(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e.errno()),
         };
@@ -470,7 +485,12 @@ impl Filesystem for CheckpointFs {
             };
             let result: Result<FileAttr, CkptFsError> = async {
                 let changes_content = size.is_some();
-                if (changes_content || mode.is_some() || uid.is_some() || atime.is_some() || mtime.is_some())
+                if (changes_content
+                    || mode.is_some()
+                    || uid.is_some()
+                    || gid.is_some()
+                    || atime.is_some()
+                    || mtime.is_some())
                     && !ctx.ensure_local(&path).await?
                 {
                     return Err(CkptFsError::NotFound(path.clone()));
@@ -534,7 +554,7 @@ impl Filesystem for CheckpointFs {
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let ctx = &self.ctx;
-        let path = match ctx.path_of(parent).and_then(|p| child_path(&p, name)) {
+        let path = match ctx.child_of(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e.errno()),
         };
@@ -558,7 +578,7 @@ impl Filesystem for CheckpointFs {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.path_of(parent).and_then(|p| child_path(&p, name)) {
+        let path = match ctx.child_of(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e.errno()),
         };
@@ -578,16 +598,13 @@ impl Filesystem for CheckpointFs {
                 Ok(())
             }
             .await;
-            match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Self::fail("unlink", &path, &e)),
-            }
+            Self::reply_empty("unlink", &path, reply, result);
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.path_of(parent).and_then(|p| child_path(&p, name)) {
+        let path = match ctx.child_of(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e.errno()),
         };
@@ -606,10 +623,7 @@ impl Filesystem for CheckpointFs {
                 Ok(())
             }
             .await;
-            match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Self::fail("rmdir", &path, &e)),
-            }
+            Self::reply_empty("rmdir", &path, reply, result);
         });
     }
 
@@ -625,9 +639,8 @@ impl Filesystem for CheckpointFs {
     ) {
         let ctx = Arc::clone(&self.ctx);
         let paths = ctx
-            .path_of(parent)
-            .and_then(|p| child_path(&p, name))
-            .and_then(|from| Ok((from, child_path(&ctx.path_of(newparent)?, newname)?)));
+            .child_of(parent, name)
+            .and_then(|from| Ok((from, ctx.child_of(newparent, newname)?)));
         let (from, to) = match paths {
             Ok(p) => p,
             Err(e) => return reply.error(e.errno()),
@@ -667,10 +680,7 @@ impl Filesystem for CheckpointFs {
                 Ok(())
             }
             .await;
-            match result {
-                Ok(()) => reply.ok(),
-                Err(e) => reply.error(Self::fail("rename", &from, &e)),
-            }
+            Self::reply_empty("rename", &from, reply, result);
         });
     }
 
@@ -685,7 +695,7 @@ impl Filesystem for CheckpointFs {
         reply: ReplyCreate,
     ) {
         let ctx = &self.ctx;
-        let path = match ctx.path_of(parent).and_then(|p| child_path(&p, name)) {
+        let path = match ctx.child_of(parent, name) {
             Ok(p) => p,
             Err(e) => return reply.error(e.errno()),
         };
@@ -897,10 +907,7 @@ impl Filesystem for CheckpointFs {
             .metadata()
             .map_err(CkptFsError::from)
             .and_then(|md| Ok(ctx.tracker.closed(&path, md.len())?));
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Self::fail("flush", &path, &e)),
-        }
+        Self::reply_empty("flush", &path, reply, result);
     }
 
     fn release(

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 pub use tracker::Tracker;
 pub use uploader::UploadTuning;
 
-use crate::fuse::{clear_dead_mount, detach};
+use crate::fuse::clear_dead_mount;
 use crate::metrics::CheckpointMetrics;
 use crate::source::{SourceConfigError, SourceError, SourceTuning};
 
@@ -365,9 +365,4 @@ pub fn mount(
         stop,
         uploader,
     })
-}
-
-/// Unmounts a checkpoint mount at `path` lazily (for tests and signal handlers).
-pub fn detach_mount(path: &Path) -> io::Result<()> {
-    detach(path)
 }

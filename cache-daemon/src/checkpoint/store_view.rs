@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::target::{StoreEntry, TargetStore};
-use super::tracker::is_under;
+use super::tracker::{is_under, parent_of};
 use crate::source::SourceError;
 
 pub type Listing = Arc<BTreeMap<String, StoreEntry>>;
@@ -16,11 +16,6 @@ pub struct StoreView {
     target: TargetStore,
     ttl: Duration,
     listings: Mutex<HashMap<String, (Instant, Listing)>>,
-}
-
-/// The directory holding `path` ("" for the root).
-pub fn parent_of(path: &str) -> &str {
-    path.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
 }
 
 impl StoreView {

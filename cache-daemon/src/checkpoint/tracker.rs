@@ -107,6 +107,11 @@ pub fn is_under(path: &str, dir: &str) -> bool {
     dir.is_empty() || path == dir || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
 }
 
+/// The directory holding `path` ("" for the root); a marker's checkpoint directory.
+pub fn parent_of(path: &str) -> &str {
+    path.rsplit_once('/').map(|(dir, _)| dir).unwrap_or("")
+}
+
 /// `path` with its leading `from` replaced by `to`.
 fn moved_path(path: &str, from: &str, to: &str) -> String {
     format!("{to}{}", &path[from.len()..])
@@ -609,7 +614,7 @@ impl Tracker {
         self.lock().0.deletes.contains_key(path)
     }
 
-    /// Whether anything under `dir` has local state (for moves of store-only content).
+    /// The local state of `path`, if it has any.
     pub fn entry(&self, path: &str) -> Option<FileEntry> {
         self.lock().0.files.get(path).cloned()
     }
@@ -651,19 +656,10 @@ impl Tracker {
         Ok(())
     }
 
-    fn is_marker(&self, path: &str) -> bool {
-        let name = path.rsplit('/').next().unwrap_or(path);
-        self.marker.as_deref() == Some(name)
-    }
-
-    /// The marker's checkpoint directory ("" for a marker at the root).
-    pub fn checkpoint_dir_of(path: &str) -> &str {
-        path.rsplit_once('/').map(|(dir, _)| dir).unwrap_or("")
-    }
-
     /// Whether `path` is a commit marker, and so a checkpoint's last file.
     pub fn marks_commit(&self, path: &str) -> bool {
-        self.is_marker(path)
+        let name = path.rsplit('/').next().unwrap_or(path);
+        self.marker.as_deref() == Some(name)
     }
 
     /// Up to `max` pieces of work that may start now, marking them busy. A marker is
@@ -708,8 +704,8 @@ impl Tracker {
             if work.len() >= max {
                 break;
             }
-            if self.is_marker(&path) {
-                let dir = Self::checkpoint_dir_of(&path);
+            if self.marks_commit(&path) {
+                let dir = parent_of(&path);
                 let others_done = state
                     .files
                     .iter()

@@ -11,7 +11,7 @@ use tokio::task::JoinSet;
 use super::retention;
 use super::store_view::StoreView;
 use super::target::{TargetStore, TransferError};
-use super::tracker::{Tracker, Work};
+use super::tracker::{parent_of, Tracker, Work};
 use crate::metrics::checkpoint::{CheckpointMetrics, TargetLabel};
 
 #[derive(Debug, Clone)]
@@ -171,7 +171,7 @@ impl Uploader {
     }
 
     async fn committed(&self, marker_path: &str, closed_at: Option<Instant>) {
-        let dir = Tracker::checkpoint_dir_of(marker_path).to_string();
+        let dir = parent_of(marker_path).to_string();
         self.metrics.commits.inc();
         if let Some(t) = closed_at {
             self.metrics.commit_latency_seconds.observe(t.elapsed().as_secs_f64());
