@@ -11,6 +11,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod client;
 pub mod fuse;
+pub mod handover;
 pub mod metrics;
 pub mod node;
 pub mod proto;

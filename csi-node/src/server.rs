@@ -1,0 +1,130 @@
+//! Serves the Identity and Node services on the CSI endpoint (a unix socket), and the fd
+//! keeper that holds the node daemon's mounts while it restarts.
+
+use std::path::{Path, PathBuf};
+
+use granary_cache::handover::Keeper;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::daemon::NodeDaemon;
+use crate::identity::IdentityService;
+use crate::node::NodeService;
+use crate::proto::identity_server::IdentityServer;
+use crate::proto::node_server::NodeServer;
+
+#[derive(Debug, Clone)]
+pub struct CsiConfig {
+    /// The CSI endpoint: `unix:///csi/csi.sock` or a path.
+    pub endpoint: PathBuf,
+    pub node_id: String,
+    /// The node daemon's socket.
+    pub node_daemon: PathBuf,
+    /// Where to hold the node daemon's FUSE descriptors; `None` holds none.
+    pub fd_keeper: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CsiStartError {
+    #[error("the CSI endpoint {0:?} is not a unix socket; give unix:///path/to/csi.sock or a path")]
+    Endpoint(String),
+    #[error("--node-id is empty; pass the node's name (e.g. --node-id \"$NODE_NAME\" from the downward API)")]
+    NodeId,
+    #[error("cannot listen on {path:?}: {source}")]
+    Listen { path: PathBuf, source: std::io::Error },
+    #[error("cannot serve the fd keeper on {path:?}: {source}")]
+    Keeper { path: PathBuf, source: std::io::Error },
+    #[error("bad node daemon address {path:?}: {source}")]
+    Daemon {
+        path: PathBuf,
+        source: tonic::transport::Error,
+    },
+}
+
+/// `unix:///csi/csi.sock` → `/csi/csi.sock`; a bare path stays as it is.
+pub fn socket_path(endpoint: &Path) -> Result<PathBuf, CsiStartError> {
+    let text = endpoint.to_string_lossy();
+    if let Some(path) = text.strip_prefix("unix://") {
+        if path.starts_with('/') {
+            return Ok(PathBuf::from(path));
+        }
+        return Err(CsiStartError::Endpoint(text.into_owned()));
+    }
+    if text.contains("://") || text.is_empty() {
+        return Err(CsiStartError::Endpoint(text.into_owned()));
+    }
+    Ok(endpoint.to_path_buf())
+}
+
+pub struct RunningCsi {
+    pub socket: PathBuf,
+    pub keeper: Option<Keeper>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningCsi {
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.server.await??;
+        Ok(())
+    }
+}
+
+/// Starts serving; fails fast on a bad configuration.
+pub async fn start(config: CsiConfig) -> Result<RunningCsi, CsiStartError> {
+    if config.node_id.trim().is_empty() {
+        return Err(CsiStartError::NodeId);
+    }
+    let socket = socket_path(&config.endpoint)?;
+    let daemon = NodeDaemon::new(&config.node_daemon).map_err(|source| CsiStartError::Daemon {
+        path: config.node_daemon.clone(),
+        source,
+    })?;
+    // The keeper first: a node daemon starting now fetches its descriptors from it.
+    let keeper = match &config.fd_keeper {
+        Some(path) => Some(Keeper::serve(path).map_err(|source| CsiStartError::Keeper {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let listen_err = |source| CsiStartError::Listen {
+        path: socket.clone(),
+        source,
+    };
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir).map_err(listen_err)?;
+    }
+    // A socket left by a previous run would refuse the bind.
+    let _ = std::fs::remove_file(&socket);
+    let listener = UnixListener::bind(&socket).map_err(listen_err)?;
+    let identity = IdentityService { daemon: daemon.clone() };
+    let node = NodeService::new(config.node_id.clone(), daemon);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(IdentityServer::new(identity))
+            .add_service(NodeServer::new(node))
+            .serve_with_incoming(UnixListenerStream::new(listener)),
+    );
+    tracing::info!(endpoint = %socket.display(), node_id = %config.node_id, node_daemon = %config.node_daemon.display(), "granary-csi serving");
+    Ok(RunningCsi { socket, keeper, server })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_are_unix_sockets() {
+        assert_eq!(
+            socket_path(Path::new("unix:///csi/csi.sock")).unwrap(),
+            PathBuf::from("/csi/csi.sock")
+        );
+        assert_eq!(
+            socket_path(Path::new("/csi/csi.sock")).unwrap(),
+            PathBuf::from("/csi/csi.sock")
+        );
+        for bad in ["tcp://0.0.0.0:10000", "unix://relative.sock", ""] {
+            assert!(socket_path(Path::new(bad)).is_err(), "{bad}");
+        }
+    }
+}
