@@ -32,12 +32,25 @@ pub struct NodeArgs {
     /// volume's `writebackSize` attribute says otherwise.
     #[arg(long, default_value = "50GiB")]
     pub checkpoint_writeback_size: ByteSize,
+    /// Socket of the fd keeper (served by granary-csi) that holds this daemon's FUSE
+    /// descriptors, so a restart of this daemon never breaks a pod's mount; defaults to
+    /// fd-keeper.sock next to --socket.
+    #[arg(long)]
+    pub fd_keeper: Option<PathBuf>,
+    /// Hand no descriptors to a keeper: a restart then breaks the mounts pods use.
+    #[arg(long, conflicts_with = "fd_keeper")]
+    pub no_fd_keeper: bool,
     #[command(flatten)]
     pub fuse: FuseTuning,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     check_max_memory(args.max_memory)?;
+    let fd_keeper = match (args.no_fd_keeper, &args.fd_keeper) {
+        (true, _) => None,
+        (false, Some(path)) => Some(path.clone()),
+        (false, None) => Some(granary_cache::handover::default_keeper_socket(&args.socket)),
+    };
     let running = node::start(NodeConfig {
         state_dir: args.state_dir,
         socket: args.socket,
@@ -50,15 +63,18 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             threads: args.fuse.threads.into(),
             writeback_size: args.checkpoint_writeback_size.0,
         },
+        fd_keeper,
     })
     .await
     .context("the node daemon could not start")?;
     tokio::select! {
         result = running.wait() => result.context("the node API server stopped"),
         _ = super::shutdown_signal() => {
-            // Mounts stay recorded; the next start serves them again at the same paths.
-            tracing::info!("stopping; recorded mounts are served again by the next start");
-            Ok(())
+            // Mounts stay recorded, and the keeper holds their descriptors: the next start
+            // serves the same kernel mounts. Exit without the destructors, which would
+            // unmount them.
+            tracing::info!("stopping; the next start takes the mounts over");
+            std::process::exit(0)
         }
     }
 }

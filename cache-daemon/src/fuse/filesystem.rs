@@ -55,6 +55,26 @@ struct OpenDir {
     ino: u64,
 }
 
+/// Which incarnation of the daemon serves the mount: the first (a fresh mount) or one that
+/// took it over after a restart, with the inodes its predecessor handed out.
+pub struct Incarnation {
+    pub inodes: Inodes,
+    /// Bumped by each take-over; handle numbers carry it.
+    pub epoch: u64,
+    /// What the kernel agreed to at the mount's init, when this incarnation did not see it.
+    pub passthrough: Option<bool>,
+}
+
+impl Incarnation {
+    pub fn first(inodes: Inodes) -> Self {
+        Incarnation {
+            inodes,
+            epoch: 0,
+            passthrough: None,
+        }
+    }
+}
+
 pub struct DatasetFs {
     pub(super) runtime: Handle,
     pub(super) metadata: Arc<Metadata>,
@@ -71,7 +91,7 @@ pub struct DatasetFs {
     max_readahead: u64,
 }
 
-fn root_info() -> FileInfo {
+pub(super) fn root_info() -> FileInfo {
     FileInfo {
         path: String::new(),
         is_dir: true,
@@ -91,6 +111,8 @@ fn child_path(parent: &str, name: &OsStr) -> Result<String, FsError> {
 }
 
 impl DatasetFs {
+    // The parts build_fs assembles, one argument each; a struct would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         runtime: Handle,
         metadata: Arc<Metadata>,
@@ -99,6 +121,7 @@ impl DatasetFs {
         ownership: Ownership,
         passthrough: bool,
         max_readahead: u64,
+        incarnation: Incarnation,
     ) -> Self {
         let shared = Arc::new(Shared {
             ownership,
@@ -109,15 +132,20 @@ impl DatasetFs {
             metadata,
             fetcher,
             warm_ahead,
-            inodes: Arc::new(Inodes::new(root_info())),
-            files: Arc::new(Handles::default()),
-            dirs: Arc::new(Handles::default()),
+            inodes: Arc::new(incarnation.inodes),
+            files: Arc::new(Handles::with_epoch(incarnation.epoch)),
+            dirs: Arc::new(Handles::with_epoch(incarnation.epoch)),
             io_modes: Arc::new(IoModes::default()),
             shared,
             want_passthrough: passthrough,
-            passthrough: Arc::new(AtomicBool::new(false)),
+            passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
             max_readahead,
         }
+    }
+
+    /// Whether the kernel agreed to passthrough (shared with the mount, which hands it on).
+    pub fn passthrough_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.passthrough)
     }
 
     fn observer(&self) -> Arc<Shared> {
@@ -137,6 +165,58 @@ impl DatasetFs {
         }
         Ok(info)
     }
+}
+
+/// The open file behind `fh`; a handle the previous daemon gave out (before a restart) is
+/// taken over from its inode.
+async fn open_file_of(
+    files: &Handles<OpenFile>,
+    metadata: &Metadata,
+    inodes: &Inodes,
+    fh: u64,
+    ino: u64,
+    max_readahead: u64,
+) -> Result<Arc<OpenFile>, FsError> {
+    if let Some(file) = files.get(fh) {
+        return Ok(file);
+    }
+    if !files.is_inherited(fh) {
+        return Err(FsError::Stale(fh));
+    }
+    let info = DatasetFs::fresh_info(metadata, inodes, ino).await?;
+    Ok(files.adopt(
+        fh,
+        OpenFile {
+            info: (*info).clone(),
+            readahead: Mutex::new(Readahead::new(info.block_size, max_readahead)),
+            ino,
+        },
+    ))
+}
+
+/// The open directory behind `fh`, taken over like [`open_file_of`].
+async fn open_dir_of(
+    dirs: &Handles<OpenDir>,
+    metadata: &Metadata,
+    inodes: &Inodes,
+    fh: u64,
+    ino: u64,
+) -> Result<Arc<OpenDir>, FsError> {
+    if let Some(dir) = dirs.get(fh) {
+        return Ok(dir);
+    }
+    if !dirs.is_inherited(fh) {
+        return Err(FsError::Stale(fh));
+    }
+    let info = DatasetFs::fresh_info(metadata, inodes, ino).await?;
+    Ok(dirs.adopt(
+        fh,
+        OpenDir {
+            listing: metadata.listing(&info.path),
+            path: info.path.clone(),
+            ino,
+        },
+    ))
 }
 
 impl Shared {
@@ -197,6 +277,58 @@ fn drop_behind(fetcher: &BlockFetcher, info: &FileInfo, end: u64) {
             .cache
             .remove(&crate::block::BlockName::of(&info.path, &info.version, index));
     }
+}
+
+/// Answers one read of an open file: decides readahead in the kernel's order, then fetches on
+/// the runtime.
+#[allow(clippy::too_many_arguments)]
+fn serve_read(
+    file: Arc<OpenFile>,
+    offset: u64,
+    size: u32,
+    fetcher: Arc<BlockFetcher>,
+    this: Arc<Shared>,
+    runtime: &Handle,
+    reply: ReplyData,
+    started: Instant,
+) {
+    let info = &file.info;
+    let end = offset.saturating_add(size as u64).min(info.size);
+    if offset >= end {
+        reply.data(&[]);
+        return;
+    }
+    // Decided here, in the kernel's order, before the requests run concurrently.
+    let ahead = file
+        .readahead
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .on_read(offset, end - offset);
+    runtime.spawn(async move {
+        let info = &file.info;
+        let fetch = ahead.fetch.start..ahead.fetch.end.min(info.size);
+        if !fetch.is_empty() {
+            let bs = info.block_size.max(1);
+            for index in (fetch.start / bs)..=((fetch.end - 1) / bs) {
+                fetcher.prefetch(info, index);
+            }
+        }
+        match read_range(&fetcher, info, offset, end).await {
+            Ok(data) => {
+                reply.data(&data);
+                if ahead.streaming {
+                    drop_behind(&fetcher, info, end);
+                }
+                this.metrics.reply_bytes.inc_by(data.len() as u64);
+                this.observe("read", started, Ok(()));
+            }
+            Err(e) => {
+                tracing::warn!(path = %info.path, offset, error = %e, "read failed");
+                reply.error(e.errno());
+                this.observe("read", started, Err(&e));
+            }
+        }
+    });
 }
 
 /// Copies `range` of a file out of its blocks, fetching them concurrently.
@@ -390,7 +522,7 @@ impl Filesystem for DatasetFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -400,48 +532,39 @@ impl Filesystem for DatasetFs {
     ) {
         let started = Instant::now();
         let Some(file) = self.files.get(fh.0) else {
-            reply.error(Errno::EBADF);
+            if !self.files.is_inherited(fh.0) {
+                reply.error(Errno::EBADF);
+                return;
+            }
+            // Opened before this daemon took the mount over: rebuild the handle first.
+            let (files, metadata, inodes) = (
+                Arc::clone(&self.files),
+                Arc::clone(&self.metadata),
+                Arc::clone(&self.inodes),
+            );
+            let (fetcher, this, max_ra) = (Arc::clone(&self.fetcher), self.observer(), self.max_readahead);
+            let runtime = self.runtime.clone();
+            self.runtime.spawn(async move {
+                match open_file_of(&files, &metadata, &inodes, fh.0, ino.0, max_ra).await {
+                    Ok(file) => serve_read(file, offset, size, fetcher, this, &runtime, reply, started),
+                    Err(e) => {
+                        reply.error(e.errno());
+                        this.observe("read", started, Err(&e));
+                    }
+                }
+            });
             return;
         };
-        let info = &file.info;
-        let end = offset.saturating_add(size as u64).min(info.size);
-        if offset >= end {
-            reply.data(&[]);
-            return;
-        }
-        // Decided here, in the kernel's order, before the requests run concurrently.
-        let ahead = file
-            .readahead
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .on_read(offset, end - offset);
-        let fetcher = Arc::clone(&self.fetcher);
-        let this = self.observer();
-        self.runtime.spawn(async move {
-            let info = &file.info;
-            let fetch = ahead.fetch.start..ahead.fetch.end.min(info.size);
-            if !fetch.is_empty() {
-                let bs = info.block_size.max(1);
-                for index in (fetch.start / bs)..=((fetch.end - 1) / bs) {
-                    fetcher.prefetch(info, index);
-                }
-            }
-            match read_range(&fetcher, info, offset, end).await {
-                Ok(data) => {
-                    reply.data(&data);
-                    if ahead.streaming {
-                        drop_behind(&fetcher, info, end);
-                    }
-                    this.metrics.reply_bytes.inc_by(data.len() as u64);
-                    this.observe("read", started, Ok(()));
-                }
-                Err(e) => {
-                    tracing::warn!(path = %info.path, offset, error = %e, "read failed");
-                    reply.error(e.errno());
-                    this.observe("read", started, Err(&e));
-                }
-            }
-        });
+        serve_read(
+            file,
+            offset,
+            size,
+            Arc::clone(&self.fetcher),
+            self.observer(),
+            &self.runtime,
+            reply,
+            started,
+        );
     }
 
     fn release(
@@ -493,15 +616,19 @@ impl Filesystem for DatasetFs {
         });
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let started = Instant::now();
-        let Some(dir) = self.dirs.get(fh.0) else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let (dirs, metadata) = (Arc::clone(&self.dirs), Arc::clone(&self.metadata));
         let inodes = Arc::clone(&self.inodes);
         let this = self.observer();
         self.runtime.spawn(async move {
+            let dir = match open_dir_of(&dirs, &metadata, &inodes, fh.0, ino.0).await {
+                Ok(dir) => dir,
+                Err(e) => {
+                    reply.error(e.errno());
+                    return;
+                }
+            };
             let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
             let walked = walk_dir(&dir, offset, |entry, next| match entry {
                 DirEntry::Dot => reply.add(INodeNo(dir.ino), next, FileType::Directory, "."),
@@ -527,16 +654,20 @@ impl Filesystem for DatasetFs {
         });
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let started = Instant::now();
-        let Some(dir) = self.dirs.get(fh.0) else {
-            reply.error(Errno::EBADF);
-            return;
-        };
+        let (dirs, metadata) = (Arc::clone(&self.dirs), Arc::clone(&self.metadata));
         let inodes = Arc::clone(&self.inodes);
         let ttl = self.metadata.kernel_ttl();
         let this = self.observer();
         self.runtime.spawn(async move {
+            let dir = match open_dir_of(&dirs, &metadata, &inodes, fh.0, ino.0).await {
+                Ok(dir) => dir,
+                Err(e) => {
+                    reply.error(e.errno());
+                    return;
+                }
+            };
             let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
             let walked = walk_dir(&dir, offset, |entry, next| match entry {
                 // "." and ".." carry attributes but take no reference.

@@ -1,13 +1,19 @@
 //! Inode numbers for paths. The kernel holds a reference for each lookup it was answered
 //! (lookup, create, readdirplus) and returns them with forget; an inode is dropped when its
-//! count reaches zero. The root is inode 1 and is never dropped.
+//! count reaches zero. The root is inode 1 and is never dropped. With an [`InodeLog`], every
+//! number handed out is logged, so a restarted daemon can serve the same kernel mount.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
+use super::inode_log::{InodeLog, LoggedInode};
 use crate::proto::FileInfo;
 
 pub const ROOT: u64 = 1;
+
+/// References given to the inodes a previous daemon handed out: how many the kernel holds
+/// is unknown, so they are kept until the mount goes away.
+const INHERITED_LOOKUPS: u64 = 1 << 62;
 
 struct Inode {
     lookups: u64,
@@ -18,6 +24,7 @@ struct Table {
     by_ino: HashMap<u64, Inode>,
     by_path: HashMap<String, u64>,
     next: u64,
+    log: Option<InodeLog>,
 }
 
 pub struct Inodes {
@@ -26,6 +33,11 @@ pub struct Inodes {
 
 impl Inodes {
     pub fn new(root: FileInfo) -> Self {
+        Self::with_log(root, None)
+    }
+
+    /// A table logging every inode it hands out to `log`.
+    pub fn with_log(root: FileInfo, log: Option<InodeLog>) -> Self {
         let mut by_ino = HashMap::new();
         let mut by_path = HashMap::new();
         by_path.insert(root.path.clone(), ROOT);
@@ -41,8 +53,37 @@ impl Inodes {
                 by_ino,
                 by_path,
                 next: ROOT + 1,
+                log,
             }),
         }
+    }
+
+    /// The table a previous daemon left in `log`: its inodes answer again (their attributes
+    /// are fetched on first use) and new ones are numbered after them.
+    pub fn inherited(root: FileInfo, log: InodeLog, live: BTreeMap<u64, LoggedInode>) -> Self {
+        let inodes = Self::with_log(root, Some(log));
+        {
+            let mut t = inodes.lock();
+            for (ino, inode) in live {
+                if ino == ROOT {
+                    continue;
+                }
+                t.by_path.insert(inode.path.clone(), ino);
+                t.by_ino.insert(
+                    ino,
+                    Inode {
+                        lookups: INHERITED_LOOKUPS,
+                        info: Arc::new(FileInfo {
+                            path: inode.path,
+                            is_dir: inode.is_dir,
+                            ..Default::default()
+                        }),
+                    },
+                );
+                t.next = t.next.max(ino + 1);
+            }
+        }
+        inodes
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -62,6 +103,15 @@ impl Inodes {
         }
         let ino = t.next;
         t.next += 1;
+        if let Some(log) = t.log.as_mut() {
+            log.added(
+                ino,
+                &LoggedInode {
+                    path: info.path.clone(),
+                    is_dir: info.is_dir,
+                },
+            );
+        }
         t.by_path.insert(info.path.clone(), ino);
         t.by_ino.insert(ino, Inode { lookups: 1, info });
         ino
@@ -99,6 +149,29 @@ impl Inodes {
             if let Some(inode) = t.by_ino.remove(&ino) {
                 if t.by_path.get(&inode.info.path) == Some(&ino) {
                     t.by_path.remove(&inode.info.path);
+                }
+            }
+            let live = t.by_ino.len();
+            let Table { log, by_ino, .. } = &mut *t;
+            if let Some(log) = log.as_mut() {
+                log.forgotten(ino);
+                if log.wants_compaction(live) {
+                    let entries: Vec<(u64, LoggedInode)> = by_ino
+                        .iter()
+                        .filter(|(i, _)| **i != ROOT)
+                        .map(|(i, inode)| {
+                            (
+                                *i,
+                                LoggedInode {
+                                    path: inode.info.path.clone(),
+                                    is_dir: inode.info.is_dir,
+                                },
+                            )
+                        })
+                        .collect();
+                    if let Err(e) = log.rewrite(entries.iter().map(|(i, l)| (*i, l))) {
+                        tracing::warn!(error = %e, "cannot compact the inode log");
+                    }
                 }
             }
         }

@@ -12,6 +12,7 @@ mod block_fetch;
 pub mod error;
 mod filesystem;
 pub(crate) mod handles;
+mod inode_log;
 mod inodes;
 pub(crate) mod io_modes;
 mod local_files;
@@ -26,11 +27,17 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::AtomicBool;
+
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 use tokio::runtime::Handle;
 
 pub use error::FsError;
+use filesystem::Incarnation;
 pub use filesystem::Ownership;
+use inode_log::InodeLog;
+use inodes::Inodes;
 pub use memory_budget::MemoryBudget;
 
 use crate::block::DEFAULT_BLOCK_SIZE;
@@ -65,6 +72,9 @@ pub struct DatasetMount {
     pub threads: usize,
     pub allow_other: bool,
     pub ownership: Ownership,
+    /// Where to log the inodes handed to the kernel. Set, the mount can be taken over by a
+    /// restarted process ([`resume`]) from a duplicate of its descriptor ([`MountedFs::device`]).
+    pub restart_log: Option<PathBuf>,
 }
 
 impl DatasetMount {
@@ -84,6 +94,7 @@ impl DatasetMount {
             threads: 4,
             allow_other: true,
             ownership: Ownership { uid: 0, gid: 0 },
+            restart_log: None,
         }
     }
 
@@ -142,6 +153,10 @@ pub enum MountError {
     Unreachable(FsError),
     #[error("mounting at {path:?} failed: {source}; FUSE needs /dev/fuse and root (or CAP_SYS_ADMIN), or fusermount3 installed")]
     Mount { path: PathBuf, source: io::Error },
+    #[error("cannot use the inode log {path:?}: {source}; the state directory must be writable")]
+    RestartLog { path: PathBuf, source: io::Error },
+    #[error("taking over the mount at {path:?} failed: {source}")]
+    Takeover { path: PathBuf, source: io::Error },
 }
 
 impl MountError {
@@ -150,20 +165,62 @@ impl MountError {
     pub fn is_config(&self) -> bool {
         !matches!(
             self,
-            MountError::Mount { .. } | MountError::Unreachable(_) | MountError::LocalCache { .. }
+            MountError::Mount { .. }
+                | MountError::Unreachable(_)
+                | MountError::LocalCache { .. }
+                | MountError::RestartLog { .. }
+                | MountError::Takeover { .. }
         )
     }
 }
 
-/// A live mount. Dropping it without [`MountedFs::unmount`] or [`MountedFs::wait`] unmounts.
+/// A live mount. Dropping it without [`MountedFs::unmount`] or [`MountedFs::wait`] unmounts
+/// (a taken-over mount is left to whoever holds its descriptor).
 pub struct MountedFs {
     session: BackgroundSession,
+    /// A duplicate of the /dev/fuse descriptor, for mounts that can be taken over.
+    device: Option<OwnedFd>,
+    passthrough: Arc<AtomicBool>,
+    epoch: u64,
+    /// Where a taken-over mount is mounted (its session did not mount it, so cannot unmount).
+    taken_over_at: Option<PathBuf>,
+}
+
+/// What a process needs to serve a mount another one started: a duplicate of its
+/// /dev/fuse descriptor and what the kernel agreed to at the mount's start.
+#[derive(Debug)]
+pub struct Takeover {
+    pub fd: OwnedFd,
+    /// The epoch of the incarnation that served it last.
+    pub epoch: u64,
+    pub passthrough: bool,
 }
 
 impl MountedFs {
     /// Unmounts (lazily, so readers holding files finish) and waits for the session to end.
     pub fn unmount(self) -> io::Result<()> {
-        self.session.umount_and_join()
+        match self.taken_over_at {
+            Some(path) => {
+                detach(&path)?;
+                self.session.join()
+            }
+            None => self.session.umount_and_join(),
+        }
+    }
+
+    /// A new duplicate of the mount's /dev/fuse descriptor (for mounts with a restart log).
+    pub fn device(&self) -> Option<io::Result<OwnedFd>> {
+        self.device.as_ref().map(|fd| fd.try_clone())
+    }
+
+    /// Whether the kernel agreed to passthrough for this mount.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// This incarnation's epoch: 0 for the process that mounted, +1 per take-over.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Serves until the mount goes away (someone unmounts it, e.g. [`detach`]). Blocking.
@@ -218,6 +275,7 @@ fn build_fs(
     config: &DatasetMount,
     resources: &MountResources,
     runtime: Handle,
+    incarnation: Incarnation,
 ) -> Result<filesystem::DatasetFs, MountError> {
     if config.workers.is_empty() && config.source.is_none() {
         return Err(MountError::NothingToRead);
@@ -250,9 +308,17 @@ fn build_fs(
         None => None,
     };
     // Fail at mount time, not at the first read, when nothing can serve the dataset's root.
+    // A take-over serves regardless: readers are already waiting on the kernel mount, and
+    // an error per request beats a mount nobody answers.
+    let takeover = incarnation.epoch > 0;
     let probe =
         runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), remote.stat("")).await });
     match probe {
+        _ if takeover => {
+            if !matches!(probe, Ok(Ok(_))) {
+                tracing::warn!("the dataset's root cannot be read right now; serving the taken-over mount anyway");
+            }
+        }
         Ok(Ok(root)) if root.is_dir => {}
         Ok(Ok(root)) => {
             return Err(MountError::Unreachable(FsError::NotADirectory(root.path)));
@@ -287,6 +353,7 @@ fn build_fs(
         config.ownership,
         config.passthrough,
         config.max_readahead,
+        incarnation,
     ))
 }
 
@@ -304,8 +371,48 @@ pub fn mount(
         Ok(md) if !md.is_dir() => return Err(MountError::MountpointNotADirectory(mountpoint.to_path_buf())),
         Ok(_) => {}
     }
-    let fs = build_fs(config, resources, runtime)?;
-    let options = vec![
+    let inodes = match &config.restart_log {
+        Some(path) => Inodes::with_log(
+            filesystem::root_info(),
+            Some(InodeLog::create(path).map_err(|source| MountError::RestartLog {
+                path: path.clone(),
+                source,
+            })?),
+        ),
+        None => Inodes::new(filesystem::root_info()),
+    };
+    let fs = build_fs(config, resources, runtime, Incarnation::first(inodes))?;
+    let passthrough = fs.passthrough_flag();
+    let session_config = session_config(config);
+    let failed = |source| MountError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let session = Session::new(fs, mountpoint, &session_config).map_err(failed)?;
+    let device = match config.restart_log {
+        Some(_) => Some(session.as_fd().try_clone_to_owned().map_err(failed)?),
+        None => None,
+    };
+    let session = session.spawn().map_err(failed)?;
+    raise_kernel_readahead(mountpoint);
+    resources.metrics.mounts.inc();
+    tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
+    Ok(MountedFs {
+        session,
+        device,
+        passthrough,
+        epoch: 0,
+        taken_over_at: None,
+    })
+}
+
+fn session_config(config: &DatasetMount) -> Config {
+    let mut session_config = Config::default();
+    if config.allow_other {
+        // Pods run as any user; fuser turns this into the allow_other mount option.
+        session_config.acl = SessionACL::All;
+    }
+    session_config.mount_options = vec![
         MountOption::RO,
         MountOption::FSName(config.fs_name()),
         MountOption::Subtype("granary".into()),
@@ -313,23 +420,87 @@ pub fn mount(
         MountOption::NoSuid,
         MountOption::DefaultPermissions,
     ];
-    let mut session_config = Config::default();
-    if config.allow_other {
-        // Pods run as any user; fuser turns this into the allow_other mount option.
-        session_config.acl = SessionACL::All;
-    }
-    session_config.mount_options = options;
     session_config.n_threads = Some(config.threads.max(1));
-    session_config.clone_fd = true;
-    let failed = |source| MountError::Mount {
+    // A request read through a cloned descriptor dies with it (ECONNABORTED) when the daemon
+    // does; one read through the shared descriptor waits in the kernel for the next daemon.
+    // So a mount that can be taken over reads through the shared one only.
+    session_config.clone_fd = config.restart_log.is_none();
+    session_config
+}
+
+/// Serves, in this process, the mount at `mountpoint` that a previous process started and
+/// left (its descriptor kept alive elsewhere): the same kernel mount, so every process using
+/// it, through any bind mount, carries on. Requests the previous process had read but not
+/// answered are asked for again where the kernel can (Linux 6.9+).
+pub fn resume(
+    config: &DatasetMount,
+    mountpoint: &Path,
+    takeover: Takeover,
+    resources: &MountResources,
+    runtime: Handle,
+) -> Result<MountedFs, MountError> {
+    let log_path = config.restart_log.clone().ok_or_else(|| MountError::Takeover {
+        path: mountpoint.to_path_buf(),
+        source: io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a mount without an inode log cannot be taken over",
+        ),
+    })?;
+    let (log, live) = InodeLog::resume(&log_path).map_err(|source| MountError::RestartLog {
+        path: log_path.clone(),
+        source,
+    })?;
+    let inherited = live.len();
+    let epoch = takeover.epoch + 1;
+    let incarnation = Incarnation {
+        inodes: Inodes::inherited(filesystem::root_info(), log, live),
+        epoch,
+        passthrough: Some(takeover.passthrough),
+    };
+    let fs = build_fs(config, resources, runtime, incarnation)?;
+    let passthrough = fs.passthrough_flag();
+    let failed = |source| MountError::Takeover {
         path: mountpoint.to_path_buf(),
         source,
     };
-    let session = Session::new(fs, mountpoint, &session_config)
-        .and_then(Session::spawn)
+    let device = takeover.fd.try_clone().map_err(failed)?;
+    let session_config = session_config(config);
+    let acl = session_config.acl;
+    let session = Session::from_initialized_fd(fs, takeover.fd, acl, session_config)
+        .spawn()
         .map_err(failed)?;
-    raise_kernel_readahead(mountpoint);
+    let resent = match ask_resend(&device) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the kernel cannot resend requests the previous daemon had taken (needs Linux 6.9+); their callers may wait forever");
+            false
+        }
+    };
     resources.metrics.mounts.inc();
-    tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
-    Ok(MountedFs { session })
+    tracing::info!(mountpoint = %mountpoint.display(), epoch, inherited, resent, "took the mount over");
+    Ok(MountedFs {
+        session,
+        device: Some(device),
+        passthrough,
+        epoch,
+        taken_over_at: Some(mountpoint.to_path_buf()),
+    })
+}
+
+/// FUSE_NOTIFY_RESEND: the kernel puts every request a daemon read but never answered back
+/// in the queue. Its header is the whole message (`fuse_out_header`: length, notify code as
+/// the error, unique 0).
+fn ask_resend(device: &OwnedFd) -> io::Result<()> {
+    const FUSE_NOTIFY_RESEND: i32 = 7;
+    let mut message = [0u8; 16];
+    message[0..4].copy_from_slice(&16u32.to_ne_bytes());
+    message[4..8].copy_from_slice(&FUSE_NOTIFY_RESEND.to_ne_bytes());
+    use std::os::fd::AsRawFd;
+    // SAFETY: writes 16 bytes from a live buffer to a descriptor this process owns.
+    let written = unsafe { libc::write(device.as_raw_fd(), message.as_ptr().cast(), message.len()) };
+    if written == message.len() as isize {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }

@@ -78,7 +78,9 @@ impl HandoverLink {
         let inner = Arc::new(Inner {
             socket: socket.to_path_buf(),
             mounts: Mutex::default(),
-            generation: AtomicU64::new(1),
+            // Nothing is pushed before the first change or sync: a restarting daemon first
+            // takes its mounts over, then tells the keeper what to keep.
+            generation: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
             connected: AtomicBool::new(false),
         });
@@ -102,6 +104,11 @@ impl HandoverLink {
     /// Has the keeper let go of `volume_id`'s descriptor.
     pub fn release(&self, volume_id: &str) {
         self.lock().remove(volume_id);
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Has the keeper hold exactly the current mounts (letting go of any others).
+    pub fn sync(&self) {
         self.inner.generation.fetch_add(1, Ordering::AcqRel);
     }
 

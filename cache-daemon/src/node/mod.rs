@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     pub max_memory: u64,
     pub defaults: NodeDefaults,
+    /// The keeper (granary-csi) holding the mounts' FUSE descriptors across restarts of this
+    /// daemon; `None` keeps none, and a restart breaks the mounts pods use.
+    pub fd_keeper: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,32 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeStartError> {
     let metrics = Arc::new(FuseMetrics::register(&mut registry));
     let checkpoint_metrics = Arc::new(CheckpointMetrics::register(&mut registry));
     let resources = MountResources::new(config.max_memory, metrics);
+    let (handover, handed) = match &config.fd_keeper {
+        Some(socket) => {
+            let handed = tokio::task::spawn_blocking({
+                let socket = socket.clone();
+                move || crate::handover::fetch(&socket)
+            })
+            .await
+            .map_err(|e| state_err(std::io::Error::other(e)))?
+            .unwrap_or_else(|e| {
+                tracing::warn!(socket = %socket.display(), error = %e, "cannot fetch the mounts' descriptors from the keeper; mounting afresh");
+                Vec::new()
+            });
+            if !handed.is_empty() {
+                tracing::info!(
+                    mounts = handed.len(),
+                    "the keeper kept mounts of the previous daemon; taking them over"
+                );
+            }
+            let link = crate::handover::HandoverLink::start(socket).map_err(|source| NodeStartError::Socket {
+                path: socket.clone(),
+                source,
+            })?;
+            (Some(link), handed)
+        }
+        None => (None, Vec::new()),
+    };
     let table = Arc::new(
         MountTable::new(
             &config.state_dir,
@@ -77,6 +106,8 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, NodeStartError> {
             checkpoint_metrics,
             config.defaults.clone(),
             tokio::runtime::Handle::current(),
+            handover,
+            handed,
         )
         .map_err(state_err)?,
     );

@@ -15,6 +15,7 @@ use super::records::{self, MountRecord};
 use super::volume_spec::{self, NodeDefaults, SpecError, VolumeMount};
 use crate::checkpoint::{self, CheckpointMountError, MountedCheckpoint};
 use crate::fuse::{self, MountError, MountResources, MountedFs};
+use crate::handover::{HandedMount, HandoverLink};
 use crate::metrics::CheckpointMetrics;
 use crate::proto::node::MountInfo;
 
@@ -64,6 +65,18 @@ pub struct MountTable {
     defaults: NodeDefaults,
     runtime: Handle,
     volumes: Mutex<BTreeMap<String, Volume>>,
+    /// The keeper of this daemon's FUSE descriptors, when there is one.
+    handover: Option<HandoverLink>,
+    /// Descriptors a previous daemon left with the keeper, until restore takes them.
+    handed: std::sync::Mutex<BTreeMap<String, HandedMount>>,
+    inode_dir: PathBuf,
+}
+
+/// What the keeper holds beside a descriptor: what a successor needs to serve it.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct HandoverMeta {
+    epoch: u64,
+    passthrough: bool,
 }
 
 /// A directory name for a volume id: readable where the id is, unique always.
@@ -93,6 +106,8 @@ impl MountTable {
         checkpoint_metrics: Arc<CheckpointMetrics>,
         defaults: NodeDefaults,
         runtime: Handle,
+        handover: Option<HandoverLink>,
+        handed: Vec<HandedMount>,
     ) -> io::Result<Self> {
         let mnt_dir = state_dir.join("mnt");
         let cache_dir = state_dir.join("cache");
@@ -107,6 +122,9 @@ impl MountTable {
             defaults,
             runtime,
             volumes: Mutex::new(BTreeMap::new()),
+            handover,
+            handed: std::sync::Mutex::new(handed.into_iter().map(|h| (h.volume_id.clone(), h)).collect()),
+            inode_dir: state_dir.join("inodes"),
         })
     }
 
@@ -137,6 +155,7 @@ impl MountTable {
         let mut config = match self.spec(record)? {
             VolumeMount::Dataset(config) => config,
             VolumeMount::Checkpoint(config) => {
+                let _ = self.take_handed(record);
                 let path = record.path.clone();
                 let metrics = Arc::clone(&self.checkpoint_metrics);
                 let runtime = self.runtime.clone();
@@ -160,19 +179,66 @@ impl MountTable {
                 self.defaults.local_cache_size,
             ));
         }
+        if self.handover.is_some() {
+            config.restart_log = Some(self.inode_dir.join(format!("{}.log", dir_name(&record.volume_id))));
+        }
+        let handed = self.take_handed(record);
         let path = record.path.clone();
         let resources = self.resources.clone();
         let runtime = self.runtime.clone();
         let volume_id = record.volume_id.clone();
-        tokio::task::spawn_blocking(move || {
+        let mounted = tokio::task::spawn_blocking(move || {
+            if let Some(handed) = handed {
+                let meta: HandoverMeta = serde_json::from_value(handed.meta).unwrap_or_default();
+                let takeover = fuse::Takeover {
+                    fd: handed.fd,
+                    epoch: meta.epoch,
+                    passthrough: meta.passthrough,
+                };
+                match fuse::resume(&config, &path, takeover, &resources, runtime.clone()) {
+                    Ok(mounted) => return Ok(mounted),
+                    Err(e) => {
+                        // Nobody would answer the old mount: take it off the path and mount
+                        // afresh (pods still bound to the old one see it fail).
+                        tracing::error!(volume_id, error = %e, "cannot take the mount over; mounting it afresh");
+                        let _ = fuse::detach(&path);
+                    }
+                }
+            }
             // A mount left by a daemon that died answers ENOTCONN; fuse::mount detaches it.
             std::fs::create_dir_all(&path).ok();
             fuse::mount(&config, &path, &resources, runtime)
         })
         .await
         .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
-        .map(Mounted::Dataset)
-        .map_err(|source| NodeError::Mount { volume_id, source })
+        .map_err(|source| NodeError::Mount {
+            volume_id: record.volume_id.clone(),
+            source,
+        })?;
+        if let (Some(link), Some(Ok(fd))) = (&self.handover, mounted.device()) {
+            let meta = HandoverMeta {
+                epoch: mounted.epoch(),
+                passthrough: mounted.passthrough(),
+            };
+            link.hold(&record.volume_id, fd, serde_json::to_value(meta).unwrap_or_default());
+        }
+        Ok(Mounted::Dataset(mounted))
+    }
+
+    /// The descriptor the keeper kept for `record`'s mount, if this daemon can serve it; one
+    /// it cannot (a checkpoint volume) has its mount taken off the path, so that mounting
+    /// afresh never touches a mount nobody answers.
+    fn take_handed(&self, record: &MountRecord) -> Option<HandedMount> {
+        let handed = self
+            .handed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&record.volume_id)?;
+        if self.handover.is_some() && record.attributes.get("kind").map(String::as_str) != Some("checkpoint") {
+            return Some(handed);
+        }
+        let _ = fuse::detach(&record.path);
+        None
     }
 
     /// Mounts every recorded volume again, at its recorded path. A volume that cannot be
@@ -193,6 +259,12 @@ impl MountTable {
                 }
             };
             volumes.insert(record.volume_id.clone(), Volume { record, mounted, error });
+        }
+        // Descriptors of mounts no longer recorded are let go, and the keeper is told
+        // exactly what this daemon serves now.
+        self.handed.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        if let Some(link) = &self.handover {
+            link.sync();
         }
         Ok(restored)
     }
@@ -264,6 +336,9 @@ impl MountTable {
 
     async fn unmount_volume(&self, volume: Volume) {
         let path = volume.record.path.clone();
+        if let Some(link) = &self.handover {
+            link.release(&volume.record.volume_id);
+        }
         match volume.mounted {
             Some(Mounted::Dataset(mounted)) => {
                 let result = tokio::task::spawn_blocking(move || mounted.unmount()).await;

@@ -1,0 +1,667 @@
+//! granary-csi and the node daemon as real processes on their real sockets, driven by CSI
+//! calls as the kubelet makes them: real FUSE mounts, real bind mounts, real kill -9.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use granary_csi::proto::identity_client::IdentityClient;
+use granary_csi::proto::node_client::NodeClient;
+use granary_csi::proto::volume_capability::access_mode::Mode;
+use granary_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
+use granary_csi::proto::*;
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+/// Whether FUSE mounts can be made here; a skip with the reason, or under
+/// `GRANARY_REQUIRE_MOUNTS=1` (CI) a failure.
+fn mounts_possible() -> bool {
+    let reason = if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse does not exist")
+    // SAFETY: geteuid only reads the process's credentials.
+    } else if unsafe { libc::geteuid() } != 0 {
+        Some("not running as root")
+    } else {
+        None
+    };
+    match reason {
+        None => true,
+        Some(r) if std::env::var("GRANARY_REQUIRE_MOUNTS").is_ok_and(|v| v == "1") => {
+            panic!("GRANARY_REQUIRE_MOUNTS=1 but FUSE and bind mounts are impossible: {r}")
+        }
+        Some(r) => {
+            eprintln!("SKIP: CSI mount tests need root and /dev/fuse ({r})");
+            false
+        }
+    }
+}
+
+struct Proc(Child);
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The node daemon binary, built beside this test's own (cargo test --workspace builds it).
+fn node_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("granary-cache");
+    assert!(
+        bin.exists(),
+        "{} is missing; build it first (cargo build -p granary-cache, or cargo test --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+fn wait_for(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what} did not create {}", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One node: the state directory, the sockets, and the two processes.
+struct Node {
+    root: tempfile::TempDir,
+    daemon: Option<Proc>,
+    csi: Option<Proc>,
+}
+
+/// A failed test must not leave mounts behind: the processes go, then every mount under the
+/// node's directory (pods' bind mounts first).
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.csi.take();
+        self.daemon.take();
+        let root = self.root.path().to_string_lossy().into_owned();
+        let mut points: Vec<String> = mount_table()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|p| p.starts_with(&root))
+            .map(String::from)
+            .collect();
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(&p).status();
+        }
+    }
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            root: tempfile::tempdir().unwrap(),
+            daemon: None,
+            csi: None,
+        }
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    fn start_daemon(&mut self) {
+        let socket = self.path("run/node.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(node_binary())
+            .args(["node", "--max-memory", "128MiB", "--state-dir"])
+            .arg(self.path("state"))
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start granary-cache node");
+        self.daemon = Some(Proc(child));
+        wait_for(&socket, "the node daemon");
+    }
+
+    fn start_csi(&mut self) {
+        let socket = self.path("csi/csi.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new(env!("CARGO_BIN_EXE_granary-csi"))
+            .arg("--endpoint")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--node-id", "node-a", "--node-daemon"])
+            .arg(format!("unix://{}", self.path("run/node.sock").display()))
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start granary-csi");
+        self.csi = Some(Proc(child));
+        wait_for(&socket, "granary-csi");
+    }
+
+    fn channel(&self) -> Channel {
+        let path = self.path("csi/csi.sock");
+        Endpoint::from_static("http://csi.local").connect_with_connector_lazy(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { UnixStream::connect(path).await.map(TokioIo::new) }
+        }))
+    }
+
+    fn node(&self) -> NodeClient<Channel> {
+        NodeClient::new(self.channel())
+    }
+
+    /// A pod's target path, as the kubelet makes it (the parent exists, the path does not).
+    fn target(&self, pod: &str) -> PathBuf {
+        let dir = self.path(&format!("kubelet/pods/{pod}/volumes/kubernetes.io~csi/data"));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join("mount")
+    }
+}
+
+fn capability(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+fn dataset_context(source: &Path) -> HashMap<String, String> {
+    [
+        ("kind".to_string(), "dataset".to_string()),
+        ("source".to_string(), format!("fs://{}", source.display())),
+        ("metadataTTL".to_string(), "60s".to_string()),
+    ]
+    .into()
+}
+
+fn publish(volume_id: &str, target: &Path, context: HashMap<String, String>, mode: Mode) -> NodePublishVolumeRequest {
+    NodePublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_string_lossy().into_owned(),
+        volume_capability: Some(capability(mode)),
+        volume_context: context,
+        ..Default::default()
+    }
+}
+
+fn unpublish(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
+    NodeUnpublishVolumeRequest {
+        volume_id: volume_id.into(),
+        target_path: target.to_string_lossy().into_owned(),
+    }
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).rotate_left(seed as u32) as u8)
+        .collect()
+}
+
+fn mount_table() -> String {
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap()
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let p = path.to_string_lossy();
+    mount_table().lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
+
+/// A source directory with a few files.
+fn source_with(files: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, data) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, data).unwrap();
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_mount_serves_two_pods_and_every_call_is_idempotent() {
+    if !mounts_possible() {
+        return;
+    }
+    let data = pattern(3_000_000, 3);
+    let source = source_with(&[("train/a.bin", data.clone()), ("train/b.txt", b"hello".to_vec())]);
+    let mut node = Node::new();
+    node.start_daemon();
+    node.start_csi();
+
+    let mut identity = IdentityClient::new(node.channel());
+    let info = identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "granary.dev");
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let probe = identity.probe(ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let caps = identity
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(caps.capabilities.is_empty(), "no controller service: {caps:?}");
+    let mut csi = node.node();
+    let node_info = csi.node_get_info(NodeGetInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(node_info.node_id, "node-a");
+
+    let (a, b) = (node.target("pod-a"), node.target("pod-b"));
+    let mut context = dataset_context(source.path());
+    // kubelet's per-pod keys differ between the pods and must not split the volume.
+    context.insert("csi.storage.k8s.io/pod.name".into(), "pod-a".into());
+    csi.node_publish_volume(publish("ds-imagenet", &a, context.clone(), Mode::MultiNodeReaderOnly))
+        .await
+        .unwrap();
+    context.insert("csi.storage.k8s.io/pod.name".into(), "pod-b".into());
+    csi.node_publish_volume(publish("ds-imagenet", &b, context.clone(), Mode::MultiNodeReaderOnly))
+        .await
+        .unwrap();
+    // The kubelet retries a publish it is unsure of: the same answer, nothing doubled.
+    csi.node_publish_volume(publish("ds-imagenet", &b, context.clone(), Mode::MultiNodeReaderOnly))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(a.join("train/a.bin")).unwrap(), data);
+    assert_eq!(std::fs::read(b.join("train/b.txt")).unwrap(), b"hello");
+    // One FUSE mount (the daemon's) plus a bind mount per pod.
+    let root = node.root.path().to_string_lossy().into_owned();
+    let ours = || {
+        mount_table()
+            .lines()
+            .filter(|l| l.contains(" - fuse granary:") && l.contains(&root))
+            .count()
+    };
+    assert_eq!(ours(), 3, "{}", mount_table());
+    let state_mounts = mount_table()
+        .lines()
+        .filter(|l| l.contains(" - fuse granary:") && l.contains(&*node.path("state/mnt").to_string_lossy()))
+        .count();
+    assert_eq!(state_mounts, 1, "one shared mount in the daemon's state dir");
+    // A dataset is read-only in the pod.
+    let err = std::fs::File::create(a.join("train/new.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    // The same target with the other read-only setting is a different publication.
+    let clash = csi
+        .node_publish_volume(publish(
+            "ds-imagenet",
+            &a,
+            dataset_context(source.path()),
+            Mode::SingleNodeWriter,
+        ))
+        .await;
+    assert!(
+        clash.is_ok(),
+        "a dataset is always read-only, so this is the same publication: {clash:?}"
+    );
+
+    // Usage of a published path; NotFound elsewhere.
+    let stats = csi
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "ds-imagenet".into(),
+            volume_path: a.to_string_lossy().into_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        stats
+            .usage
+            .iter()
+            .any(|u| u.unit == volume_usage::Unit::Bytes as i32 && u.total > 0),
+        "{stats:?}"
+    );
+    assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+    for (volume, path) in [("ds-imagenet", node.path("nowhere")), ("ds-unknown", a.clone())] {
+        let err = csi
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: volume.into(),
+                volume_path: path.to_string_lossy().into_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{volume} at {}: {err:?}", path.display());
+    }
+
+    // Unpublish one pod: the other still reads; twice is still success.
+    csi.node_unpublish_volume(unpublish("ds-imagenet", &a)).await.unwrap();
+    assert!(!a.exists(), "the target path is removed");
+    assert_eq!(std::fs::read(b.join("train/a.bin")).unwrap(), data);
+    csi.node_unpublish_volume(unpublish("ds-imagenet", &a)).await.unwrap();
+    csi.node_unpublish_volume(unpublish("ds-imagenet", &b)).await.unwrap();
+    csi.node_unpublish_volume(unpublish("ds-imagenet", &b)).await.unwrap();
+    assert_eq!(ours(), 0, "the last unpublish unmounts the volume:\n{}", mount_table());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
+    if !mounts_possible() {
+        return;
+    }
+    let source = source_with(&[("a.txt", b"a".to_vec())]);
+    let mut node = Node::new();
+    node.start_daemon();
+    node.start_csi();
+    let mut csi = node.node();
+    let target = node.target("pod-x");
+    let good = publish("ds", &target, dataset_context(source.path()), Mode::MultiNodeReaderOnly);
+
+    let mut cases: Vec<(&str, NodePublishVolumeRequest, Code)> = Vec::new();
+    let mut r = good.clone();
+    r.volume_id.clear();
+    cases.push(("no volume_id", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.target_path.clear();
+    cases.push(("no target_path", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.volume_capability = None;
+    cases.push(("no volume_capability", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.volume_context.remove("kind");
+    cases.push(("no kind", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.volume_capability = Some(VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode {
+            mode: Mode::MultiNodeReaderOnly as i32,
+        }),
+    });
+    cases.push(("a block volume", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.volume_capability = Some(capability(Mode::MultiNodeMultiWriter));
+    cases.push(("a writable dataset", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.volume_context.remove("source");
+    cases.push(("a dataset with nothing to read", r, Code::InvalidArgument));
+    let mut r = good.clone();
+    r.volume_context = [("kind".to_string(), "checkpoint".to_string())].into();
+    r.volume_capability = Some(capability(Mode::SingleNodeWriter));
+    cases.push(("a checkpoint volume without a target", r, Code::InvalidArgument));
+    for (what, request, code) in cases {
+        let err = csi.node_publish_volume(request).await.unwrap_err();
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(!is_mount_point(&target), "{what}: nothing may be mounted");
+    }
+
+    for (what, request) in [
+        ("no volume_id", unpublish("", &target)),
+        ("no target_path", unpublish("ds", Path::new(""))),
+    ] {
+        let err = csi.node_unpublish_volume(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "unpublish with {what}: {err:?}");
+    }
+    for (what, volume, path) in [
+        ("no volume_id", "", target.clone()),
+        ("no volume_path", "ds", PathBuf::new()),
+    ] {
+        let err = csi
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: volume.into(),
+                volume_path: path.to_string_lossy().into_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "stats with {what}: {err:?}");
+    }
+    // An unknown volume at a path that holds nothing of it: NotFound; the empty directory
+    // is cleaned, so the kubelet's retry succeeds.
+    std::fs::create_dir_all(&target).unwrap();
+    let err = csi
+        .node_unpublish_volume(unpublish("ds-never", &target))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    csi.node_unpublish_volume(unpublish("ds-never", &target)).await.unwrap();
+
+    // A target already holding something else is ALREADY_EXISTS, and is left alone.
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(&target).unwrap();
+    let rc = Command::new("mount")
+        .args(["--bind"])
+        .arg(other.path())
+        .arg(&target)
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    let err = csi.node_publish_volume(good.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(is_mount_point(&target));
+    let _ = Command::new("umount").arg(&target).status();
+    // With the path free, the same request works.
+    csi.node_publish_volume(good).await.unwrap();
+    assert_eq!(std::fs::read(target.join("a.txt")).unwrap(), b"a");
+    csi.node_unpublish_volume(unpublish("ds", &target)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_checkpoint_volume_is_writable_in_the_pod_and_reaches_its_store() {
+    if !mounts_possible() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let mut node = Node::new();
+    node.start_daemon();
+    node.start_csi();
+    let mut csi = node.node();
+    let target = node.target("trainer-0");
+    let context: HashMap<String, String> = [
+        ("kind".to_string(), "checkpoint".to_string()),
+        ("target".to_string(), format!("fs://{}", store.path().display())),
+        ("commitMarker".to_string(), ".metadata".to_string()),
+        ("writebackSize".to_string(), "64MiB".to_string()),
+    ]
+    .into();
+    csi.node_publish_volume(publish("ckpt-llama", &target, context, Mode::SingleNodeWriter))
+        .await
+        .unwrap();
+    let shard = pattern(5_000_000, 9);
+    std::fs::create_dir_all(target.join("step-10")).unwrap();
+    let mut f = std::fs::File::create(target.join("step-10/shard-0.distcp")).unwrap();
+    f.write_all(&shard).unwrap();
+    drop(f);
+    std::fs::write(target.join("step-10/.metadata"), b"meta").unwrap();
+    csi.node_unpublish_volume(unpublish("ckpt-llama", &target))
+        .await
+        .unwrap();
+    // The uploads finish after the pod has gone.
+    let marker = store.path().join("step-10/.metadata");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint was not committed to the store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        std::fs::read(store.path().join("step-10/shard-0.distcp")).unwrap(),
+        shard
+    );
+}
+
+/// A pod's reader: reads of an open file at moving offsets (its pages dropped first, so each
+/// read reaches the daemon) and whole files opened by path, each checked against the source.
+struct Reader {
+    stop: Arc<AtomicBool>,
+    failures: Arc<AtomicU64>,
+    reads: Arc<AtomicU64>,
+    /// Longest single read, in microseconds, since the last reset.
+    longest_us: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reader {
+    fn start(mount: PathBuf, big: Vec<u8>, small: Vec<Vec<u8>>) -> Reader {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failures = Arc::new(AtomicU64::new(0));
+        let reads = Arc::new(AtomicU64::new(0));
+        let longest_us = Arc::new(AtomicU64::new(0));
+        let (s, f, r, l) = (stop.clone(), failures.clone(), reads.clone(), longest_us.clone());
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let file = std::fs::File::open(mount.join("train/big.bin")).expect("open the big file");
+            let chunk = 256 * 1024;
+            let mut i = 0usize;
+            while !s.load(Ordering::Acquire) {
+                let started = Instant::now();
+                let ok = if i % 4 == 3 {
+                    let k = (i / 4) % small.len();
+                    std::fs::read(mount.join(format!("train/small-{k}.bin"))).is_ok_and(|d| d == small[k])
+                } else {
+                    let offset = (i * chunk * 7) % (big.len() - chunk);
+                    // SAFETY: advice on a descriptor this thread owns; no memory is touched.
+                    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                    let mut buf = vec![0u8; chunk];
+                    file.read_exact_at(&mut buf, offset as u64).is_ok() && buf == big[offset..offset + chunk]
+                };
+                let took = started.elapsed().as_micros() as u64;
+                l.fetch_max(took, Ordering::AcqRel);
+                r.fetch_add(1, Ordering::AcqRel);
+                if !ok {
+                    f.fetch_add(1, Ordering::AcqRel);
+                }
+                i += 1;
+            }
+        });
+        Reader {
+            stop,
+            failures,
+            reads,
+            longest_us,
+            thread: Some(thread),
+        }
+    }
+
+    /// Waits until the reader has done `n` more reads (it is alive and served).
+    fn wait_reads(&self, n: u64) {
+        let target = self.reads.load(Ordering::Acquire) + n;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.reads.load(Ordering::Acquire) < target {
+            assert!(Instant::now() < deadline, "the reader is stuck");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn take_longest(&self) -> Duration {
+        Duration::from_micros(self.longest_us.swap(0, Ordering::AcqRel))
+    }
+
+    fn finish(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.join().expect("the reader panicked");
+        }
+        (
+            self.reads.load(Ordering::Acquire),
+            self.failures.load(Ordering::Acquire),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarts_of_either_process_never_fail_a_reader() {
+    if !mounts_possible() {
+        return;
+    }
+    let big = pattern(16 << 20, 5);
+    let small: Vec<Vec<u8>> = (0..20).map(|k| pattern(50_000 + k * 1000, k as u8)).collect();
+    let mut files = vec![("train/big.bin".to_string(), big.clone())];
+    for (k, data) in small.iter().enumerate() {
+        files.push((format!("train/small-{k}.bin"), data.clone()));
+    }
+    let refs: Vec<(&str, Vec<u8>)> = files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+    let source = source_with(&refs);
+    let mut node = Node::new();
+    node.start_csi();
+    node.start_daemon();
+    let mut csi = node.node();
+    let target = node.target("trainer-0");
+    csi.node_publish_volume(publish(
+        "ds",
+        &target,
+        dataset_context(source.path()),
+        Mode::MultiNodeReaderOnly,
+    ))
+    .await
+    .unwrap();
+    let reader = tokio::task::spawn_blocking({
+        let target = target.clone();
+        move || Reader::start(target, big, small)
+    })
+    .await
+    .unwrap();
+    reader.wait_reads(50);
+    reader.take_longest();
+
+    // granary-csi killed and restarted: it never touches a mount.
+    node.csi.as_mut().unwrap().kill9();
+    reader.wait_reads(20);
+    node.start_csi();
+    reader.wait_reads(20);
+    println!(
+        "granary-csi kill -9 + restart: longest read {:?}",
+        reader.take_longest()
+    );
+    // Give the daemon a moment to hand its descriptors to the new keeper.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The node daemon killed mid-read, twice (the second restart takes over a mount that was
+    // itself taken over), down for 1 s each time.
+    for round in 1..=2 {
+        node.daemon.as_mut().unwrap().kill9();
+        let killed = Instant::now();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        node.start_daemon();
+        let restarted = killed.elapsed();
+        reader.wait_reads(50);
+        // The new daemon handed its descriptor back to the keeper, marked with its epoch
+        // (handle numbers of each incarnation differ, so none is mistaken for another's).
+        let keeper = node.path("run/fd-keeper.sock");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let held = granary_cache::handover::fetch(&keeper).unwrap();
+            if held.len() == 1 && held[0].meta["epoch"] == round {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the keeper holds {held:?} after restart {round}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        println!(
+            "node daemon kill -9 #{round}: down {:?} until the new daemon served, longest read {:?}",
+            restarted,
+            reader.take_longest()
+        );
+    }
+    let (reads, failures) = tokio::task::spawn_blocking(move || reader.finish()).await.unwrap();
+    println!("{reads} reads, {failures} failed");
+    assert_eq!(failures, 0, "reads failed across the restarts");
+    // The restarted daemon still does everything: a new file, and unpublishing.
+    std::fs::write(source.path().join("train/after.txt"), b"after").unwrap();
+    assert_eq!(std::fs::read(target.join("train/after.txt")).unwrap(), b"after");
+    let mut csi = node.node();
+    csi.node_unpublish_volume(unpublish("ds", &target)).await.unwrap();
+    let root = node.root.path().to_string_lossy().into_owned();
+    assert!(
+        !mount_table().lines().any(|l| l.contains(&root)),
+        "the last unpublish unmounts the volume:\n{}",
+        mount_table()
+    );
+}
