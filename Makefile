@@ -22,7 +22,7 @@ build:
 	$(CARGO) build --workspace
 
 release:
-	$(CARGO) build --release --bin granary-cache --example s3-test-server
+	$(CARGO) build --release --bin granary-cache --bin granary-csi --example s3-test-server
 
 ## Cache worker benchmark against an S3-protocol server on loopback.
 bench: release
