@@ -43,18 +43,100 @@ fn mounts_possible() -> bool {
     }
 }
 
-struct Proc(Child);
+/// A process started through the node's [`Launcher`]; killed with SIGKILL when dropped.
+struct Proc {
+    pid: i32,
+}
 
 impl Proc {
     fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        // SAFETY: kill only sends a signal to a pid this test started.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        // The launcher reaps it; wait until it is gone.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Path::new(&format!("/proc/{}", self.pid)).exists() {
+            let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
+                .map(|s| s.split(' ').nth(2) == Some("Z"))
+                .unwrap_or(true);
+            if zombie || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Starts the node's processes from a shell spawned before the test opens any file on a
+/// mount. A process the test spawned itself would inherit the test's open FUSE files, and
+/// exec closes them, which sends FLUSH to the daemon being restarted: the new daemon would
+/// wait on itself. (On a real node the kubelet starts the daemon, holding no such files.)
+struct Launcher {
+    shell: Child,
+    stdin: std::process::ChildStdin,
+    dir: PathBuf,
+    started: u32,
+}
+
+impl Launcher {
+    fn new(dir: PathBuf) -> Launcher {
+        let mut shell = Command::new("sh")
+            .arg("-s")
+            .stdin(Stdio::piped())
+            .spawn()
+            .expect("start the launcher shell");
+        let stdin = shell.stdin.take().expect("launcher stdin");
+        Launcher {
+            shell,
+            stdin,
+            dir,
+            started: 0,
+        }
+    }
+
+    /// Runs `program args…` in the background (stdout discarded), returning it.
+    fn launch(&mut self, program: &Path, args: &[String]) -> Proc {
+        self.started += 1;
+        let pidfile = self.dir.join(format!("pid-{}", self.started));
+        let quoted: Vec<String> = std::iter::once(program.to_string_lossy().into_owned())
+            .chain(args.iter().cloned())
+            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
+            .collect();
+        writeln!(
+            self.stdin,
+            "{} >/dev/null & echo $! > '{}'",
+            quoted.join(" "),
+            pidfile.display()
+        )
+        .expect("launcher");
+        self.stdin.flush().expect("launcher");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return Proc { pid };
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the launcher did not start {}",
+                program.display()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let _ = self.shell.kill();
+        let _ = self.shell.wait();
     }
 }
 
@@ -82,6 +164,7 @@ fn wait_for(path: &Path, what: &str) {
 /// One node: the state directory, the sockets, and the two processes.
 struct Node {
     root: tempfile::TempDir,
+    launcher: Launcher,
     daemon: Option<Proc>,
     csi: Option<Proc>,
 }
@@ -108,8 +191,11 @@ impl Drop for Node {
 
 impl Node {
     fn new() -> Node {
+        let root = tempfile::tempdir().unwrap();
+        let launcher = Launcher::new(root.path().to_path_buf());
         Node {
-            root: tempfile::tempdir().unwrap(),
+            root,
+            launcher,
             daemon: None,
             csi: None,
         }
@@ -122,30 +208,34 @@ impl Node {
     fn start_daemon(&mut self) {
         let socket = self.path("run/node.sock");
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(node_binary())
-            .args(["node", "--max-memory", "128MiB", "--state-dir"])
-            .arg(self.path("state"))
-            .arg("--socket")
-            .arg(&socket)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start granary-cache node");
-        self.daemon = Some(Proc(child));
+        let args: Vec<String> = vec![
+            "node".into(),
+            "--max-memory".into(),
+            "128MiB".into(),
+            "--state-dir".into(),
+            self.path("state").to_string_lossy().into_owned(),
+            "--socket".into(),
+            socket.to_string_lossy().into_owned(),
+        ];
+        self.daemon = Some(self.launcher.launch(&node_binary(), &args));
         wait_for(&socket, "the node daemon");
     }
 
     fn start_csi(&mut self) {
         let socket = self.path("csi/csi.sock");
         let _ = std::fs::remove_file(&socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_granary-csi"))
-            .arg("--endpoint")
-            .arg(format!("unix://{}", socket.display()))
-            .args(["--node-id", "node-a", "--node-daemon"])
-            .arg(format!("unix://{}", self.path("run/node.sock").display()))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start granary-csi");
-        self.csi = Some(Proc(child));
+        let args: Vec<String> = vec![
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--node-id".into(),
+            "node-a".into(),
+            "--node-daemon".into(),
+            format!("unix://{}", self.path("run/node.sock").display()),
+        ];
+        self.csi = Some(
+            self.launcher
+                .launch(Path::new(env!("CARGO_BIN_EXE_granary-csi")), &args),
+        );
         wait_for(&socket, "granary-csi");
     }
 
@@ -573,6 +663,65 @@ impl Reader {
     }
 }
 
+/// A pod's checkpoint writer: appends 1 MiB chunks to one open file (fsync every 8), the way
+/// torch.save streams a shard, until stopped; then closes it and writes the commit marker.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    chunks: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<Result<u64, String>>>,
+}
+
+fn chunk(i: u64) -> Vec<u8> {
+    pattern(1 << 20, (i % 251) as u8)
+}
+
+impl Writer {
+    fn start(dir: PathBuf) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let chunks = Arc::new(AtomicU64::new(0));
+        let (s, c) = (stop.clone(), chunks.clone());
+        let thread = std::thread::spawn(move || -> Result<u64, String> {
+            std::fs::create_dir_all(dir.join("step-1")).map_err(|e| format!("mkdir: {e}"))?;
+            let mut file = std::fs::File::create(dir.join("step-1/shard-0.pt")).map_err(|e| format!("create: {e}"))?;
+            let mut i = 0u64;
+            while !s.load(Ordering::Acquire) {
+                file.write_all(&chunk(i)).map_err(|e| format!("write {i}: {e}"))?;
+                if i % 8 == 7 {
+                    file.sync_all().map_err(|e| format!("fsync {i}: {e}"))?;
+                }
+                i += 1;
+                c.store(i, Ordering::Release);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(file);
+            std::fs::write(dir.join("step-1/.metadata"), i.to_le_bytes()).map_err(|e| format!("marker: {e}"))?;
+            Ok(i)
+        });
+        Writer {
+            stop,
+            chunks,
+            thread: Some(thread),
+        }
+    }
+
+    fn wait_chunks(&self, n: u64) {
+        let target = self.chunks.load(Ordering::Acquire) + n;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.chunks.load(Ordering::Acquire) < target {
+            assert!(Instant::now() < deadline, "the writer is stuck or failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn finish(mut self) -> Result<u64, String> {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .map(|t| t.join().expect("the writer panicked"))
+            .unwrap_or(Ok(0))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_of_either_process_never_fail_a_reader() {
     if !mounts_possible() {
@@ -599,13 +748,27 @@ async fn restarts_of_either_process_never_fail_a_reader() {
     ))
     .await
     .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let ckpt_target = node.target("trainer-0-ckpt");
+    let ckpt_context: HashMap<String, String> = [
+        ("kind".to_string(), "checkpoint".to_string()),
+        ("target".to_string(), format!("fs://{}", store.path().display())),
+        ("commitMarker".to_string(), ".metadata".to_string()),
+        ("writebackSize".to_string(), "1GiB".to_string()),
+    ]
+    .into();
+    csi.node_publish_volume(publish("ckpt", &ckpt_target, ckpt_context, Mode::SingleNodeWriter))
+        .await
+        .unwrap();
     let reader = tokio::task::spawn_blocking({
         let target = target.clone();
         move || Reader::start(target, big, small)
     })
     .await
     .unwrap();
+    let writer = Writer::start(ckpt_target.clone());
     reader.wait_reads(50);
+    writer.wait_chunks(8);
     reader.take_longest();
 
     // granary-csi killed and restarted: it never touches a mount.
@@ -629,13 +792,14 @@ async fn restarts_of_either_process_never_fail_a_reader() {
         node.start_daemon();
         let restarted = killed.elapsed();
         reader.wait_reads(50);
-        // The new daemon handed its descriptor back to the keeper, marked with its epoch
+        writer.wait_chunks(16);
+        // The new daemon handed its descriptors back to the keeper, marked with its epoch
         // (handle numbers of each incarnation differ, so none is mistaken for another's).
         let keeper = node.path("run/fd-keeper.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let held = granary_cache::handover::fetch(&keeper).unwrap();
-            if held.len() == 1 && held[0].meta["epoch"] == round {
+            if held.len() == 2 && held.iter().all(|h| h.meta["epoch"] == round) {
                 break;
             }
             assert!(
@@ -653,6 +817,31 @@ async fn restarts_of_either_process_never_fail_a_reader() {
     let (reads, failures) = tokio::task::spawn_blocking(move || reader.finish()).await.unwrap();
     println!("{reads} reads, {failures} failed");
     assert_eq!(failures, 0, "reads failed across the restarts");
+    let written = tokio::task::spawn_blocking(move || writer.finish()).await.unwrap();
+    let written = written.unwrap_or_else(|e| panic!("the checkpoint writer failed across the restarts: {e}"));
+    println!("checkpoint writer: {written} MiB written and closed without an error");
+    csi.node_unpublish_volume(unpublish("ckpt", &ckpt_target))
+        .await
+        .unwrap();
+    // The shard reaches the store whole, before its marker.
+    let marker = store.path().join("step-1/.metadata");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !marker.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the checkpoint was not committed after the restarts"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = std::fs::read(store.path().join("step-1/shard-0.pt")).unwrap();
+    assert_eq!(stored.len() as u64, written << 20);
+    for i in 0..written {
+        let at = (i << 20) as usize;
+        assert!(
+            stored[at..at + (1 << 20)] == chunk(i)[..],
+            "chunk {i} differs in the store"
+        );
+    }
     // The restarted daemon still does everything: a new file, and unpublishing.
     std::fs::write(source.path().join("train/after.txt"), b"after").unwrap();
     assert_eq!(std::fs::read(target.join("train/after.txt")).unwrap(), b"after");

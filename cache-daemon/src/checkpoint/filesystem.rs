@@ -25,7 +25,7 @@ use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
 use super::store_view::StoreView;
 use super::target::{StoreEntry, TargetStore};
-use super::tracker::{parent_of, Tracker};
+use super::tracker::{parent_of, Tracker, Want};
 use crate::fuse::handles::Handles;
 use crate::fuse::io_modes::{IoModes, Opened};
 use crate::metrics::CheckpointMetrics;
@@ -61,6 +61,8 @@ pub struct Ctx {
     io_modes: IoModes,
     /// One copy from the store at a time: two opens of the same file must not both fetch it.
     fetching: tokio::sync::Mutex<()>,
+    /// One take-over of an inherited handle at a time (each counts a writer once).
+    adopting: std::sync::Mutex<()>,
 }
 
 pub struct CheckpointFs {
@@ -147,6 +149,42 @@ fn attr_of(ino: u64, found: &Found) -> FileAttr {
 }
 
 impl Ctx {
+    /// The open file behind `fh`. A handle the previous daemon gave out (before a restart)
+    /// is rebuilt from its inode's local file; it counts as a writer when `writing` says so
+    /// (a write), or, when that is unknown, while the file is still being written.
+    fn open_file(&self, fh: u64, ino: u64, writing: Option<bool>) -> Option<Arc<OpenFile>> {
+        if let Some(open) = self.files.get(fh) {
+            return Some(open);
+        }
+        if !self.files.is_inherited(fh) {
+            return None;
+        }
+        let _one_at_a_time = self.adopting.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(open) = self.files.get(fh) {
+            return Some(open);
+        }
+        let path = self.inodes.path(ino)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.tracker.local_path(&path))
+            .ok()?;
+        let writable = writing.unwrap_or_else(|| self.tracker.entry(&path).is_some_and(|e| e.want == Want::Writing));
+        if writable {
+            self.tracker.begin_write(&path).ok()?;
+        }
+        self.io_modes.open(ino, || None);
+        Some(self.files.adopt(
+            fh,
+            OpenFile {
+                file: Arc::new(file),
+                ino,
+                writable,
+                failed: AtomicI32::new(0),
+            },
+        ))
+    }
+
     fn path_of(&self, ino: INodeNo) -> Result<String, CkptFsError> {
         self.inodes.path(ino.0).ok_or(CkptFsError::Stale(ino.0))
     }
@@ -326,6 +364,7 @@ impl Ctx {
 
 impl CheckpointFs {
     pub fn new(ctx: CtxParts, want_passthrough: bool) -> Self {
+        let incarnation = ctx.incarnation;
         let ctx = Arc::new(Ctx {
             runtime: ctx.runtime,
             tracker: ctx.tracker,
@@ -334,17 +373,23 @@ impl CheckpointFs {
             metrics: ctx.metrics,
             part_size: ctx.part_size,
             concurrency: ctx.concurrency,
-            inodes: PathInodes::default(),
-            files: Handles::default(),
-            dirs: Handles::default(),
+            inodes: incarnation.inodes,
+            files: Handles::with_epoch(incarnation.epoch),
+            dirs: Handles::with_epoch(incarnation.epoch),
             io_modes: IoModes::default(),
             fetching: tokio::sync::Mutex::new(()),
+            adopting: std::sync::Mutex::new(()),
         });
         CheckpointFs {
             ctx,
             want_passthrough,
-            passthrough: Arc::new(AtomicBool::new(false)),
+            passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
         }
+    }
+
+    /// Whether the kernel agreed to passthrough (shared with the mount, which hands it on).
+    pub fn passthrough_flag(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.passthrough)
     }
 
     /// Answers `reply` with success or the error's errno (logged unless expected).
@@ -364,8 +409,19 @@ impl CheckpointFs {
     }
 }
 
+/// Which incarnation of the daemon serves the mount: the first, or one that took it over
+/// after a restart with the inode table its predecessor logged.
+pub struct Incarnation {
+    pub inodes: PathInodes,
+    /// Bumped by each take-over; handle numbers carry it.
+    pub epoch: u64,
+    /// What the kernel agreed to at the mount's init, when this incarnation did not see it.
+    pub passthrough: Option<bool>,
+}
+
 /// What [`CheckpointFs::new`] is built from.
 pub struct CtxParts {
+    pub incarnation: Incarnation,
     pub runtime: Handle,
     pub tracker: Arc<Tracker>,
     pub view: Arc<StoreView>,
@@ -437,7 +493,7 @@ impl Filesystem for CheckpointFs {
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let ctx = Arc::clone(&self.ctx);
         // An open file answers for itself, even after an unlink.
-        if let Some(open) = fh.and_then(|fh| ctx.files.get(fh.0)) {
+        if let Some(open) = fh.and_then(|fh| ctx.open_file(fh.0, ino.0, None)) {
             return match open.file.metadata() {
                 Ok(md) => reply.attr(&ATTR_TTL, &local_attr(ino.0, &md)),
                 Err(e) => reply.error(CkptFsError::Local(e).errno()),
@@ -477,7 +533,7 @@ impl Filesystem for CheckpointFs {
         reply: ReplyAttr,
     ) {
         let ctx = Arc::clone(&self.ctx);
-        let open = fh.and_then(|fh| ctx.files.get(fh.0));
+        let open = fh.and_then(|fh| ctx.open_file(fh.0, ino.0, None));
         self.ctx.runtime.spawn(async move {
             let path = match ctx.path_of(ino) {
                 Ok(p) => p,
@@ -798,7 +854,7 @@ impl Filesystem for CheckpointFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -806,7 +862,7 @@ impl Filesystem for CheckpointFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(open) = self.ctx.files.get(fh.0) else {
+        let Some(open) = self.ctx.open_file(fh.0, ino.0, None) else {
             return reply.error(Errno::EBADF);
         };
         let mut buf = vec![0u8; size as usize];
@@ -835,7 +891,7 @@ impl Filesystem for CheckpointFs {
         reply: ReplyWrite,
     ) {
         let ctx = &self.ctx;
-        let Some(open) = ctx.files.get(fh.0) else {
+        let Some(open) = ctx.open_file(fh.0, ino.0, Some(true)) else {
             return reply.error(Errno::EBADF);
         };
         let failed = open.failed.load(Ordering::Relaxed);
@@ -888,7 +944,7 @@ impl Filesystem for CheckpointFs {
 
     fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let ctx = &self.ctx;
-        let Some(open) = ctx.files.get(fh.0) else {
+        let Some(open) = ctx.open_file(fh.0, ino.0, None) else {
             return reply.error(Errno::EBADF);
         };
         if !open.writable {
@@ -932,8 +988,8 @@ impl Filesystem for CheckpointFs {
         reply.ok();
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let Some(open) = self.ctx.files.get(fh.0) else {
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        let Some(open) = self.ctx.open_file(fh.0, ino.0, None) else {
             return reply.error(Errno::EBADF);
         };
         let synced = if datasync {
@@ -964,36 +1020,29 @@ impl Filesystem for CheckpointFs {
         });
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
         let ctx = &self.ctx;
-        let Some(dir) = ctx.dirs.get(fh.0) else {
-            return reply.error(Errno::EBADF);
-        };
-        let dir_path = ctx.inodes.path(ino.0).unwrap_or_default();
-        let dots = [
-            (".".to_string(), FileType::Directory),
-            ("..".to_string(), FileType::Directory),
-        ];
-        for (i, (name, kind)) in dots.iter().chain(dir.entries.iter()).enumerate().skip(offset as usize) {
-            let child = if dir_path.is_empty() {
-                name.clone()
-            } else {
-                format!("{dir_path}/{name}")
-            };
-            // Numbers here are informational; lookups assign the real ones.
-            let child_ino = match name.as_str() {
-                "." => ino.0,
-                ".." => ROOT,
-                _ => ctx
-                    .inodes
-                    .peek(&child)
-                    .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(child.as_bytes()) | (1 << 63)),
-            };
-            if reply.add(INodeNo(child_ino), (i + 1) as u64, *kind, name) {
-                break;
-            }
+        if let Some(dir) = ctx.dirs.get(fh.0) {
+            return fill_dir(ctx, &dir, ino, offset, reply);
         }
-        reply.ok();
+        if !ctx.dirs.is_inherited(fh.0) {
+            return reply.error(Errno::EBADF);
+        }
+        // Opened before this daemon took the mount over: list it again.
+        let ctx = Arc::clone(&self.ctx);
+        self.ctx.runtime.spawn(async move {
+            let path = match ctx.path_of(ino) {
+                Ok(p) => p,
+                Err(e) => return reply.error(e.errno()),
+            };
+            match ctx.list(&path).await {
+                Ok(entries) => {
+                    let dir = ctx.dirs.adopt(fh.0, OpenDir { entries });
+                    fill_dir(&ctx, &dir, ino, offset, reply);
+                }
+                Err(e) => reply.error(Self::fail("readdir", &path, &e)),
+            }
+        });
     }
 
     fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
@@ -1021,6 +1070,35 @@ impl Filesystem for CheckpointFs {
         // default_permissions: the kernel checks modes itself.
         reply.ok();
     }
+}
+
+/// Fills a readdir reply from an open directory's entries, from the kernel's `offset`.
+fn fill_dir(ctx: &Ctx, dir: &OpenDir, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
+    let dir_path = ctx.inodes.path(ino.0).unwrap_or_default();
+    let dots = [
+        (".".to_string(), FileType::Directory),
+        ("..".to_string(), FileType::Directory),
+    ];
+    for (i, (name, kind)) in dots.iter().chain(dir.entries.iter()).enumerate().skip(offset as usize) {
+        let child = if dir_path.is_empty() {
+            name.clone()
+        } else {
+            format!("{dir_path}/{name}")
+        };
+        // Numbers here are informational; lookups assign the real ones.
+        let child_ino = match name.as_str() {
+            "." => ino.0,
+            ".." => ROOT,
+            _ => ctx
+                .inodes
+                .peek(&child)
+                .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(child.as_bytes()) | (1 << 63)),
+        };
+        if reply.add(INodeNo(child_ino), (i + 1) as u64, *kind, name) {
+            break;
+        }
+    }
+    reply.ok();
 }
 
 /// Marks a write as failed: the handle reports it on every later write and at close, and

@@ -19,7 +19,9 @@ mod uploader;
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +33,10 @@ pub use tracker::Tracker;
 pub use uploader::UploadTuning;
 
 use crate::fuse::clear_dead_mount;
+use crate::handover::op_log::OpLog;
 use crate::metrics::CheckpointMetrics;
 use crate::source::{SourceConfigError, SourceError, SourceTuning};
+use inodes::PathInodes;
 
 /// What one checkpoint volume writes where.
 #[derive(Debug, Clone)]
@@ -54,6 +58,9 @@ pub struct CheckpointMount {
     pub passthrough: bool,
     pub threads: usize,
     pub allow_other: bool,
+    /// Log the inode table (in the write-back area) so that a restarted process can take
+    /// the mount over ([`resume`]) from a duplicate of its descriptor.
+    pub restartable: bool,
 }
 
 impl CheckpointMount {
@@ -74,6 +81,7 @@ impl CheckpointMount {
             passthrough: true,
             threads: 4,
             allow_other: true,
+            restartable: false,
         }
     }
 
@@ -125,6 +133,12 @@ impl CheckpointMountError {
 /// A live checkpoint mount and its uploader.
 pub struct MountedCheckpoint {
     session: Option<BackgroundSession>,
+    /// A duplicate of the /dev/fuse descriptor, for mounts that can be taken over.
+    device: Option<OwnedFd>,
+    passthrough: Arc<AtomicBool>,
+    epoch: u64,
+    /// Where a taken-over mount is mounted (its session did not mount it, so cannot unmount).
+    taken_over_at: Option<PathBuf>,
     /// Held while this process owns the write-back area (released when dropped).
     _lock: std::fs::File,
     tracker: Arc<Tracker>,
@@ -135,6 +149,21 @@ pub struct MountedCheckpoint {
 impl MountedCheckpoint {
     pub fn tracker(&self) -> &Arc<Tracker> {
         &self.tracker
+    }
+
+    /// A new duplicate of the mount's /dev/fuse descriptor (for restartable mounts).
+    pub fn device(&self) -> Option<io::Result<OwnedFd>> {
+        self.device.as_ref().map(|fd| fd.try_clone())
+    }
+
+    /// Whether the kernel agreed to passthrough for this mount.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// This incarnation's epoch: 0 for the process that mounted, +1 per take-over.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// Waits until every closed file is in the store (or `timeout` passes); true if so.
@@ -159,8 +188,12 @@ impl MountedCheckpoint {
         let Some(session) = self.session.take() else {
             return Ok(());
         };
+        let taken_over_at = self.taken_over_at.clone();
         let ended = tokio::task::spawn_blocking(move || {
             if session.guard.is_finished() {
+                session.join()
+            } else if let Some(path) = taken_over_at {
+                crate::fuse::detach(&path)?;
                 session.join()
             } else {
                 session.umount_and_join()
@@ -246,6 +279,30 @@ pub fn mount(
         Ok(md) if !md.is_dir() => return Err(CheckpointMountError::MountpointNotADirectory(mountpoint.to_path_buf())),
         Ok(_) => {}
     }
+    start(config, mountpoint, metrics, runtime, None)
+}
+
+/// Serves, in this process, the checkpoint mount at `mountpoint` that a previous process
+/// started and left (its descriptor kept alive elsewhere): the same kernel mount, so writers
+/// holding files open carry on. The journal is replayed as at any start, and the inode table
+/// from the write-back area's inode log. Never touches the mountpoint (nobody answers it yet).
+pub fn resume(
+    config: &CheckpointMount,
+    mountpoint: &Path,
+    takeover: crate::fuse::Takeover,
+    metrics: Arc<CheckpointMetrics>,
+    runtime: Handle,
+) -> Result<MountedCheckpoint, CheckpointMountError> {
+    start(config, mountpoint, metrics, runtime, Some(takeover))
+}
+
+fn start(
+    config: &CheckpointMount,
+    mountpoint: &Path,
+    metrics: Arc<CheckpointMetrics>,
+    runtime: Handle,
+    takeover: Option<crate::fuse::Takeover>,
+) -> Result<MountedCheckpoint, CheckpointMountError> {
     let part = config.upload.part_size;
     if !((5 << 20)..=(5 << 30)).contains(&part) {
         return Err(CheckpointMountError::PartSize(part));
@@ -285,6 +342,13 @@ pub fn mount(
         runtime.block_on(async { tokio::time::timeout(Duration::from_secs(30), target.probe_writable()).await });
     match probe {
         Ok(Ok(())) => {}
+        // Writers are waiting on the taken-over mount; uploads retry until the store is back.
+        _ if takeover.is_some() => {
+            tracing::warn!(
+                target = config.target,
+                "the checkpoint target cannot be written right now; serving the taken-over mount anyway"
+            )
+        }
         Ok(Err(e)) => return Err(CheckpointMountError::TargetNotWritable(e)),
         Err(_) => return Err(CheckpointMountError::TargetTimeout),
     }
@@ -321,8 +385,27 @@ pub fn mount(
     let (stop, stopped) = watch::channel(false);
     let uploader = runtime.spawn(uploader.run(stopped));
 
+    let inode_log = dir.join("inodes.log");
+    let log_err = |source| CheckpointMountError::WritebackDir {
+        path: inode_log.clone(),
+        source,
+    };
+    let epoch = takeover.as_ref().map_or(0, |t| t.epoch + 1);
+    let inodes = match (config.restartable, &takeover) {
+        (true, Some(_)) => {
+            let (log, ops) = OpLog::resume(&inode_log).map_err(log_err)?;
+            PathInodes::inherited(log, ops).map_err(log_err)?
+        }
+        (true, None) => PathInodes::with_log(OpLog::create(&inode_log).map_err(log_err)?),
+        (false, _) => PathInodes::default(),
+    };
     let fs = filesystem::CheckpointFs::new(
         filesystem::CtxParts {
+            incarnation: filesystem::Incarnation {
+                inodes,
+                epoch,
+                passthrough: takeover.as_ref().map(|t| t.passthrough),
+            },
             runtime: runtime.clone(),
             tracker: Arc::clone(&tracker),
             view,
@@ -333,6 +416,7 @@ pub fn mount(
         },
         config.passthrough,
     );
+    let passthrough = fs.passthrough_flag();
     let mut session_config = Config::default();
     if config.allow_other {
         session_config.acl = SessionACL::All;
@@ -346,20 +430,44 @@ pub fn mount(
         MountOption::DefaultPermissions,
     ];
     session_config.n_threads = Some(config.threads.max(1));
-    session_config.clone_fd = true;
-    let session = match Session::new(fs, mountpoint, &session_config).and_then(Session::spawn) {
+    // As for datasets: a request read through a cloned descriptor dies with the daemon.
+    session_config.clone_fd = !config.restartable;
+    let failed = |source| CheckpointMountError::Mount {
+        path: mountpoint.to_path_buf(),
+        source,
+    };
+    let started = match takeover {
+        Some(takeover) => (|| {
+            let device = takeover.fd.try_clone()?;
+            let acl = session_config.acl;
+            let session = Session::from_initialized_fd(fs, takeover.fd, acl, session_config).spawn()?;
+            if let Err(e) = crate::fuse::ask_resend(&device) {
+                tracing::warn!(error = %e, "the kernel cannot resend requests the previous daemon had taken (needs Linux 6.9+)");
+            }
+            Ok((session, Some(device)))
+        })(),
+        None => Session::new(fs, mountpoint, &session_config).and_then(|session| {
+            let device = match config.restartable {
+                true => Some(session.as_fd().try_clone_to_owned()?),
+                false => None,
+            };
+            Ok((session.spawn()?, device))
+        }),
+    };
+    let (session, device) = match started {
         Ok(s) => s,
         Err(source) => {
             let _ = stop.send(true);
-            return Err(CheckpointMountError::Mount {
-                path: mountpoint.to_path_buf(),
-                source,
-            });
+            return Err(failed(source));
         }
     };
-    tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), "checkpoint volume mounted");
+    tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), epoch, "checkpoint volume mounted");
     Ok(MountedCheckpoint {
         session: Some(session),
+        device,
+        passthrough,
+        epoch,
+        taken_over_at: (epoch > 0).then(|| mountpoint.to_path_buf()),
         _lock: lock,
         tracker,
         stop,

@@ -490,7 +490,7 @@ pub fn resume(
 /// FUSE_NOTIFY_RESEND: the kernel puts every request a daemon read but never answered back
 /// in the queue. Its header is the whole message (`fuse_out_header`: length, notify code as
 /// the error, unique 0).
-fn ask_resend(device: &OwnedFd) -> io::Result<()> {
+pub(crate) fn ask_resend(device: &OwnedFd) -> io::Result<()> {
     const FUSE_NOTIFY_RESEND: i32 = 7;
     let mut message = [0u8; 16];
     message[0..4].copy_from_slice(&16u32.to_ne_bytes());

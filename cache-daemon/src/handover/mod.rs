@@ -9,6 +9,7 @@
 
 pub mod keeper;
 pub mod link;
+pub mod op_log;
 pub mod wire;
 
 use std::path::{Path, PathBuf};

@@ -72,6 +72,15 @@ pub struct MountTable {
     inode_dir: PathBuf,
 }
 
+fn takeover_of(handed: HandedMount) -> fuse::Takeover {
+    let meta: HandoverMeta = serde_json::from_value(handed.meta).unwrap_or_default();
+    fuse::Takeover {
+        fd: handed.fd,
+        epoch: meta.epoch,
+        passthrough: meta.passthrough,
+    }
+}
+
 /// What the keeper holds beside a descriptor: what a successor needs to serve it.
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 struct HandoverMeta {
@@ -154,20 +163,40 @@ impl MountTable {
     async fn mount_record(&self, record: &MountRecord) -> Result<Mounted, NodeError> {
         let mut config = match self.spec(record)? {
             VolumeMount::Dataset(config) => config,
-            VolumeMount::Checkpoint(config) => {
-                let _ = self.take_handed(record);
+            VolumeMount::Checkpoint(mut config) => {
+                config.restartable = self.handover.is_some();
+                let handed = self.take_handed(record);
                 let path = record.path.clone();
                 let metrics = Arc::clone(&self.checkpoint_metrics);
                 let runtime = self.runtime.clone();
                 let volume_id = record.volume_id.clone();
-                return tokio::task::spawn_blocking(move || {
+                let mounted = tokio::task::spawn_blocking(move || {
+                    if let Some(handed) = handed {
+                        let takeover = takeover_of(handed);
+                        match checkpoint::resume(&config, &path, takeover, Arc::clone(&metrics), runtime.clone()) {
+                            Ok(mounted) => return Ok(mounted),
+                            Err(e) => {
+                                tracing::error!(volume_id, error = %e, "cannot take the mount over; mounting it afresh");
+                                let _ = fuse::detach(&path);
+                            }
+                        }
+                    }
                     std::fs::create_dir_all(&path).ok();
                     checkpoint::mount(&config, &path, metrics, runtime)
                 })
                 .await
                 .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
-                .map(Mounted::Checkpoint)
-                .map_err(|source| NodeError::MountCheckpoint { volume_id, source });
+                .map_err(|source| NodeError::MountCheckpoint {
+                    volume_id: record.volume_id.clone(),
+                    source,
+                })?;
+                self.hand_over(
+                    &record.volume_id,
+                    mounted.device(),
+                    mounted.epoch(),
+                    mounted.passthrough(),
+                );
+                return Ok(Mounted::Checkpoint(mounted));
             }
         };
         config.passthrough = self.defaults.passthrough;
@@ -189,12 +218,7 @@ impl MountTable {
         let volume_id = record.volume_id.clone();
         let mounted = tokio::task::spawn_blocking(move || {
             if let Some(handed) = handed {
-                let meta: HandoverMeta = serde_json::from_value(handed.meta).unwrap_or_default();
-                let takeover = fuse::Takeover {
-                    fd: handed.fd,
-                    epoch: meta.epoch,
-                    passthrough: meta.passthrough,
-                };
+                let takeover = takeover_of(handed);
                 match fuse::resume(&config, &path, takeover, &resources, runtime.clone()) {
                     Ok(mounted) => return Ok(mounted),
                     Err(e) => {
@@ -215,30 +239,42 @@ impl MountTable {
             volume_id: record.volume_id.clone(),
             source,
         })?;
-        if let (Some(link), Some(Ok(fd))) = (&self.handover, mounted.device()) {
-            let meta = HandoverMeta {
-                epoch: mounted.epoch(),
-                passthrough: mounted.passthrough(),
-            };
-            link.hold(&record.volume_id, fd, serde_json::to_value(meta).unwrap_or_default());
-        }
+        self.hand_over(
+            &record.volume_id,
+            mounted.device(),
+            mounted.epoch(),
+            mounted.passthrough(),
+        );
         Ok(Mounted::Dataset(mounted))
     }
 
-    /// The descriptor the keeper kept for `record`'s mount, if this daemon can serve it; one
-    /// it cannot (a checkpoint volume) has its mount taken off the path, so that mounting
-    /// afresh never touches a mount nobody answers.
+    /// Has the keeper hold a mount's descriptor, with what a successor needs to serve it.
+    fn hand_over(
+        &self,
+        volume_id: &str,
+        device: Option<io::Result<std::os::fd::OwnedFd>>,
+        epoch: u64,
+        passthrough: bool,
+    ) {
+        let Some(link) = &self.handover else { return };
+        match device {
+            Some(Ok(fd)) => {
+                let meta = HandoverMeta { epoch, passthrough };
+                link.hold(volume_id, fd, serde_json::to_value(meta).unwrap_or_default());
+            }
+            Some(Err(e)) => {
+                tracing::warn!(volume_id, error = %e, "cannot duplicate the mount's descriptor; it will not survive a restart of this daemon")
+            }
+            None => {}
+        }
+    }
+
+    /// The descriptor the keeper kept for `record`'s mount, if any.
     fn take_handed(&self, record: &MountRecord) -> Option<HandedMount> {
-        let handed = self
-            .handed
+        self.handed
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&record.volume_id)?;
-        if self.handover.is_some() && record.attributes.get("kind").map(String::as_str) != Some("checkpoint") {
-            return Some(handed);
-        }
-        let _ = fuse::detach(&record.path);
-        None
+            .remove(&record.volume_id)
     }
 
     /// Mounts every recorded volume again, at its recorded path. A volume that cannot be
