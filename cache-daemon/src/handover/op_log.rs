@@ -109,3 +109,32 @@ impl<T: Serialize + DeserializeOwned> OpLog<T> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resumed_log_replays_whole_lines_and_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ops.log");
+        let mut log = OpLog::<(u64, String)>::create(&path).unwrap();
+        log.append(&(2, "a b\n\"c\"".into()));
+        log.append(&(3, "d".into()));
+        drop(log);
+        // A daemon killed mid-write leaves half a line.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"[4,\"tor")
+            .unwrap();
+        let (mut log, ops) = OpLog::<(u64, String)>::resume(&path).unwrap();
+        assert_eq!(ops, vec![(2, "a b\n\"c\"".to_string()), (3, "d".to_string())]);
+        log.rewrite(ops.iter().take(1)).unwrap();
+        log.append(&(5, "e".into()));
+        drop(log);
+        let (_, ops) = OpLog::<(u64, String)>::resume(&path).unwrap();
+        assert_eq!(ops, vec![(2, "a b\n\"c\"".to_string()), (5, "e".to_string())]);
+    }
+}
