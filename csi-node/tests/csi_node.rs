@@ -584,6 +584,16 @@ async fn a_checkpoint_volume_is_writable_in_the_pod_and_reaches_its_store() {
     );
 }
 
+/// Waits until `counter` has moved `n` further, failing with `stuck` after a minute.
+fn wait_progress(counter: &AtomicU64, n: u64, stuck: &str) {
+    let target = counter.load(Ordering::Acquire) + n;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter.load(Ordering::Acquire) < target {
+        assert!(Instant::now() < deadline, "{stuck}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// A pod's reader: reads of an open file at moving offsets (its pages dropped first, so each
 /// read reaches the daemon) and whole files opened by path, each checked against the source.
 struct Reader {
@@ -639,12 +649,7 @@ impl Reader {
 
     /// Waits until the reader has done `n` more reads (it is alive and served).
     fn wait_reads(&self, n: u64) {
-        let target = self.reads.load(Ordering::Acquire) + n;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.reads.load(Ordering::Acquire) < target {
-            assert!(Instant::now() < deadline, "the reader is stuck");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_progress(&self.reads, n, "the reader is stuck");
     }
 
     fn take_longest(&self) -> Duration {
@@ -705,12 +710,7 @@ impl Writer {
     }
 
     fn wait_chunks(&self, n: u64) {
-        let target = self.chunks.load(Ordering::Acquire) + n;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.chunks.load(Ordering::Acquire) < target {
-            assert!(Instant::now() < deadline, "the writer is stuck or failed");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_progress(&self.chunks, n, "the writer is stuck or failed");
     }
 
     fn finish(mut self) -> Result<u64, String> {

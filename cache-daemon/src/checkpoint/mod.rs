@@ -19,9 +19,8 @@ mod uploader;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -133,10 +132,7 @@ impl CheckpointMountError {
 /// A live checkpoint mount and its uploader.
 pub struct MountedCheckpoint {
     session: Option<BackgroundSession>,
-    /// A duplicate of the /dev/fuse descriptor, for mounts that can be taken over.
-    device: Option<OwnedFd>,
-    passthrough: Arc<AtomicBool>,
-    epoch: u64,
+    handover: crate::fuse::Handover,
     /// Where a taken-over mount is mounted (its session did not mount it, so cannot unmount).
     taken_over_at: Option<PathBuf>,
     /// Held while this process owns the write-back area (released when dropped).
@@ -151,19 +147,9 @@ impl MountedCheckpoint {
         &self.tracker
     }
 
-    /// A new duplicate of the mount's /dev/fuse descriptor (for restartable mounts).
-    pub fn device(&self) -> Option<io::Result<OwnedFd>> {
-        self.device.as_ref().map(|fd| fd.try_clone())
-    }
-
-    /// Whether the kernel agreed to passthrough for this mount.
-    pub fn passthrough(&self) -> bool {
-        self.passthrough.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// This incarnation's epoch: 0 for the process that mounted, +1 per take-over.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// What a successor process needs to take this mount over.
+    pub fn handover(&self) -> &crate::fuse::Handover {
+        &self.handover
     }
 
     /// Waits until every closed file is in the store (or `timeout` passes); true if so.
@@ -464,9 +450,11 @@ fn start(
     tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), epoch, "checkpoint volume mounted");
     Ok(MountedCheckpoint {
         session: Some(session),
-        device,
-        passthrough,
-        epoch,
+        handover: crate::fuse::Handover {
+            device,
+            passthrough,
+            epoch,
+        },
         taken_over_at: (epoch > 0).then(|| mountpoint.to_path_buf()),
         _lock: lock,
         tracker,

@@ -73,7 +73,7 @@ pub struct DatasetMount {
     pub allow_other: bool,
     pub ownership: Ownership,
     /// Where to log the inodes handed to the kernel. Set, the mount can be taken over by a
-    /// restarted process ([`resume`]) from a duplicate of its descriptor ([`MountedFs::device`]).
+    /// restarted process ([`resume`]) from a duplicate of its descriptor ([`MountedFs::handover`]).
     pub restart_log: Option<PathBuf>,
 }
 
@@ -178,12 +178,35 @@ impl MountError {
 /// (a taken-over mount is left to whoever holds its descriptor).
 pub struct MountedFs {
     session: BackgroundSession,
-    /// A duplicate of the /dev/fuse descriptor, for mounts that can be taken over.
-    device: Option<OwnedFd>,
-    passthrough: Arc<AtomicBool>,
-    epoch: u64,
+    handover: Handover,
     /// Where a taken-over mount is mounted (its session did not mount it, so cannot unmount).
     taken_over_at: Option<PathBuf>,
+}
+
+/// What a mount (of either kind) hands to the keeper for a successor: a duplicate of its
+/// /dev/fuse descriptor, what the kernel agreed to at its start, and which incarnation serves it.
+pub struct Handover {
+    /// Set for mounts that can be taken over.
+    pub(crate) device: Option<OwnedFd>,
+    pub(crate) passthrough: Arc<AtomicBool>,
+    pub(crate) epoch: u64,
+}
+
+impl Handover {
+    /// A new duplicate of the mount's descriptor, for mounts that can be taken over.
+    pub fn device(&self) -> Option<io::Result<OwnedFd>> {
+        self.device.as_ref().map(|fd| fd.try_clone())
+    }
+
+    /// Whether the kernel agreed to passthrough for this mount.
+    pub fn passthrough(&self) -> bool {
+        self.passthrough.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// This incarnation's epoch: 0 for the process that mounted, +1 per take-over.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
 }
 
 /// What a process needs to serve a mount another one started: a duplicate of its
@@ -208,19 +231,9 @@ impl MountedFs {
         }
     }
 
-    /// A new duplicate of the mount's /dev/fuse descriptor (for mounts with a restart log).
-    pub fn device(&self) -> Option<io::Result<OwnedFd>> {
-        self.device.as_ref().map(|fd| fd.try_clone())
-    }
-
-    /// Whether the kernel agreed to passthrough for this mount.
-    pub fn passthrough(&self) -> bool {
-        self.passthrough.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// This incarnation's epoch: 0 for the process that mounted, +1 per take-over.
-    pub fn epoch(&self) -> u64 {
-        self.epoch
+    /// What a successor process needs to take this mount over.
+    pub fn handover(&self) -> &Handover {
+        &self.handover
     }
 
     /// Serves until the mount goes away (someone unmounts it, e.g. [`detach`]). Blocking.
@@ -399,9 +412,11 @@ pub fn mount(
     tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
     Ok(MountedFs {
         session,
-        device,
-        passthrough,
-        epoch: 0,
+        handover: Handover {
+            device,
+            passthrough,
+            epoch: 0,
+        },
         taken_over_at: None,
     })
 }
@@ -480,9 +495,11 @@ pub fn resume(
     tracing::info!(mountpoint = %mountpoint.display(), epoch, inherited, resent, "took the mount over");
     Ok(MountedFs {
         session,
-        device: Some(device),
-        passthrough,
-        epoch,
+        handover: Handover {
+            device: Some(device),
+            passthrough,
+            epoch,
+        },
         taken_over_at: Some(mountpoint.to_path_buf()),
     })
 }

@@ -190,12 +190,7 @@ impl MountTable {
                     volume_id: record.volume_id.clone(),
                     source,
                 })?;
-                self.hand_over(
-                    &record.volume_id,
-                    mounted.device(),
-                    mounted.epoch(),
-                    mounted.passthrough(),
-                );
+                self.hand_over(&record.volume_id, mounted.handover());
                 return Ok(Mounted::Checkpoint(mounted));
             }
         };
@@ -239,27 +234,19 @@ impl MountTable {
             volume_id: record.volume_id.clone(),
             source,
         })?;
-        self.hand_over(
-            &record.volume_id,
-            mounted.device(),
-            mounted.epoch(),
-            mounted.passthrough(),
-        );
+        self.hand_over(&record.volume_id, mounted.handover());
         Ok(Mounted::Dataset(mounted))
     }
 
     /// Has the keeper hold a mount's descriptor, with what a successor needs to serve it.
-    fn hand_over(
-        &self,
-        volume_id: &str,
-        device: Option<io::Result<std::os::fd::OwnedFd>>,
-        epoch: u64,
-        passthrough: bool,
-    ) {
+    fn hand_over(&self, volume_id: &str, handover: &fuse::Handover) {
         let Some(link) = &self.handover else { return };
-        match device {
+        match handover.device() {
             Some(Ok(fd)) => {
-                let meta = HandoverMeta { epoch, passthrough };
+                let meta = HandoverMeta {
+                    epoch: handover.epoch(),
+                    passthrough: handover.passthrough(),
+                };
                 link.hold(volume_id, fd, serde_json::to_value(meta).unwrap_or_default());
             }
             Some(Err(e)) => {
