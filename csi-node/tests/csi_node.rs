@@ -594,7 +594,7 @@ fn wait_progress(counter: &AtomicU64, n: u64, stuck: &str) {
     }
 }
 
-/// A pod's reader: reads of an open file at moving offsets (its pages dropped first, so each
+/// A pod's readers: reads of an open file at moving offsets (its pages dropped first, so each
 /// read reaches the daemon) and whole files opened by path, each checked against the source.
 struct Reader {
     stop: Arc<AtomicBool>,
@@ -602,48 +602,56 @@ struct Reader {
     reads: Arc<AtomicU64>,
     /// Longest single read, in microseconds, since the last reset.
     longest_us: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Reader {
-    fn start(mount: PathBuf, big: Vec<u8>, small: Vec<Vec<u8>>) -> Reader {
+    /// Starts `threads` readers sharing the counts: several reads in flight make it likely
+    /// that a kill lands while the daemon holds some.
+    fn start(mount: PathBuf, big: Vec<u8>, small: Vec<Vec<u8>>, threads: usize) -> Reader {
         let stop = Arc::new(AtomicBool::new(false));
         let failures = Arc::new(AtomicU64::new(0));
         let reads = Arc::new(AtomicU64::new(0));
         let longest_us = Arc::new(AtomicU64::new(0));
-        let (s, f, r, l) = (stop.clone(), failures.clone(), reads.clone(), longest_us.clone());
-        let thread = std::thread::spawn(move || {
-            use std::os::fd::AsRawFd;
-            let file = std::fs::File::open(mount.join("train/big.bin")).expect("open the big file");
-            let chunk = 256 * 1024;
-            let mut i = 0usize;
-            while !s.load(Ordering::Acquire) {
-                let started = Instant::now();
-                let ok = if i % 4 == 3 {
-                    let k = (i / 4) % small.len();
-                    std::fs::read(mount.join(format!("train/small-{k}.bin"))).is_ok_and(|d| d == small[k])
-                } else {
-                    let offset = (i * chunk * 7) % (big.len() - chunk);
-                    // SAFETY: advice on a descriptor this thread owns; no memory is touched.
-                    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
-                    let mut buf = vec![0u8; chunk];
-                    file.read_exact_at(&mut buf, offset as u64).is_ok() && buf == big[offset..offset + chunk]
-                };
-                let took = started.elapsed().as_micros() as u64;
-                l.fetch_max(took, Ordering::AcqRel);
-                r.fetch_add(1, Ordering::AcqRel);
-                if !ok {
-                    f.fetch_add(1, Ordering::AcqRel);
-                }
-                i += 1;
-            }
-        });
+        let (big, small) = (Arc::new(big), Arc::new(small));
+        let threads = (0..threads)
+            .map(|n| {
+                let (s, f, r, l) = (stop.clone(), failures.clone(), reads.clone(), longest_us.clone());
+                let (mount, big, small) = (mount.clone(), Arc::clone(&big), Arc::clone(&small));
+                std::thread::spawn(move || {
+                    use std::os::fd::AsRawFd;
+                    let file = std::fs::File::open(mount.join("train/big.bin")).expect("open the big file");
+                    let chunk = 256 * 1024;
+                    let mut i = n * 1009;
+                    while !s.load(Ordering::Acquire) {
+                        let started = Instant::now();
+                        let ok = if i % 4 == 3 {
+                            let k = (i / 4) % small.len();
+                            std::fs::read(mount.join(format!("train/small-{k}.bin"))).is_ok_and(|d| d == small[k])
+                        } else {
+                            let offset = (i * chunk * 7) % (big.len() - chunk);
+                            // SAFETY: advice on a descriptor this thread owns; no memory is touched.
+                            unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                            let mut buf = vec![0u8; chunk];
+                            file.read_exact_at(&mut buf, offset as u64).is_ok() && buf == big[offset..offset + chunk]
+                        };
+                        let took = started.elapsed().as_micros() as u64;
+                        l.fetch_max(took, Ordering::AcqRel);
+                        r.fetch_add(1, Ordering::AcqRel);
+                        if !ok {
+                            f.fetch_add(1, Ordering::AcqRel);
+                        }
+                        i += 1;
+                    }
+                })
+            })
+            .collect();
         Reader {
             stop,
             failures,
             reads,
             longest_us,
-            thread: Some(thread),
+            threads,
         }
     }
 
@@ -658,7 +666,7 @@ impl Reader {
 
     fn finish(mut self) -> (u64, u64) {
         self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             t.join().expect("the reader panicked");
         }
         (
@@ -762,7 +770,7 @@ async fn restarts_of_either_process_never_fail_a_reader() {
         .unwrap();
     let reader = tokio::task::spawn_blocking({
         let target = target.clone();
-        move || Reader::start(target, big, small)
+        move || Reader::start(target, big, small, 4)
     })
     .await
     .unwrap();
