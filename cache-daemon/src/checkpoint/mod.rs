@@ -368,15 +368,20 @@ fn start(
         tuning: config.upload.clone(),
         metrics: Arc::clone(&metrics),
     });
-    let (stop, stopped) = watch::channel(false);
-    let uploader = runtime.spawn(uploader.run(stopped));
-
     let inode_log = dir.join("inodes.log");
     let log_err = |source| CheckpointMountError::WritebackDir {
         path: inode_log.clone(),
         source,
     };
-    let epoch = takeover.as_ref().map_or(0, |t| t.epoch + 1);
+    let epoch_path = dir.join("epoch");
+    let epoch = match (&takeover, config.restartable) {
+        (Some(t), _) => crate::handover::epoch::next_epoch(&epoch_path, t.epoch).map_err(log_err)?,
+        (None, true) => {
+            crate::handover::epoch::record(&epoch_path, 0).map_err(log_err)?;
+            0
+        }
+        (None, false) => 0,
+    };
     let inodes = match (config.restartable, &takeover) {
         (true, Some(_)) => {
             let (log, ops) = OpLog::resume(&inode_log).map_err(log_err)?;
@@ -385,6 +390,9 @@ fn start(
         (true, None) => PathInodes::with_log(OpLog::create(&inode_log).map_err(log_err)?),
         (false, _) => PathInodes::default(),
     };
+    // Started last: every early return above leaves nothing running.
+    let (stop, stopped) = watch::channel(false);
+    let uploader = runtime.spawn(uploader.run(stopped));
     let fs = filesystem::CheckpointFs::new(
         filesystem::CtxParts {
             incarnation: filesystem::Incarnation {

@@ -385,13 +385,14 @@ pub fn mount(
         Ok(_) => {}
     }
     let inodes = match &config.restart_log {
-        Some(path) => Inodes::with_log(
-            filesystem::root_info(),
-            Some(InodeLog::create(path).map_err(|source| MountError::RestartLog {
+        Some(path) => {
+            let failed = |source| MountError::RestartLog {
                 path: path.clone(),
                 source,
-            })?),
-        ),
+            };
+            crate::handover::epoch::record(&path.with_extension("epoch"), 0).map_err(failed)?;
+            Inodes::with_log(filesystem::root_info(), Some(InodeLog::create(path).map_err(failed)?))
+        }
         None => Inodes::new(filesystem::root_info()),
     };
     let fs = build_fs(config, resources, runtime, Incarnation::first(inodes))?;
@@ -466,7 +467,13 @@ pub fn resume(
         source,
     })?;
     let inherited = live.len();
-    let epoch = takeover.epoch + 1;
+    let epoch =
+        crate::handover::epoch::next_epoch(&log_path.with_extension("epoch"), takeover.epoch).map_err(|source| {
+            MountError::RestartLog {
+                path: log_path.clone(),
+                source,
+            }
+        })?;
     let incarnation = Incarnation {
         inodes: Inodes::inherited(filesystem::root_info(), log, live),
         epoch,

@@ -7,6 +7,7 @@
 //! instead of failing them; the restarted daemon fetches the descriptors back ([`link`]) and
 //! serves the same kernel mounts, so the pods' bind mounts never notice.
 
+pub mod epoch;
 pub mod keeper;
 pub mod link;
 pub mod op_log;
