@@ -51,6 +51,18 @@ fn required<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
     }
 }
 
+/// A pod path the kubelet gives: required, and absolute (a relative one would land wherever
+/// granary-csi runs).
+fn required_path(value: &str, field: &str) -> Result<PathBuf, Status> {
+    let path = PathBuf::from(required(value, field)?);
+    if !path.is_absolute() {
+        return Err(Status::invalid_argument(format!(
+            "{field} {value:?} is not an absolute path"
+        )));
+    }
+    Ok(path)
+}
+
 fn internal(what: &str, path: &Path, e: io::Error) -> Status {
     Status::internal(format!("{what} {}: {e}", path.display()))
 }
@@ -145,13 +157,36 @@ impl Node for NodeService {
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let volume_id = required(&req.volume_id, "volume_id")?.to_string();
-        let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        let target = required_path(&req.target_path, "target_path")?;
         if req.volume_capability.is_none() {
             return Err(Status::invalid_argument("volume_capability is required"));
         }
         let context = VolumeContext::parse(&req.volume_context)?;
         let read_only = capability::check(req.volume_capability.as_ref(), context.kind)? || req.readonly;
         let _in_progress = self.begin(&target)?;
+        // Something already mounted at the target that the daemon does not know as this
+        // volume's is refused before the daemon mounts anything for it.
+        let occupied = {
+            let target = target.clone();
+            blocking("reading the mount table", move || {
+                mounts::is_mount_point(&target).map_err(|e| internal("cannot read the mount table for", &target, e))
+            })
+            .await?
+        };
+        if occupied {
+            let target_str = target.to_string_lossy();
+            let ours = self
+                .daemon
+                .find(&volume_id)
+                .await?
+                .is_some_and(|m| m.publishers.iter().any(|p| *p == target_str));
+            if !ours {
+                return Err(Status::already_exists(format!(
+                    "{} is already mounted with something else; unpublish it first",
+                    target.display()
+                )));
+            }
+        }
         let secrets: BTreeMap<String, String> = req.secrets.into_iter().collect();
         let source = self
             .daemon
@@ -183,7 +218,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
         let req = request.into_inner();
         let volume_id = required(&req.volume_id, "volume_id")?.to_string();
-        let target = PathBuf::from(required(&req.target_path, "target_path")?);
+        let target = required_path(&req.target_path, "target_path")?;
         let _in_progress = self.begin(&target)?;
         let (was_mounted, existed) = {
             let target = target.clone();
@@ -221,7 +256,7 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
         let volume_id = required(&req.volume_id, "volume_id")?.to_string();
-        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
+        let path = required_path(&req.volume_path, "volume_path")?;
         let info = self
             .daemon
             .find(&volume_id)

@@ -458,6 +458,9 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
     r.target_path.clear();
     cases.push(("no target_path", r, Code::InvalidArgument));
     let mut r = good.clone();
+    r.target_path = "relative/mount".into();
+    cases.push(("a relative target_path", r, Code::InvalidArgument));
+    let mut r = good.clone();
     r.volume_capability = None;
     cases.push(("no volume_capability", r, Code::InvalidArgument));
     let mut r = good.clone();
@@ -531,6 +534,15 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
     let err = csi.node_publish_volume(good.clone()).await.unwrap_err();
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(is_mount_point(&target));
+    // Refused before anything was mounted for it.
+    let mut daemon = granary_cache::node::client::connect(&node.path("run/node.sock")).unwrap();
+    let mounts = daemon
+        .list(granary_cache::proto::node::ListMountsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert!(mounts.is_empty(), "a refused publish left a mount: {mounts:?}");
     let _ = Command::new("umount").arg(&target).status();
     // With the path free, the same request works.
     csi.node_publish_volume(good).await.unwrap();

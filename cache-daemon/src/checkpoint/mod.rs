@@ -19,12 +19,11 @@ mod uploader;
 
 use std::collections::BTreeMap;
 use std::io;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -374,21 +373,20 @@ fn start(
         source,
     };
     let epoch_path = dir.join("epoch");
-    let epoch = match (&takeover, config.restartable) {
-        (Some(t), _) => crate::handover::epoch::next_epoch(&epoch_path, t.epoch).map_err(log_err)?,
+    let (inodes, epoch) = match (&takeover, config.restartable) {
+        (Some(t), _) => {
+            let (log, ops) = OpLog::resume(&inode_log).map_err(log_err)?;
+            let inodes = PathInodes::inherited(log, ops).map_err(log_err)?;
+            (
+                inodes,
+                crate::handover::epoch::next_epoch(&epoch_path, t.epoch).map_err(log_err)?,
+            )
+        }
         (None, true) => {
             crate::handover::epoch::record(&epoch_path, 0).map_err(log_err)?;
-            0
+            (PathInodes::with_log(OpLog::create(&inode_log).map_err(log_err)?), 0)
         }
-        (None, false) => 0,
-    };
-    let inodes = match (config.restartable, &takeover) {
-        (true, Some(_)) => {
-            let (log, ops) = OpLog::resume(&inode_log).map_err(log_err)?;
-            PathInodes::inherited(log, ops).map_err(log_err)?
-        }
-        (true, None) => PathInodes::with_log(OpLog::create(&inode_log).map_err(log_err)?),
-        (false, _) => PathInodes::default(),
+        (None, false) => (PathInodes::default(), 0),
     };
     // Started last: every early return above leaves nothing running.
     let (stop, stopped) = watch::channel(false);
@@ -424,35 +422,21 @@ fn start(
         MountOption::DefaultPermissions,
     ];
     session_config.n_threads = Some(config.threads.max(1));
-    // As for datasets: a request read through a cloned descriptor dies with the daemon.
-    session_config.clone_fd = !config.restartable;
-    let failed = |source| CheckpointMountError::Mount {
-        path: mountpoint.to_path_buf(),
-        source,
-    };
-    let started = match takeover {
-        Some(takeover) => (|| {
-            let device = takeover.fd.try_clone()?;
-            let acl = session_config.acl;
-            let session = Session::from_initialized_fd(fs, takeover.fd, acl, session_config).spawn()?;
-            if let Err(e) = crate::fuse::ask_resend(&device) {
-                tracing::warn!(error = %e, "the kernel cannot resend requests the previous daemon had taken (needs Linux 6.9+)");
-            }
-            Ok((session, Some(device)))
-        })(),
-        None => Session::new(fs, mountpoint, &session_config).and_then(|session| {
-            let device = match config.restartable {
-                true => Some(session.as_fd().try_clone_to_owned()?),
-                false => None,
-            };
-            Ok((session.spawn()?, device))
-        }),
-    };
+    let started = crate::fuse::start_session(
+        fs,
+        mountpoint,
+        session_config,
+        config.restartable,
+        takeover.map(|t| t.fd),
+    );
     let (session, device) = match started {
         Ok(s) => s,
         Err(source) => {
             let _ = stop.send(true);
-            return Err(failed(source));
+            return Err(CheckpointMountError::Mount {
+                path: mountpoint.to_path_buf(),
+                source,
+            });
         }
     };
     tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), epoch, "checkpoint volume mounted");

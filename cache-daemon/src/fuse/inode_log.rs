@@ -46,7 +46,7 @@ impl InodeLog {
             }
         }
         let mut log = InodeLog(log);
-        log.rewrite(live.iter().map(|(ino, inode)| (*ino, inode)))?;
+        log.rewrite(live.iter().map(|(ino, inode)| (*ino, inode.clone())))?;
         Ok((log, live))
     }
 
@@ -66,13 +66,8 @@ impl InodeLog {
     }
 
     /// Replaces the log with one entry per live inode.
-    pub fn rewrite<'a>(&mut self, live: impl Iterator<Item = (u64, &'a LoggedInode)>) -> io::Result<()> {
-        let ops: Vec<InodeOp> = live
-            .map(|(ino, inode)| InodeOp::Add {
-                ino,
-                inode: inode.clone(),
-            })
-            .collect();
+    pub fn rewrite(&mut self, live: impl Iterator<Item = (u64, LoggedInode)>) -> io::Result<()> {
+        let ops: Vec<InodeOp> = live.map(|(ino, inode)| InodeOp::Add { ino, inode }).collect();
         self.0.rewrite(ops.iter())
     }
 }

@@ -156,20 +156,16 @@ impl Inodes {
             if let Some(log) = log.as_mut() {
                 log.forgotten(ino);
                 if log.wants_compaction(live) {
-                    let entries: Vec<(u64, LoggedInode)> = by_ino
-                        .iter()
-                        .filter(|(i, _)| **i != ROOT)
-                        .map(|(i, inode)| {
-                            (
-                                *i,
-                                LoggedInode {
-                                    path: inode.info.path.clone(),
-                                    is_dir: inode.info.is_dir,
-                                },
-                            )
-                        })
-                        .collect();
-                    if let Err(e) = log.rewrite(entries.iter().map(|(i, l)| (*i, l))) {
+                    let entries = by_ino.iter().filter(|(i, _)| **i != ROOT).map(|(i, inode)| {
+                        (
+                            *i,
+                            LoggedInode {
+                                path: inode.info.path.clone(),
+                                is_dir: inode.info.is_dir,
+                            },
+                        )
+                    });
+                    if let Err(e) = log.rewrite(entries) {
                         tracing::warn!(error = %e, "cannot compact the inode log");
                     }
                 }

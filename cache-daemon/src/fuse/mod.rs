@@ -397,17 +397,17 @@ pub fn mount(
     };
     let fs = build_fs(config, resources, runtime, Incarnation::first(inodes))?;
     let passthrough = fs.passthrough_flag();
-    let session_config = session_config(config);
-    let failed = |source| MountError::Mount {
+    let (session, device) = start_session(
+        fs,
+        mountpoint,
+        session_config(config),
+        config.restart_log.is_some(),
+        None,
+    )
+    .map_err(|source| MountError::Mount {
         path: mountpoint.to_path_buf(),
         source,
-    };
-    let session = Session::new(fs, mountpoint, &session_config).map_err(failed)?;
-    let device = match config.restart_log {
-        Some(_) => Some(session.as_fd().try_clone_to_owned().map_err(failed)?),
-        None => None,
-    };
-    let session = session.spawn().map_err(failed)?;
+    })?;
     raise_kernel_readahead(mountpoint);
     resources.metrics.mounts.inc();
     tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
@@ -437,11 +437,44 @@ fn session_config(config: &DatasetMount) -> Config {
         MountOption::DefaultPermissions,
     ];
     session_config.n_threads = Some(config.threads.max(1));
+    session_config
+}
+
+/// Starts serving `fs`: mounts it at `mountpoint`, or, given the descriptor of the kernel
+/// mount a previous process left there, serves that one and asks the kernel to resend what
+/// that process had taken. Returns the session and, for a mount that can be taken over
+/// (`restartable`, as a taken-over one is), a duplicate of its descriptor to hand on. Both
+/// kinds of mount start here.
+pub(crate) fn start_session<FS: fuser::Filesystem + Send + 'static>(
+    fs: FS,
+    mountpoint: &Path,
+    mut config: Config,
+    restartable: bool,
+    takeover: Option<OwnedFd>,
+) -> io::Result<(BackgroundSession, Option<OwnedFd>)> {
     // A request read through a cloned descriptor dies with it (ECONNABORTED) when the daemon
     // does; one read through the shared descriptor waits in the kernel for the next daemon.
     // So a mount that can be taken over reads through the shared one only.
-    session_config.clone_fd = config.restart_log.is_none();
-    session_config
+    config.clone_fd = !restartable;
+    match takeover {
+        Some(fd) => {
+            let device = fd.try_clone()?;
+            let acl = config.acl;
+            let session = Session::from_initialized_fd(fs, fd, acl, config).spawn()?;
+            if let Err(e) = ask_resend(&device) {
+                tracing::warn!(error = %e, "the kernel cannot resend requests the previous daemon had taken (needs Linux 6.9+); their callers may wait forever");
+            }
+            Ok((session, Some(device)))
+        }
+        None => {
+            let session = Session::new(fs, mountpoint, &config)?;
+            let device = match restartable {
+                true => Some(session.as_fd().try_clone_to_owned()?),
+                false => None,
+            };
+            Ok((session.spawn()?, device))
+        }
+    }
 }
 
 /// Serves, in this process, the mount at `mountpoint` that a previous process started and
@@ -481,29 +514,19 @@ pub fn resume(
     };
     let fs = build_fs(config, resources, runtime, incarnation)?;
     let passthrough = fs.passthrough_flag();
-    let failed = |source| MountError::Takeover {
-        path: mountpoint.to_path_buf(),
-        source,
-    };
-    let device = takeover.fd.try_clone().map_err(failed)?;
-    let session_config = session_config(config);
-    let acl = session_config.acl;
-    let session = Session::from_initialized_fd(fs, takeover.fd, acl, session_config)
-        .spawn()
-        .map_err(failed)?;
-    let resent = match ask_resend(&device) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "the kernel cannot resend requests the previous daemon had taken (needs Linux 6.9+); their callers may wait forever");
-            false
-        }
-    };
+    let (session, device) =
+        start_session(fs, mountpoint, session_config(config), true, Some(takeover.fd)).map_err(|source| {
+            MountError::Takeover {
+                path: mountpoint.to_path_buf(),
+                source,
+            }
+        })?;
     resources.metrics.mounts.inc();
-    tracing::info!(mountpoint = %mountpoint.display(), epoch, inherited, resent, "took the mount over");
+    tracing::info!(mountpoint = %mountpoint.display(), epoch, inherited, "took the mount over");
     Ok(MountedFs {
         session,
         handover: Handover {
-            device: Some(device),
+            device,
             passthrough,
             epoch,
         },
@@ -514,7 +537,7 @@ pub fn resume(
 /// FUSE_NOTIFY_RESEND: the kernel puts every request a daemon read but never answered back
 /// in the queue. Its header is the whole message (`fuse_out_header`: length, notify code as
 /// the error, unique 0).
-pub(crate) fn ask_resend(device: &OwnedFd) -> io::Result<()> {
+fn ask_resend(device: &OwnedFd) -> io::Result<()> {
     const FUSE_NOTIFY_RESEND: i32 = 7;
     let mut message = [0u8; 16];
     message[0..4].copy_from_slice(&16u32.to_ne_bytes());

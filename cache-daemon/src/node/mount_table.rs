@@ -72,6 +72,31 @@ pub struct MountTable {
     inode_dir: PathBuf,
 }
 
+/// Serves a recorded mount, blocking: takes over the kernel mount a previous daemon left when
+/// the keeper kept its descriptor, and otherwise (or when that fails) mounts afresh at the
+/// same path.
+fn take_over_or_mount<M, E: std::fmt::Display>(
+    volume_id: &str,
+    path: &Path,
+    handed: Option<HandedMount>,
+    take_over: impl FnOnce(fuse::Takeover) -> Result<M, E>,
+    mount: impl FnOnce() -> Result<M, E>,
+) -> Result<M, E> {
+    if let Some(handed) = handed {
+        match take_over(takeover_of(handed)) {
+            Ok(mounted) => return Ok(mounted),
+            Err(e) => {
+                // Nobody would answer the old mount: take it off the path (pods still bound
+                // to it see it fail) and mount afresh.
+                tracing::error!(volume_id, error = %e, "cannot take the mount over; mounting it afresh");
+                let _ = fuse::detach(path);
+            }
+        }
+    }
+    std::fs::create_dir_all(path).ok();
+    mount()
+}
+
 fn takeover_of(handed: HandedMount) -> fuse::Takeover {
     let meta: HandoverMeta = serde_json::from_value(handed.meta).unwrap_or_default();
     fuse::Takeover {
@@ -171,18 +196,13 @@ impl MountTable {
                 let runtime = self.runtime.clone();
                 let volume_id = record.volume_id.clone();
                 let mounted = tokio::task::spawn_blocking(move || {
-                    if let Some(handed) = handed {
-                        let takeover = takeover_of(handed);
-                        match checkpoint::resume(&config, &path, takeover, Arc::clone(&metrics), runtime.clone()) {
-                            Ok(mounted) => return Ok(mounted),
-                            Err(e) => {
-                                tracing::error!(volume_id, error = %e, "cannot take the mount over; mounting it afresh");
-                                let _ = fuse::detach(&path);
-                            }
-                        }
-                    }
-                    std::fs::create_dir_all(&path).ok();
-                    checkpoint::mount(&config, &path, metrics, runtime)
+                    take_over_or_mount(
+                        &volume_id,
+                        &path,
+                        handed,
+                        |takeover| checkpoint::resume(&config, &path, takeover, Arc::clone(&metrics), runtime.clone()),
+                        || checkpoint::mount(&config, &path, Arc::clone(&metrics), runtime.clone()),
+                    )
                 })
                 .await
                 .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
@@ -212,21 +232,14 @@ impl MountTable {
         let runtime = self.runtime.clone();
         let volume_id = record.volume_id.clone();
         let mounted = tokio::task::spawn_blocking(move || {
-            if let Some(handed) = handed {
-                let takeover = takeover_of(handed);
-                match fuse::resume(&config, &path, takeover, &resources, runtime.clone()) {
-                    Ok(mounted) => return Ok(mounted),
-                    Err(e) => {
-                        // Nobody would answer the old mount: take it off the path and mount
-                        // afresh (pods still bound to the old one see it fail).
-                        tracing::error!(volume_id, error = %e, "cannot take the mount over; mounting it afresh");
-                        let _ = fuse::detach(&path);
-                    }
-                }
-            }
-            // A mount left by a daemon that died answers ENOTCONN; fuse::mount detaches it.
-            std::fs::create_dir_all(&path).ok();
-            fuse::mount(&config, &path, &resources, runtime)
+            take_over_or_mount(
+                &volume_id,
+                &path,
+                handed,
+                |takeover| fuse::resume(&config, &path, takeover, &resources, runtime.clone()),
+                // A mount left by a daemon that died answers ENOTCONN; fuse::mount detaches it.
+                || fuse::mount(&config, &path, &resources, runtime.clone()),
+            )
         })
         .await
         .map_err(|e| NodeError::Internal(format!("the mount task failed: {e}")))?
