@@ -13,6 +13,7 @@
 //! | `commitMarker` | checkpoint: the file committing its directory (`.metadata`) |
 //! | `keepLast` | checkpoint: committed checkpoints kept in the store (0: all) |
 //! | `writebackSize` | checkpoint: size of the node-local write-back area (default: the node's) |
+//! | `writebackDir` | checkpoint: host directory holding the write-back area (an NVMe mount, `/dev/shm/…`; default: the node's state dir) |
 //! | `uploadConcurrency` | checkpoint: multipart parts in flight |
 //! | `partSize` | checkpoint: multipart part size (`16MiB`) |
 //! | `option.<name>` | a store option, e.g. `option.endpoint`, `option.region` |
@@ -118,6 +119,15 @@ pub fn checkpoint_mount(
                     .map_err(|_| invalid("expected a whole number (0 keeps all)"))?;
             }
             "writebackSize" => mount.writeback_size = size()?,
+            "writebackDir" => {
+                if !value.starts_with('/') {
+                    return Err(invalid("expected an absolute host path such as /mnt/nvme0/granary"));
+                }
+                // The volume's own directory name is kept, so volumes sharing the host
+                // directory never share an area and a restarted daemon finds it again.
+                let own = mount.writeback_dir.file_name().map(PathBuf::from).unwrap_or_default();
+                mount.writeback_dir = PathBuf::from(value).join(own);
+            }
             "partSize" => mount.upload.part_size = size()?,
             "uploadConcurrency" => {
                 mount.upload.concurrency = value
@@ -248,7 +258,7 @@ mod tests {
                 &attrs(pairs),
                 &attrs(&[("secret_access_key", "s")]),
                 &defaults,
-                "/wb".into(),
+                "/wb/vol-1".into(),
             )
         };
         let Ok(VolumeMount::Checkpoint(m)) = build(&[
@@ -266,10 +276,20 @@ mod tests {
         assert_eq!(m.upload.keep_last, 3);
         assert_eq!(m.writeback_size, 200 << 30);
         assert_eq!(m.target_options.get("secret_access_key").map(String::as_str), Some("s"));
+        assert_eq!(m.writeback_dir, PathBuf::from("/wb/vol-1"));
+        let Ok(VolumeMount::Checkpoint(nvme)) = build(&[
+            ("kind", "checkpoint"),
+            ("target", "s3://c"),
+            ("writebackDir", "/mnt/nvme0/granary"),
+        ]) else {
+            panic!("a checkpoint volume")
+        };
+        assert_eq!(nvme.writeback_dir, PathBuf::from("/mnt/nvme0/granary/vol-1"));
         let err = |pairs: &[(&str, &str)]| build(pairs).map(|_| ()).unwrap_err().to_string();
         assert!(err(&[("kind", "checkpoint")]).contains("needs `target`"));
         assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("keepLast", "2")]).contains("commitMarker"));
         assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("partSize", "big")]).contains("partSize"));
         assert!(err(&[("kind", "blob")]).contains("supported: dataset, checkpoint"));
+        assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("writebackDir", "nvme")]).contains("absolute"));
     }
 }
