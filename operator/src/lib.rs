@@ -4,3 +4,5 @@
 
 pub mod api;
 pub mod resources;
+pub mod controller;
+pub mod metrics;

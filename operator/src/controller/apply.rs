@@ -1,0 +1,36 @@
+//! Writing owned objects: server-side apply, so a reconcile states the whole desired object
+//! and the API server merges; applying the same object twice changes nothing.
+
+use k8s_openapi::NamespaceResourceScope;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::resources::FIELD_MANAGER;
+
+pub async fn apply_namespaced<K>(client: &Client, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), obj.meta().namespace.as_deref().unwrap_or_default());
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    api.patch(&obj.name_any(), &params, &Patch::Apply(obj)).await
+}
+
+/// Creates `obj` unless it exists, and returns what is there: for objects whose spec the
+/// API server does not let change (PV sources, PVC bindings).
+pub async fn create_if_absent<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    if let Some(existing) = api.get_opt(&obj.name_any()).await? {
+        return Ok(existing);
+    }
+    match api.create(&PostParams::default(), obj).await {
+        Ok(created) => Ok(created),
+        // Created meanwhile (another reconcile, a previous leader): take what is there.
+        Err(kube::Error::Api(s)) if s.code == 409 => api.get(&obj.name_any()).await,
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,153 @@
+//! Reconciling a CheckpointPolicy: its volume, and a status read from the target store.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use granary_cache::checkpoint::retention::oldest_first;
+use granary_cache::checkpoint::target::TargetStore;
+use granary_cache::source::SourceTuning;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::runtime::finalizer::{finalizer, Event as Finalize};
+use kube::{Api, ResourceExt};
+
+use crate::api::checkpoint_policy::{READY, TARGET_REACHABLE};
+use crate::api::common::{condition_is_true, set_condition};
+use crate::api::{validate, CheckpointPolicy, CheckpointPolicyStatus};
+use crate::resources::{names, volumes};
+
+use super::apply::create_if_absent;
+use super::{store_probe, Context, Error};
+
+pub const FINALIZER: &str = "granary.dev/volume-cleanup";
+/// How often the target store is listed for new checkpoints.
+const REFRESH: Duration = Duration::from_secs(60);
+
+pub async fn reconcile(policy: Arc<CheckpointPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = policy.namespace().ok_or_else(|| Error::NoNamespace(policy.name_any()))?;
+    let api: Api<CheckpointPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = super::key(policy.as_ref());
+    let started = std::time::Instant::now();
+    let result = finalizer(&api, FINALIZER, policy, |event| async {
+        match event {
+            Finalize::Apply(p) => apply(&p, &namespace, &ctx).await,
+            Finalize::Cleanup(p) => {
+                let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+                match pvs.delete(&names::checkpoint_pv(&namespace, &p.name_any()), &DeleteParams::default()).await {
+                    Ok(_) => Ok(Action::await_change()),
+                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
+                    Err(e) => Err(e.into()),
+                }
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.observe_reconcile("CheckpointPolicy", started.elapsed(), result.is_ok());
+    if result.is_ok() {
+        ctx.succeeded(&key);
+    }
+    result
+}
+
+async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Result<Action, Error> {
+    let mut status = policy.status.clone().unwrap_or_default();
+    let generation = policy.metadata.generation;
+    status.observed_generation = generation;
+    if let Err(invalid) = validate::checkpoint_policy(&policy.spec) {
+        let message = invalid.to_string();
+        set_condition(&mut status.conditions, READY, false, "InvalidSpec", &message, generation);
+        if write_status(policy, namespace, ctx, status).await? {
+            ctx.event(policy, EventType::Warning, "InvalidSpec", message).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let (pv, pvc) = volumes::checkpoint_volume(policy).map_err(|e| Error::Build(e.to_string()))?;
+    let existing = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
+    create_if_absent(&Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace), &pvc).await?;
+    let attrs = |v: &PersistentVolume| v.spec.as_ref().and_then(|s| s.csi.as_ref()).and_then(|c| c.volume_attributes.clone());
+    if attrs(&existing) != attrs(&pv) {
+        ctx.event(
+            policy,
+            EventType::Warning,
+            "VolumeOutdated",
+            format!("the PV {} was made for an earlier spec; delete the PVC {} when no pod uses it and it is made again", pv.name_any(), pvc.name_any()),
+        )
+        .await;
+    }
+
+    let was_reachable = condition_is_true(&status.conditions, TARGET_REACHABLE);
+    let listed = list_committed(policy, namespace, ctx).await;
+    match &listed {
+        Ok((count, latest)) => {
+            set_condition(&mut status.conditions, TARGET_REACHABLE, true, "Listed", "the target store answered a listing", generation);
+            set_condition(&mut status.conditions, READY, true, "VolumeReady", &format!("mount the PVC {}", pvc.name_any()), generation);
+            status.committed_count = *count;
+            status.latest_checkpoint = latest.as_ref().map(|(dir, _)| dir.clone());
+            status.latest_committed_at = latest.as_ref().and_then(|(_, t)| *t).and_then(|t| Timestamp::try_from(t).ok()).map(Time);
+        }
+        Err(e) => {
+            set_condition(&mut status.conditions, TARGET_REACHABLE, false, "Unreachable", e, generation);
+            set_condition(&mut status.conditions, READY, false, "TargetUnreachable", e, generation);
+        }
+    }
+    let previous_latest = policy.status.as_ref().and_then(|s| s.latest_checkpoint.clone());
+    let latest = status.latest_checkpoint.clone();
+    if write_status(policy, namespace, ctx, status).await? {
+        if let Err(e) = &listed {
+            if was_reachable || policy.status.is_none() {
+                ctx.event(policy, EventType::Warning, "TargetUnreachable", e.clone()).await;
+            }
+        }
+        if latest != previous_latest {
+            if let Some(latest) = latest {
+                ctx.event(policy, EventType::Normal, "CheckpointCommitted", format!("{latest} is the latest committed checkpoint")).await;
+            }
+        }
+    }
+    Ok(Action::requeue(REFRESH))
+}
+
+type Latest = Option<(String, Option<SystemTime>)>;
+
+/// Committed checkpoints in the target: every directory holding the commit marker. Without a
+/// marker nothing is called committed, and the listing only proves the store answers.
+async fn list_committed(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Result<(u64, Latest), String> {
+    let options = store_probe::options_with_secret(&ctx.client, namespace, &policy.spec.target).await?;
+    let Some(marker) = &policy.spec.commit_marker else {
+        store_probe::probe(&policy.spec.target.uri, &options, ctx.store_timeout).await?;
+        return Ok((0, None));
+    };
+    let tuning = SourceTuning {
+        retries: 0,
+        timeout: ctx.store_timeout,
+    };
+    let target = TargetStore::open(&policy.spec.target.uri, &options, &tuning).map_err(|e| e.to_string())?;
+    let committed = tokio::time::timeout(ctx.store_timeout * 3, target.committed(marker))
+        .await
+        .map_err(|_| format!("{} did not answer a listing in time", policy.spec.target.uri))?
+        .map_err(|e| e.to_string())?;
+    let count = committed.len() as u64;
+    let latest = oldest_first(committed).pop().map(|c| (c.dir, c.modified));
+    Ok((count, latest))
+}
+
+async fn write_status(policy: &CheckpointPolicy, namespace: &str, ctx: &Context, status: CheckpointPolicyStatus) -> Result<bool, Error> {
+    if policy.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let api: Api<CheckpointPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut value = serde_json::to_value(&status).map_err(|e| Error::Build(e.to_string()))?;
+    if let Some(map) = value.as_object_mut() {
+        for field in ["latestCheckpoint", "latestCommittedAt"] {
+            map.entry(field).or_insert(serde_json::Value::Null);
+        }
+    }
+    api.patch_status(&policy.name_any(), &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": value })))
+        .await?;
+    Ok(true)
+}

@@ -1,0 +1,118 @@
+//! The controllers: level-based reconcilers of Datasets and CheckpointPolicies, the prewarm
+//! they drive, and the scheduling gates they lift.
+
+pub mod apply;
+pub mod checkpoint_policy;
+pub mod dataset;
+pub mod gates;
+pub mod prewarm;
+pub mod store_probe;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+
+use crate::metrics::OperatorMetrics;
+
+pub use prewarm::Prewarms;
+
+/// How the operator reaches a Dataset's workers.
+#[derive(Debug, Clone, Default)]
+pub enum WorkerAddressing {
+    /// Each worker by its stable DNS name through the headless Service (in the cluster).
+    #[default]
+    ClusterDns,
+    /// These addresses for every Dataset (an operator run outside the cluster, tests).
+    Fixed(Vec<String>),
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub reporter: Reporter,
+    pub worker_image: String,
+    pub addressing: WorkerAddressing,
+    pub prewarms: Prewarms,
+    pub metrics: Arc<OperatorMetrics>,
+    /// How long a store may take to answer the reachability probe.
+    pub store_timeout: Duration,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, reporter: Reporter, worker_image: String, metrics: Arc<OperatorMetrics>) -> Self {
+        Context {
+            client,
+            reporter,
+            worker_image,
+            addressing: WorkerAddressing::ClusterDns,
+            prewarms: Prewarms::default(),
+            metrics,
+            store_timeout: Duration::from_secs(10),
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes an Event about `obj`; a failure to publish is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: reason.into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(object = %obj.name_any(), reason, error = %e, "could not publish an event");
+        }
+    }
+
+    fn succeeded(&self, key: &str) {
+        if let Ok(mut f) = self.failures.lock() {
+            f.remove(key);
+        }
+    }
+
+    /// Requeue delay after a failed reconcile: 1 s doubling to 5 min.
+    fn backoff(&self, key: &str) -> Duration {
+        let n = match self.failures.lock() {
+            Ok(mut f) => {
+                let n = f.entry(key.to_string()).or_insert(0);
+                *n = n.saturating_add(1);
+                *n
+            }
+            Err(_) => 1,
+        };
+        Duration::from_secs(1u64 << n.saturating_sub(1).min(9)).min(Duration::from_secs(300))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0} has no namespace")]
+    NoNamespace(String),
+    #[error("building the objects: {0}")]
+    Build(String),
+    #[error(transparent)]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+fn key<K: Resource>(obj: &K) -> String {
+    format!("{}/{}", obj.meta().namespace.as_deref().unwrap_or(""), obj.meta().name.as_deref().unwrap_or(""))
+}
+
+/// The controllers' error policy: log, count, and retry with a per-object backoff.
+pub fn error_policy<K: Resource>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = key(obj.as_ref());
+    let delay = ctx.backoff(&key);
+    tracing::warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}

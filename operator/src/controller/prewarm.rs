@@ -1,0 +1,174 @@
+//! Prewarm: a Load over the Dataset's workers, run as a task beside the reconciles. The
+//! task keeps its progress here; reconciles copy it into the status. A prewarm that is
+//! interrupted (the operator restarts, a worker goes away) is started again by the next
+//! reconcile as a new attempt of the same prewarm: the workers skip the blocks they hold,
+//! so it resumes where the data is, and the status and an Event say so.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use granary_cache::client::WorkerPool;
+use granary_cache::proto::LoadProgress;
+use sha2::{Digest, Sha256};
+
+use crate::api::dataset::DatasetSpec;
+
+/// Failed files kept in the status.
+const FAILED_FILES_KEPT: usize = 10;
+
+/// The prewarm of one Dataset spec: totals over all its paths.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Progress {
+    pub files_total: u64,
+    pub files_done: u64,
+    pub files_failed: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub bytes_from_source: u64,
+    pub failed_files: Vec<String>,
+    /// All paths listed, so the totals are final.
+    pub listing_done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Running,
+    /// Every path loaded; failures are counted in the progress.
+    Finished,
+    /// The attempt stopped before the end (the reason names it).
+    Interrupted(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub spec_hash: String,
+    pub progress: Progress,
+    pub outcome: Outcome,
+}
+
+struct Running {
+    spec_hash: String,
+    state: Arc<Mutex<(Progress, Outcome)>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The prewarms this operator process runs, by Dataset (`namespace/name`).
+#[derive(Default)]
+pub struct Prewarms {
+    running: Mutex<HashMap<String, Running>>,
+}
+
+/// Identifies what a prewarm loads: a changed source, path set or worker layout is a new
+/// prewarm, anything else (placement, image) is not.
+pub fn spec_hash(spec: &DatasetSpec) -> String {
+    let mut h = Sha256::new();
+    let mut feed = |s: &str| {
+        h.update(s.as_bytes());
+        h.update([0]);
+    };
+    feed(&spec.source.uri);
+    for (k, v) in &spec.source.options {
+        feed(k);
+        feed(v);
+    }
+    for p in &spec.prewarm.paths {
+        feed(p);
+    }
+    feed(&spec.cache.workers.to_string());
+    feed(&spec.cache.replicas.to_string());
+    feed(&spec.cache.block_size.0);
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+impl Prewarms {
+    /// The prewarm of `key`, if this process has one for `spec_hash`.
+    pub fn snapshot(&self, key: &str, spec_hash: &str) -> Option<Snapshot> {
+        let running = self.running.lock().ok()?;
+        let r = running.get(key).filter(|r| r.spec_hash == spec_hash)?;
+        let state = r.state.lock().ok()?;
+        Some(Snapshot {
+            spec_hash: r.spec_hash.clone(),
+            progress: state.0.clone(),
+            outcome: state.1.clone(),
+        })
+    }
+
+    /// Starts loading `paths` over `workers`, replacing (and stopping) any prewarm of `key`.
+    pub fn start(&self, key: &str, spec_hash: String, workers: Vec<String>, replicas: usize, paths: Vec<String>, parallelism: u32) {
+        let state = Arc::new(Mutex::new((Progress::default(), Outcome::Running)));
+        let task_state = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            let outcome = match load_all(&workers, replicas, &paths, parallelism, &task_state).await {
+                Ok(()) => Outcome::Finished,
+                Err(reason) => Outcome::Interrupted(reason),
+            };
+            if let Ok(mut s) = task_state.lock() {
+                s.1 = outcome;
+            }
+        });
+        if let Ok(mut running) = self.running.lock() {
+            if let Some(old) = running.insert(key.to_string(), Running { spec_hash, state, task }) {
+                old.task.abort();
+            }
+        }
+    }
+
+    /// Stops and forgets the prewarm of `key` (the Dataset is going away).
+    pub fn stop(&self, key: &str) {
+        if let Ok(mut running) = self.running.lock() {
+            if let Some(old) = running.remove(key) {
+                old.task.abort();
+            }
+        }
+    }
+}
+
+async fn load_all(
+    workers: &[String],
+    replicas: usize,
+    paths: &[String],
+    parallelism: u32,
+    state: &Mutex<(Progress, Outcome)>,
+) -> Result<(), String> {
+    let pool = WorkerPool::new(workers, replicas.max(1)).map_err(|e| e.to_string())?;
+    // Totals of the paths already loaded, under those of the path loading now.
+    let mut done = Progress::default();
+    for (i, path) in paths.iter().enumerate() {
+        let mut stream = pool.load(path, parallelism).await.map_err(|e| format!("starting the load of {path}: {e}"))?;
+        let mut last = LoadProgress::default();
+        while let Some(message) = stream.next().await {
+            let p = message.map_err(|e| format!("loading {path}: {e}"))?;
+            if let Ok(mut s) = state.lock() {
+                let progress = &mut s.0;
+                progress.files_total = done.files_total + p.files_total;
+                progress.files_done = done.files_done + p.files_done;
+                progress.files_failed = done.files_failed + p.files_failed;
+                progress.bytes_total = done.bytes_total + p.bytes_total;
+                progress.bytes_done = done.bytes_done + p.bytes_done;
+                progress.bytes_from_source = done.bytes_from_source + p.bytes_from_source;
+                progress.listing_done = p.listing_done && i + 1 == paths.len();
+                for f in &p.new_failures {
+                    if progress.failed_files.len() < FAILED_FILES_KEPT {
+                        progress.failed_files.push(format!("{}: {}", f.path, f.error));
+                    }
+                }
+            }
+            let finished = p.finished;
+            last = p;
+            if finished {
+                break;
+            }
+        }
+        if !last.finished {
+            return Err(format!("the load of {path} ended before it finished (a worker went away?)"));
+        }
+        done.files_total += last.files_total;
+        done.files_done += last.files_done;
+        done.files_failed += last.files_failed;
+        done.bytes_total += last.bytes_total;
+        done.bytes_done += last.bytes_done;
+        done.bytes_from_source += last.bytes_from_source;
+    }
+    Ok(())
+}
