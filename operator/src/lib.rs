@@ -6,3 +6,4 @@ pub mod api;
 pub mod resources;
 pub mod controller;
 pub mod metrics;
+pub mod webhook;

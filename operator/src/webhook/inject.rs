@@ -1,0 +1,170 @@
+//! Rewriting a Pod, a PyTorchJob's replica templates or a TrainJob's pod template overrides
+//! so every container mounts the annotated volumes. Works on JSON, so one code path serves
+//! every kind; the webhook turns the difference into a JSONPatch.
+
+use serde_json::{json, Map, Value};
+
+use super::mounts::{overlaps, MountKind, MountRequest};
+use crate::controller::gates::{GATE, WAITS_FOR_ANNOTATION};
+use crate::resources::names;
+
+/// The mounts with what the cluster says about them.
+#[derive(Debug, Clone, Default)]
+pub struct Resolved {
+    pub mounts: Vec<MountRequest>,
+    /// Datasets the pods must wait for (BeforeScheduling, not loaded yet).
+    pub wait_for: Vec<String>,
+}
+
+/// The TrainJob (Kubeflow Trainer) job its overrides target: the trainer nodes.
+pub const TRAINJOB_TARGET: &str = "node";
+
+pub fn volume_name(m: &MountRequest) -> String {
+    let kind = match m.kind {
+        MountKind::Dataset => "dataset",
+        MountKind::Checkpoint => "ckpt",
+    };
+    let mut name = format!("granary-{kind}-{}", m.name);
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
+pub fn claim_name(m: &MountRequest) -> String {
+    match m.kind {
+        MountKind::Dataset => names::dataset_claim(&m.name),
+        MountKind::Checkpoint => names::checkpoint_claim(&m.name),
+    }
+}
+
+fn volume(m: &MountRequest) -> Value {
+    json!({
+        "name": volume_name(m),
+        "persistentVolumeClaim": {
+            "claimName": claim_name(m),
+            "readOnly": m.kind == MountKind::Dataset,
+        }
+    })
+}
+
+fn volume_mount(m: &MountRequest) -> Value {
+    json!({
+        "name": volume_name(m),
+        "mountPath": m.path,
+        "readOnly": m.kind == MountKind::Dataset,
+    })
+}
+
+/// `obj[key]` as an array, created when absent.
+fn array<'a>(obj: &'a mut Value, key: &str) -> Result<&'a mut Vec<Value>, String> {
+    let map = obj.as_object_mut().ok_or_else(|| format!("expected an object holding {key}"))?;
+    map.entry(key).or_insert_with(|| Value::Array(Vec::new()));
+    match map.get_mut(key) {
+        Some(Value::Array(a)) => Ok(a),
+        Some(Value::Null) | None => Err(format!("{key} is null")),
+        Some(_) => Err(format!("{key} is not a list")),
+    }
+}
+
+fn object<'a>(obj: &'a mut Value, key: &str) -> Result<&'a mut Value, String> {
+    let map = obj.as_object_mut().ok_or_else(|| format!("expected an object holding {key}"))?;
+    let slot = map.entry(key).or_insert_with(|| Value::Object(Map::new()));
+    if slot.is_null() {
+        *slot = Value::Object(Map::new());
+    }
+    Ok(slot)
+}
+
+/// Adds the volumes to a pod spec and a mount to each container (or, with `only`, to the
+/// containers of that name); already-injected volumes are left as they are.
+fn inject_spec(spec: &mut Value, r: &Resolved, where_: &str) -> Result<(), String> {
+    for m in &r.mounts {
+        let name = volume_name(m);
+        let volumes = array(spec, "volumes")?;
+        match volumes.iter().find(|v| v["name"] == name.as_str()) {
+            Some(v) if v["persistentVolumeClaim"]["claimName"] == claim_name(m).as_str() => {}
+            Some(_) => return Err(format!("{where_}: a volume named {name} already exists and is not the claim {}; rename it", claim_name(m))),
+            None => volumes.push(volume(m)),
+        }
+    }
+    let containers = array(spec, "containers")?;
+    if containers.is_empty() {
+        return Err(format!("{where_}: no containers to mount into"));
+    }
+    for container in containers.iter_mut() {
+        let cname = container["name"].as_str().unwrap_or("?").to_string();
+        let mounts = array(container, "volumeMounts")?;
+        for m in &r.mounts {
+            let name = volume_name(m);
+            if mounts.iter().any(|x| x["name"] == name.as_str() && x["mountPath"] == m.path.as_str()) {
+                continue;
+            }
+            if let Some(clash) = mounts.iter().find(|x| x["mountPath"].as_str().is_some_and(|p| overlaps(p, &m.path))) {
+                return Err(format!(
+                    "{where_}: container {cname} already mounts {} at {}, which clashes with {} from granary.dev/mounts; choose another path",
+                    clash["name"].as_str().unwrap_or("a volume"),
+                    clash["mountPath"].as_str().unwrap_or("?"),
+                    m.path
+                ));
+            }
+            mounts.push(volume_mount(m));
+        }
+    }
+    if !r.wait_for.is_empty() {
+        let gates = array(spec, "schedulingGates")?;
+        if !gates.iter().any(|g| g["name"] == GATE) {
+            gates.push(json!({ "name": GATE }));
+        }
+    }
+    Ok(())
+}
+
+fn annotate(metadata: &mut Value, r: &Resolved) -> Result<(), String> {
+    if r.wait_for.is_empty() {
+        return Ok(());
+    }
+    let annotations = object(metadata, "annotations")?;
+    annotations[WAITS_FOR_ANNOTATION] = Value::String(r.wait_for.join(","));
+    Ok(())
+}
+
+/// The object with the mounts injected.
+pub fn mutate(kind: &str, obj: &Value, r: &Resolved) -> Result<Value, String> {
+    let mut out = obj.clone();
+    match kind {
+        "Pod" => {
+            let spec = object(&mut out, "spec")?;
+            inject_spec(spec, r, "the pod")?;
+            annotate(object(&mut out, "metadata")?, r)?;
+        }
+        "PyTorchJob" => {
+            let spec = object(&mut out, "spec")?;
+            let replicas = object(spec, "pytorchReplicaSpecs")?
+                .as_object_mut()
+                .ok_or("spec.pytorchReplicaSpecs is not an object")?;
+            if replicas.is_empty() {
+                return Err("spec.pytorchReplicaSpecs has no replica types".into());
+            }
+            for (role, replica) in replicas.iter_mut() {
+                let template = object(replica, "template")?;
+                inject_spec(object(template, "spec")?, r, &format!("pytorchReplicaSpecs.{role}"))?;
+                annotate(object(template, "metadata")?, r)?;
+            }
+        }
+        "TrainJob" => {
+            // The runtime's templates are not in the TrainJob; an override targeting the
+            // trainer nodes carries the volumes and the mounts of its `node` container.
+            let mut spec = json!({ "containers": [{ "name": TRAINJOB_TARGET }] });
+            inject_spec(&mut spec, r, "the TrainJob")?;
+            let mut override_ = json!({ "targetJobs": [{ "name": TRAINJOB_TARGET }], "spec": spec });
+            if !r.wait_for.is_empty() {
+                annotate(object(&mut override_, "metadata")?, r)?;
+            }
+            let overrides = array(object(&mut out, "spec")?, "podTemplateOverrides")?;
+            if !overrides.contains(&override_) {
+                overrides.push(override_);
+            }
+        }
+        other => return Err(format!("{other} objects are not mounted into; annotate a Pod, PyTorchJob or TrainJob")),
+    }
+    Ok(out)
+}

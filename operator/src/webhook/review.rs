@@ -1,0 +1,101 @@
+//! One AdmissionReview: parse the annotation, look the Datasets and CheckpointPolicies up,
+//! and answer with a JSONPatch or a denial that names the problem.
+
+use kube::api::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::{Api, Client};
+use serde_json::Value;
+
+use super::inject::{mutate, Resolved};
+use super::mounts::{parse, MountKind, MOUNTS_ANNOTATION};
+use crate::api::dataset::PrewarmPolicy;
+use crate::api::{CheckpointPolicy, Dataset};
+use crate::metrics::OperatorMetrics;
+
+/// Answers `review`; every failure becomes a denial (or an invalid response for a review
+/// that cannot be read), never a transport error.
+pub async fn answer(review: AdmissionReview<DynamicObject>, client: &Client, metrics: &OperatorMetrics) -> AdmissionReview<DynamicObject> {
+    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
+    };
+    let kind = request.kind.kind.clone();
+    let response = AdmissionResponse::from(&request);
+    let response = match decide(&request, client).await {
+        Ok(None) => {
+            metrics.admission(&kind, "allowed");
+            response
+        }
+        Ok(Some(patch)) => match response.clone().with_patch(patch) {
+            Ok(r) => {
+                metrics.admission(&kind, "patched");
+                r
+            }
+            Err(e) => response.deny(format!("granary could not encode its patch: {e}")),
+        },
+        Err(reason) => {
+            metrics.admission(&kind, "denied");
+            tracing::info!(kind, name = ?request.name, namespace = ?request.namespace, %reason, "denied");
+            response.deny(reason)
+        }
+    };
+    response.into_review()
+}
+
+/// `Ok(None)`: nothing to do; `Ok(Some(patch))`: the mounts to inject; `Err`: the denial.
+async fn decide(request: &AdmissionRequest<DynamicObject>, client: &Client) -> Result<Option<json_patch::Patch>, String> {
+    if request.operation != Operation::Create {
+        return Ok(None);
+    }
+    let Some(object) = &request.object else {
+        return Ok(None);
+    };
+    let value = serde_json::to_value(object).map_err(|e| format!("the object could not be read: {e}"))?;
+    let Some(annotation) = value.pointer("/metadata/annotations").and_then(|a| a.get(MOUNTS_ANNOTATION)).and_then(Value::as_str) else {
+        return Ok(None);
+    };
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| object.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let mounts = parse(annotation)?;
+    let mut resolved = Resolved::default();
+    for m in &mounts {
+        match m.kind {
+            MountKind::Dataset => {
+                let api: Api<Dataset> = Api::namespaced(client.clone(), &namespace);
+                let ds = api
+                    .get_opt(&m.name)
+                    .await
+                    .map_err(|e| format!("looking up the Dataset {}: {e}", m.name))?
+                    .ok_or_else(|| {
+                        format!(
+                            "{MOUNTS_ANNOTATION}: the Dataset {:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get datasets -n {namespace})",
+                            m.name
+                        )
+                    })?;
+                let loaded = ds.status.as_ref().and_then(|s| s.prewarm.as_ref()).is_some_and(|p| p.finished.is_some());
+                if ds.spec.prewarm.policy == PrewarmPolicy::BeforeScheduling && !loaded {
+                    resolved.wait_for.push(m.name.clone());
+                }
+            }
+            MountKind::Checkpoint => {
+                let api: Api<CheckpointPolicy> = Api::namespaced(client.clone(), &namespace);
+                api.get_opt(&m.name)
+                    .await
+                    .map_err(|e| format!("looking up the CheckpointPolicy {}: {e}", m.name))?
+                    .ok_or_else(|| {
+                        format!(
+                            "{MOUNTS_ANNOTATION}: the CheckpointPolicy {:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get checkpointpolicies -n {namespace})",
+                            m.name
+                        )
+                    })?;
+            }
+        }
+    }
+    resolved.mounts = mounts;
+    let mutated = mutate(&request.kind.kind, &value, &resolved)?;
+    let patch = json_patch::diff(&value, &mutated);
+    Ok(if patch.0.is_empty() { None } else { Some(patch) })
+}

@@ -1,0 +1,82 @@
+//! HTTPS serving of `POST /mutate` (AdmissionReview v1) with rustls.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use kube::api::DynamicObject;
+use kube::core::admission::AdmissionReview;
+use kube::Client;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::metrics::OperatorMetrics;
+
+#[derive(Clone)]
+struct WebhookState {
+    client: Client,
+    metrics: Arc<OperatorMetrics>,
+}
+
+async fn mutate(State(state): State<WebhookState>, Json(review): Json<AdmissionReview<DynamicObject>>) -> Json<AdmissionReview<DynamicObject>> {
+    Json(super::review::answer(review, &state.client, &state.metrics).await)
+}
+
+pub fn router(client: Client, metrics: Arc<OperatorMetrics>) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(WebhookState { client, metrics })
+}
+
+/// A bound webhook listener; `serve` runs until the process ends.
+pub struct WebhookServer {
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+}
+
+impl WebhookServer {
+    pub async fn bind(addr: SocketAddr, tls: Arc<rustls::ServerConfig>, router: Router) -> std::io::Result<Self> {
+        Ok(WebhookServer {
+            listener: TcpListener::bind(addr).await?,
+            acceptor: TlsAcceptor::from(tls),
+            router,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn serve(self) {
+        loop {
+            let (tcp, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = self.acceptor.clone();
+            let service = TowerToHyperService::new(self.router.clone());
+            tokio::spawn(async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await {
+                    tracing::debug!(%peer, error = %e, "webhook connection ended");
+                }
+            });
+        }
+    }
+}
