@@ -7,3 +7,5 @@ pub mod resources;
 pub mod controller;
 pub mod metrics;
 pub mod webhook;
+pub mod leader;
+pub mod run;

@@ -1,1 +1,135 @@
-fn main() {}
+//! `granary-operator`: print the CRDs, or run the controllers and the admission webhook.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use granary_operator::run::{self, RunConfig};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "granary-operator", version, about = "Granary's Kubernetes operator: Datasets, CheckpointPolicies and the mounts webhook")]
+struct Cli {
+    /// Log lines as text or JSON.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter (RUST_LOG wins when set).
+    #[arg(long, global = true, default_value = "info", env = "GRANARY_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the CustomResourceDefinitions (YAML): `granary-operator crd > crds/granary.dev.yaml`.
+    Crd,
+    /// Run the controllers (leader-elected) and, with --webhook-listen, the admission webhook.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch this namespace only (default: every namespace).
+    #[arg(long, env = "GRANARY_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Serve the mutating admission webhook (HTTPS) here, e.g. 0.0.0.0:9443.
+    #[arg(long)]
+    webhook_listen: Option<SocketAddr>,
+    /// The webhook's certificate (PEM), e.g. from cert-manager; without it one is generated.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The webhook certificate's key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The Service in front of the webhook: the names a generated certificate is valid for.
+    #[arg(long, default_value = "granary-webhook")]
+    webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle a generated certificate is written to.
+    #[arg(long, default_value = "granary")]
+    webhook_configuration: String,
+    /// Prometheus metrics and /healthz.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// The image of the cache workers, unless a Dataset names its own.
+    #[arg(long, env = "GRANARY_WORKER_IMAGE", default_value = granary_operator::resources::DEFAULT_IMAGE)]
+    worker_image: String,
+    /// The operator's own namespace: where the leader Lease lives.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "granary-system")]
+    pod_namespace: String,
+    /// This replica's name in the Lease.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Run the controllers without leader election (one replica only!).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// How long a leader's Lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// Reach every Dataset's workers at these addresses instead of their cluster DNS names
+    /// (an operator run outside the cluster, with port-forwards).
+    #[arg(long = "worker-address")]
+    worker_addresses: Vec<String>,
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
+        _ => EnvFilter::try_new(filter)?,
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = init_logging(cli.log_format, &cli.log) {
+        eprintln!("granary-operator: invalid --log filter: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match cli.command {
+        Command::Crd => granary_operator::api::crd::yaml()
+            .map(|yaml| print!("{yaml}"))
+            .map_err(anyhow::Error::from),
+        Command::Run(args) => {
+            let config = RunConfig {
+                namespace: args.namespace,
+                webhook_listen: args.webhook_listen,
+                tls_files: args.tls_cert.zip(args.tls_key),
+                webhook_service: args.webhook_service,
+                webhook_configuration: args.webhook_configuration,
+                metrics_listen: args.metrics_listen,
+                worker_image: args.worker_image,
+                pod_namespace: args.pod_namespace,
+                identity: args.pod_name.unwrap_or_else(|| format!("granary-operator-{}", std::process::id())),
+                leader_election: !args.no_leader_election,
+                lease_duration: args.lease_duration,
+                worker_addresses: args.worker_addresses,
+            };
+            match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run::run(config)),
+                Err(e) => Err(anyhow::Error::from(e).context("starting the runtime")),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("granary-operator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! `granary-operator run`: metrics, the webhook on every replica, and the controllers on the
+//! leader.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{watcher, Controller};
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+
+use crate::api::{CheckpointPolicy, Dataset};
+use crate::controller::gates::WAITS_FOR_ANNOTATION;
+use crate::controller::{self, Context, WorkerAddressing};
+use crate::leader::LeaderElection;
+use crate::metrics::OperatorMetrics;
+use crate::webhook::server::{router, WebhookServer};
+use crate::webhook::tls::{patch_ca_bundle, service_dns_names, Certificate};
+
+pub struct RunConfig {
+    pub namespace: Option<String>,
+    pub webhook_listen: Option<SocketAddr>,
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    pub webhook_service: String,
+    pub webhook_configuration: String,
+    pub metrics_listen: Option<SocketAddr>,
+    pub worker_image: String,
+    pub pod_namespace: String,
+    pub identity: String,
+    pub leader_election: bool,
+    pub lease_duration: Duration,
+    pub worker_addresses: Vec<String>,
+}
+
+pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("no Kubernetes API to talk to: run in a cluster, or set KUBECONFIG / ~/.kube/config")?;
+    let mut registry = Registry::default();
+    let metrics = Arc::new(OperatorMetrics::new(&mut registry));
+    let registry = Arc::new(registry);
+
+    if let Some(listen) = config.metrics_listen {
+        let (addr, _) = granary_cache::metrics::http::serve(listen, registry, Arc::new(AtomicBool::new(true)), std::future::pending())
+            .await
+            .with_context(|| format!("binding the metrics endpoint {listen}"))?;
+        tracing::info!(%addr, "metrics endpoint");
+    }
+
+    if let Some(listen) = config.webhook_listen {
+        let certificate = match &config.tls_files {
+            Some((cert, key)) => Certificate::from_files(cert, key).context("loading the webhook certificate")?,
+            None => {
+                let names = service_dns_names(&config.webhook_service, &config.pod_namespace);
+                let generated = Certificate::self_signed(names).context("generating the webhook certificate")?;
+                patch_ca_bundle(&client, &config.webhook_configuration, &generated.cert_pem)
+                    .await
+                    .context("publishing the generated certificate (give --tls-cert/--tls-key, or let the operator update the MutatingWebhookConfiguration)")?;
+                generated
+            }
+        };
+        let tls = certificate.server_config().context("the webhook certificate")?;
+        let server = WebhookServer::bind(listen, tls, router(client.clone(), Arc::clone(&metrics)))
+            .await
+            .with_context(|| format!("binding the webhook listener {listen}"))?;
+        tracing::info!(addr = %server.local_addr()?, "admission webhook serving");
+        tokio::spawn(server.serve());
+    }
+
+    let mut ctx = Context::new(
+        client.clone(),
+        Reporter {
+            controller: "granary-operator".into(),
+            instance: Some(config.identity.clone()),
+        },
+        config.worker_image.clone(),
+        Arc::clone(&metrics),
+    );
+    if !config.worker_addresses.is_empty() {
+        ctx.addressing = WorkerAddressing::Fixed(config.worker_addresses.clone());
+    }
+    let ctx = Arc::new(ctx);
+
+    if config.leader_election {
+        let election = LeaderElection::new(client.clone(), &config.pod_namespace, "granary-operator-leader", &config.identity, config.lease_duration);
+        tracing::info!(identity = election.identity(), "waiting for the leader Lease");
+        election.acquire().await;
+        metrics.leader.set(1);
+        tracing::info!("leading: controllers start");
+        tokio::select! {
+            () = controllers(client, config.namespace.as_deref(), ctx) => Ok(()),
+            lost = election.hold() => {
+                metrics.leader.set(0);
+                // Exiting ends every reconcile and prewarm of this term at once; the new
+                // leader resumes them from the status.
+                anyhow::bail!("leadership lost: {lost}")
+            }
+        }
+    } else {
+        controllers(client, config.namespace.as_deref(), ctx).await;
+        Ok(())
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Datasets a gated pod waits for: a new pod gets its gate lifted as soon as it is created
+/// if its Datasets are loaded already.
+fn datasets_of_pod(pod: Pod) -> Vec<ObjectRef<Dataset>> {
+    let namespace = pod.namespace().unwrap_or_default();
+    pod.annotations()
+        .get(WAITS_FOR_ANNOTATION)
+        .map(|names| {
+            names
+                .split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(|n| ObjectRef::new(n).within(&namespace))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn controllers(client: Client, namespace: Option<&str>, ctx: Arc<Context>) {
+    let datasets = Controller::new(api::<Dataset>(&client, namespace), watcher::Config::default())
+        .owns(api::<StatefulSet>(&client, namespace), watcher::Config::default().labels("app.kubernetes.io/managed-by=granary-operator"))
+        .watches(api::<Pod>(&client, namespace), watcher::Config::default(), datasets_of_pod)
+        .shutdown_on_signal()
+        .run(controller::dataset::reconcile, controller::error_policy, Arc::clone(&ctx))
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "dataset controller");
+            }
+        });
+    let policies = Controller::new(api::<CheckpointPolicy>(&client, namespace), watcher::Config::default())
+        .shutdown_on_signal()
+        .run(controller::checkpoint_policy::reconcile, controller::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "checkpoint policy controller");
+            }
+        });
+    futures::join!(datasets, policies);
+}
