@@ -106,7 +106,10 @@ impl LeaderElection {
                 Err(e) => {
                     tracing::warn!(error = %e, "renewing the leader Lease failed");
                     if last_renewed.elapsed() >= self.lease_duration {
-                        return format!("the Lease {} could not be renewed for {:?}: {e}", self.name, self.lease_duration);
+                        return format!(
+                            "the Lease {} could not be renewed for {:?}: {e}",
+                            self.name, self.lease_duration
+                        );
                     }
                 }
             }

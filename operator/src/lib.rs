@@ -3,9 +3,9 @@
 //! admission webhook that mounts them into training jobs.
 
 pub mod api;
-pub mod resources;
 pub mod controller;
-pub mod metrics;
-pub mod webhook;
 pub mod leader;
+pub mod metrics;
+pub mod resources;
 pub mod run;
+pub mod webhook;

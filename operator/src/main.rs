@@ -10,7 +10,11 @@ use granary_operator::run::{self, RunConfig};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "granary-operator", version, about = "Granary's Kubernetes operator: Datasets, CheckpointPolicies and the mounts webhook")]
+#[command(
+    name = "granary-operator",
+    version,
+    about = "Granary's Kubernetes operator: Datasets, CheckpointPolicies and the mounts webhook"
+)]
 struct Cli {
     /// Log lines as text or JSON.
     #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
@@ -85,7 +89,9 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
         Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
         _ => EnvFilter::try_new(filter)?,
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -113,7 +119,9 @@ fn main() -> ExitCode {
                 metrics_listen: args.metrics_listen,
                 worker_image: args.worker_image,
                 pod_namespace: args.pod_namespace,
-                identity: args.pod_name.unwrap_or_else(|| format!("granary-operator-{}", std::process::id())),
+                identity: args
+                    .pod_name
+                    .unwrap_or_else(|| format!("granary-operator-{}", std::process::id())),
                 leader_election: !args.no_leader_election,
                 lease_duration: args.lease_duration,
                 worker_addresses: args.worker_addresses,

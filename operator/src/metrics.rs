@@ -36,10 +36,26 @@ impl OperatorMetrics {
             admissions: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("granary_operator");
-        r.register("reconciles", "Reconciles by resource kind and result (ok, error)", m.reconciles.clone());
-        r.register("reconcile_duration_seconds", "Time one reconcile took", m.reconcile_seconds.clone());
-        r.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
-        r.register("admissions", "Admission reviews by kind and result (patched, allowed, denied)", m.admissions.clone());
+        r.register(
+            "reconciles",
+            "Reconciles by resource kind and result (ok, error)",
+            m.reconciles.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "Time one reconcile took",
+            m.reconcile_seconds.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
+        r.register(
+            "admissions",
+            "Admission reviews by kind and result (patched, allowed, denied)",
+            m.admissions.clone(),
+        );
         m
     }
 
@@ -50,7 +66,9 @@ impl OperatorMetrics {
                 result: if ok { "ok" } else { "error" }.into(),
             })
             .inc();
-        self.reconcile_seconds.get_or_create(&KindLabel { kind: kind.into() }).observe(took.as_secs_f64());
+        self.reconcile_seconds
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .observe(took.as_secs_f64());
     }
 
     pub fn admission(&self, kind: &str, result: &str) {

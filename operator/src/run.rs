@@ -49,9 +49,14 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let registry = Arc::new(registry);
 
     if let Some(listen) = config.metrics_listen {
-        let (addr, _) = granary_cache::metrics::http::serve(listen, registry, Arc::new(AtomicBool::new(true)), std::future::pending())
-            .await
-            .with_context(|| format!("binding the metrics endpoint {listen}"))?;
+        let (addr, _) = granary_cache::metrics::http::serve(
+            listen,
+            registry,
+            Arc::new(AtomicBool::new(true)),
+            std::future::pending(),
+        )
+        .await
+        .with_context(|| format!("binding the metrics endpoint {listen}"))?;
         tracing::info!(%addr, "metrics endpoint");
     }
 
@@ -90,7 +95,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let ctx = Arc::new(ctx);
 
     if config.leader_election {
-        let election = LeaderElection::new(client.clone(), &config.pod_namespace, "granary-operator-leader", &config.identity, config.lease_duration);
+        let election = LeaderElection::new(
+            client.clone(),
+            &config.pod_namespace,
+            "granary-operator-leader",
+            &config.identity,
+            config.lease_duration,
+        );
         tracing::info!(identity = election.identity(), "waiting for the leader Lease");
         election.acquire().await;
         metrics.leader.set(1);
@@ -139,10 +150,21 @@ fn datasets_of_pod(pod: Pod) -> Vec<ObjectRef<Dataset>> {
 
 async fn controllers(client: Client, namespace: Option<&str>, ctx: Arc<Context>) {
     let datasets = Controller::new(api::<Dataset>(&client, namespace), watcher::Config::default())
-        .owns(api::<StatefulSet>(&client, namespace), watcher::Config::default().labels("app.kubernetes.io/managed-by=granary-operator"))
-        .watches(api::<Pod>(&client, namespace), watcher::Config::default(), datasets_of_pod)
+        .owns(
+            api::<StatefulSet>(&client, namespace),
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=granary-operator"),
+        )
+        .watches(
+            api::<Pod>(&client, namespace),
+            watcher::Config::default(),
+            datasets_of_pod,
+        )
         .shutdown_on_signal()
-        .run(controller::dataset::reconcile, controller::error_policy, Arc::clone(&ctx))
+        .run(
+            controller::dataset::reconcile,
+            controller::error_policy,
+            Arc::clone(&ctx),
+        )
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "dataset controller");

@@ -73,7 +73,7 @@ pub struct CacheSpec {
     #[schemars(range(min = 1, max = 16))]
     pub replicas: i32,
     /// How long file metadata is cached: `60s`, `5m`, `never` for immutable snapshots.
-    #[serde(default = "default_metadata_ttl")]
+    #[serde(default = "default_metadata_ttl", rename = "metadataTTL")]
     #[schemars(regex(pattern = r"^(never|[0-9]+(ms|s|m|h))$"))]
     pub metadata_ttl: String,
 }

@@ -11,7 +11,11 @@ use crate::resources::FIELD_MANAGER;
 
 pub async fn apply_namespaced<K>(client: &Client, obj: &K) -> Result<K, kube::Error>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), obj.meta().namespace.as_deref().unwrap_or_default());
     let params = PatchParams::apply(FIELD_MANAGER).force();

@@ -28,7 +28,9 @@ pub const FINALIZER: &str = "granary.dev/volume-cleanup";
 const REFRESH: Duration = Duration::from_secs(60);
 
 pub async fn reconcile(policy: Arc<CheckpointPolicy>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = policy.namespace().ok_or_else(|| Error::NoNamespace(policy.name_any()))?;
+    let namespace = policy
+        .namespace()
+        .ok_or_else(|| Error::NoNamespace(policy.name_any()))?;
     let api: Api<CheckpointPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = super::key(policy.as_ref());
     let started = std::time::Instant::now();
@@ -37,7 +39,13 @@ pub async fn reconcile(policy: Arc<CheckpointPolicy>, ctx: Arc<Context>) -> Resu
             Finalize::Apply(p) => apply(&p, &namespace, &ctx).await,
             Finalize::Cleanup(p) => {
                 let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-                match pvs.delete(&names::checkpoint_pv(&namespace, &p.name_any()), &DeleteParams::default()).await {
+                match pvs
+                    .delete(
+                        &names::checkpoint_pv(&namespace, &p.name_any()),
+                        &DeleteParams::default(),
+                    )
+                    .await
+                {
                     Ok(_) => Ok(Action::await_change()),
                     Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
                     Err(e) => Err(e.into()),
@@ -47,7 +55,8 @@ pub async fn reconcile(policy: Arc<CheckpointPolicy>, ctx: Arc<Context>) -> Resu
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.observe_reconcile("CheckpointPolicy", started.elapsed(), result.is_ok());
+    ctx.metrics
+        .observe_reconcile("CheckpointPolicy", started.elapsed(), result.is_ok());
     if result.is_ok() {
         ctx.succeeded(&key);
     }
@@ -60,7 +69,14 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
     status.observed_generation = generation;
     if let Err(invalid) = validate::checkpoint_policy(&policy.spec) {
         let message = invalid.to_string();
-        set_condition(&mut status.conditions, READY, false, "InvalidSpec", &message, generation);
+        set_condition(
+            &mut status.conditions,
+            READY,
+            false,
+            "InvalidSpec",
+            &message,
+            generation,
+        );
         if write_status(policy, namespace, ctx, status).await? {
             ctx.event(policy, EventType::Warning, "InvalidSpec", message).await;
         }
@@ -68,14 +84,27 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
     }
     let (pv, pvc) = volumes::checkpoint_volume(policy).map_err(|e| Error::Build(e.to_string()))?;
     let existing = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
-    create_if_absent(&Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace), &pvc).await?;
-    let attrs = |v: &PersistentVolume| v.spec.as_ref().and_then(|s| s.csi.as_ref()).and_then(|c| c.volume_attributes.clone());
+    create_if_absent(
+        &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace),
+        &pvc,
+    )
+    .await?;
+    let attrs = |v: &PersistentVolume| {
+        v.spec
+            .as_ref()
+            .and_then(|s| s.csi.as_ref())
+            .and_then(|c| c.volume_attributes.clone())
+    };
     if attrs(&existing) != attrs(&pv) {
         ctx.event(
             policy,
             EventType::Warning,
             "VolumeOutdated",
-            format!("the PV {} was made for an earlier spec; delete the PVC {} when no pod uses it and it is made again", pv.name_any(), pvc.name_any()),
+            format!(
+                "the PV {} was made for an earlier spec; delete the PVC {} when no pod uses it and it is made again",
+                pv.name_any(),
+                pvc.name_any()
+            ),
         )
         .await;
     }
@@ -84,14 +113,39 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
     let listed = list_committed(policy, namespace, ctx).await;
     match &listed {
         Ok((count, latest)) => {
-            set_condition(&mut status.conditions, TARGET_REACHABLE, true, "Listed", "the target store answered a listing", generation);
-            set_condition(&mut status.conditions, READY, true, "VolumeReady", &format!("mount the PVC {}", pvc.name_any()), generation);
+            set_condition(
+                &mut status.conditions,
+                TARGET_REACHABLE,
+                true,
+                "Listed",
+                "the target store answered a listing",
+                generation,
+            );
+            set_condition(
+                &mut status.conditions,
+                READY,
+                true,
+                "VolumeReady",
+                &format!("mount the PVC {}", pvc.name_any()),
+                generation,
+            );
             status.committed_count = *count;
             status.latest_checkpoint = latest.as_ref().map(|(dir, _)| dir.clone());
-            status.latest_committed_at = latest.as_ref().and_then(|(_, t)| *t).and_then(|t| Timestamp::try_from(t).ok()).map(Time);
+            status.latest_committed_at = latest
+                .as_ref()
+                .and_then(|(_, t)| *t)
+                .and_then(|t| Timestamp::try_from(t).ok())
+                .map(Time);
         }
         Err(e) => {
-            set_condition(&mut status.conditions, TARGET_REACHABLE, false, "Unreachable", e, generation);
+            set_condition(
+                &mut status.conditions,
+                TARGET_REACHABLE,
+                false,
+                "Unreachable",
+                e,
+                generation,
+            );
             set_condition(&mut status.conditions, READY, false, "TargetUnreachable", e, generation);
         }
     }
@@ -100,12 +154,19 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
     if write_status(policy, namespace, ctx, status).await? {
         if let Err(e) = &listed {
             if was_reachable || policy.status.is_none() {
-                ctx.event(policy, EventType::Warning, "TargetUnreachable", e.clone()).await;
+                ctx.event(policy, EventType::Warning, "TargetUnreachable", e.clone())
+                    .await;
             }
         }
         if latest != previous_latest {
             if let Some(latest) = latest {
-                ctx.event(policy, EventType::Normal, "CheckpointCommitted", format!("{latest} is the latest committed checkpoint")).await;
+                ctx.event(
+                    policy,
+                    EventType::Normal,
+                    "CheckpointCommitted",
+                    format!("{latest} is the latest committed checkpoint"),
+                )
+                .await;
             }
         }
     }
@@ -136,7 +197,12 @@ async fn list_committed(policy: &CheckpointPolicy, namespace: &str, ctx: &Contex
     Ok((count, latest))
 }
 
-async fn write_status(policy: &CheckpointPolicy, namespace: &str, ctx: &Context, status: CheckpointPolicyStatus) -> Result<bool, Error> {
+async fn write_status(
+    policy: &CheckpointPolicy,
+    namespace: &str,
+    ctx: &Context,
+    status: CheckpointPolicyStatus,
+) -> Result<bool, Error> {
     if policy.status.as_ref() == Some(&status) {
         return Ok(false);
     }
@@ -147,7 +213,11 @@ async fn write_status(policy: &CheckpointPolicy, namespace: &str, ctx: &Context,
             map.entry(field).or_insert(serde_json::Value::Null);
         }
     }
-    api.patch_status(&policy.name_any(), &PatchParams::default(), &Patch::Merge(&serde_json::json!({ "status": value })))
-        .await?;
+    api.patch_status(
+        &policy.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&serde_json::json!({ "status": value })),
+    )
+    .await?;
     Ok(true)
 }

@@ -39,7 +39,8 @@ pub async fn reconcile(ds: Arc<Dataset>, ctx: Arc<Context>) -> Result<Action, Er
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
-    ctx.metrics.observe_reconcile("Dataset", started.elapsed(), result.is_ok());
+    ctx.metrics
+        .observe_reconcile("Dataset", started.elapsed(), result.is_ok());
     if result.is_ok() {
         ctx.succeeded(&key);
     }
@@ -67,7 +68,14 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
 
     if let Err(invalid) = validate::dataset(&ds.name_any(), &ds.spec) {
         let message = invalid.to_string();
-        set_condition(&mut status.conditions, SOURCE_REACHABLE, false, "InvalidSpec", &message, generation);
+        set_condition(
+            &mut status.conditions,
+            SOURCE_REACHABLE,
+            false,
+            "InvalidSpec",
+            &message,
+            generation,
+        );
         status.phase = Some(DatasetPhase::Failed);
         if write_status(ds, namespace, ctx, status).await? {
             ctx.event(ds, EventType::Warning, "InvalidSpec", message).await;
@@ -78,12 +86,28 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
     let build = |e: crate::api::common::QuantityError| Error::Build(e.to_string());
     apply_namespaced(&ctx.client, &workers::config_map(ds).map_err(build)?).await?;
     apply_namespaced(&ctx.client, &workers::service(ds)).await?;
-    let sts = apply_namespaced(&ctx.client, &workers::statefulset(ds, &ctx.worker_image).map_err(build)?).await?;
+    let sts = apply_namespaced(
+        &ctx.client,
+        &workers::statefulset(ds, &ctx.worker_image).map_err(build)?,
+    )
+    .await?;
     let (pv, pvc) = volumes::dataset_volume(ds).map_err(build)?;
     let existing_pv = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
-    create_if_absent(&Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace), &pvc).await?;
-    let wanted = pv.spec.as_ref().and_then(|s| s.csi.as_ref()).and_then(|c| c.volume_attributes.as_ref());
-    let present = existing_pv.spec.as_ref().and_then(|s| s.csi.as_ref()).and_then(|c| c.volume_attributes.as_ref());
+    create_if_absent(
+        &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace),
+        &pvc,
+    )
+    .await?;
+    let wanted = pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .and_then(|c| c.volume_attributes.as_ref());
+    let present = existing_pv
+        .spec
+        .as_ref()
+        .and_then(|s| s.csi.as_ref())
+        .and_then(|c| c.volume_attributes.as_ref());
     if wanted != present {
         // A PV's source cannot change; pods keep reading (a changed worker set only costs
         // cache hits) until the claim is recreated.
@@ -108,8 +132,22 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
     };
     let was_reachable = condition_is_true(&status.conditions, SOURCE_REACHABLE);
     match &reachable {
-        Ok(()) => set_condition(&mut status.conditions, SOURCE_REACHABLE, true, "Listed", "the source store answered a listing", generation),
-        Err(e) => set_condition(&mut status.conditions, SOURCE_REACHABLE, false, "Unreachable", e, generation),
+        Ok(()) => set_condition(
+            &mut status.conditions,
+            SOURCE_REACHABLE,
+            true,
+            "Listed",
+            "the source store answered a listing",
+            generation,
+        ),
+        Err(e) => set_condition(
+            &mut status.conditions,
+            SOURCE_REACHABLE,
+            false,
+            "Unreachable",
+            e,
+            generation,
+        ),
     }
 
     let desired = ds.spec.cache.workers;
@@ -134,12 +172,26 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
         events.push((EventType::Warning, "SourceUnreachable", e.clone()));
     }
     if ds.spec.prewarm.policy == PrewarmPolicy::None {
-        set_condition(&mut status.conditions, PREWARMED, false, "Disabled", "prewarm policy is None: data is cached as it is read", generation);
+        set_condition(
+            &mut status.conditions,
+            PREWARMED,
+            false,
+            "Disabled",
+            "prewarm policy is None: data is cached as it is read",
+            generation,
+        );
         status.prewarm = None;
     } else if workers_ready {
         busy |= drive_prewarm(ds, ctx, &addresses, &mut status, &mut events, generation);
     } else {
-        set_condition(&mut status.conditions, PREWARMED, false, "WaitingForWorkers", "the prewarm starts when every worker is ready", generation);
+        set_condition(
+            &mut status.conditions,
+            PREWARMED,
+            false,
+            "WaitingForWorkers",
+            "the prewarm starts when every worker is ready",
+            generation,
+        );
     }
 
     if workers_ready {
@@ -166,7 +218,11 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
     let phase = status.phase;
     let changed = write_status(ds, namespace, ctx, status.clone()).await?;
     if changed && previous_phase != phase {
-        let type_ = if phase == Some(DatasetPhase::Failed) { EventType::Warning } else { EventType::Normal };
+        let type_ = if phase == Some(DatasetPhase::Failed) {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
         events.push((type_, "PhaseChanged", format!("{previous_phase:?} -> {phase:?}")));
     }
     for (type_, reason, note) in events {
@@ -209,10 +265,14 @@ fn drive_prewarm(
 ) -> bool {
     let key = super::key(ds);
     let hash = spec_hash(&ds.spec);
-    let mut prewarm = status.prewarm.clone().filter(|p| p.spec_hash == hash).unwrap_or_else(|| PrewarmStatus {
-        spec_hash: hash.clone(),
-        ..PrewarmStatus::default()
-    });
+    let mut prewarm = status
+        .prewarm
+        .clone()
+        .filter(|p| p.spec_hash == hash)
+        .unwrap_or_else(|| PrewarmStatus {
+            spec_hash: hash.clone(),
+            ..PrewarmStatus::default()
+        });
     if prewarm.finished.is_some() {
         status.prewarm = Some(prewarm);
         return false;
@@ -237,13 +297,28 @@ fn drive_prewarm(
                     ),
                 ));
             } else {
-                events.push((EventType::Normal, "PrewarmStarted", format!("loading {} over {} workers", ds.spec.prewarm.paths.join(", "), addresses.len())));
+                events.push((
+                    EventType::Normal,
+                    "PrewarmStarted",
+                    format!(
+                        "loading {} over {} workers",
+                        ds.spec.prewarm.paths.join(", "),
+                        addresses.len()
+                    ),
+                ));
                 prewarm.started = Some(now());
             }
             prewarm.attempts += 1;
             prewarm.last_error = None;
             let parallelism = ds.spec.prewarm.parallelism.unwrap_or(0).max(0) as u32;
-            ctx.prewarms.start(&key, hash, addresses.to_vec(), ds.spec.cache.replicas.max(1) as usize, ds.spec.prewarm.paths.clone(), parallelism);
+            ctx.prewarms.start(
+                &key,
+                hash,
+                addresses.to_vec(),
+                ds.spec.cache.replicas.max(1) as usize,
+                ds.spec.prewarm.paths.clone(),
+                parallelism,
+            );
         }
         Some(snapshot) => {
             // A resumed attempt starts counting again from zero; never show less than was
@@ -263,7 +338,11 @@ fn drive_prewarm(
                         p.files_done, p.bytes_done, p.bytes_from_source, p.files_failed
                     );
                     if p.files_failed > 0 {
-                        events.push((EventType::Warning, "PrewarmFinishedWithFailures", format!("{note}: {}", p.failed_files.join("; "))));
+                        events.push((
+                            EventType::Warning,
+                            "PrewarmFinishedWithFailures",
+                            format!("{note}: {}", p.failed_files.join("; ")),
+                        ));
                     } else {
                         events.push((EventType::Normal, "Prewarmed", note));
                     }
@@ -285,7 +364,15 @@ fn drive_prewarm(
     prewarm.summary = Some(summary(&prewarm));
     let (ok, reason, message) = match (&prewarm.finished, &prewarm.last_error) {
         (Some(_), _) if prewarm.failures == 0 => (true, "Loaded", prewarm.summary.clone().unwrap_or_default()),
-        (Some(_), _) => (false, "FilesFailed", format!("{} files could not be loaded: {}", prewarm.failures, prewarm.failed_files.join("; "))),
+        (Some(_), _) => (
+            false,
+            "FilesFailed",
+            format!(
+                "{} files could not be loaded: {}",
+                prewarm.failures,
+                prewarm.failed_files.join("; ")
+            ),
+        ),
         (None, Some(e)) if prewarm.attempts >= MAX_PREWARM_ATTEMPTS => (false, "PrewarmFailed", e.clone()),
         (None, Some(e)) => (false, "Retrying", e.clone()),
         (None, None) => (false, "Loading", prewarm.summary.clone().unwrap_or_default()),
@@ -311,7 +398,13 @@ fn copy_progress(p: &Progress, status: &mut PrewarmStatus) {
 
 fn summary(p: &PrewarmStatus) -> String {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let percent = if p.bytes_total > 0 { p.bytes_done * 100 / p.bytes_total } else if p.finished.is_some() { 100 } else { 0 };
+    let percent = if p.bytes_total > 0 {
+        p.bytes_done * 100 / p.bytes_total
+    } else if p.finished.is_some() {
+        100
+    } else {
+        0
+    };
     format!("{percent}% ({:.2}/{:.2} GiB)", gib(p.bytes_done), gib(p.bytes_total))
 }
 
@@ -341,6 +434,7 @@ async fn write_status(ds: &Dataset, namespace: &str, ctx: &Context, status: Data
         }
     }
     let patch = serde_json::json!({ "status": value });
-    api.patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    api.patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
     Ok(true)
 }

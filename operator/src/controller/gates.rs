@@ -46,7 +46,11 @@ pub async fn release(ctx: &Context, namespace: &str) -> Result<(), Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let datasets: Api<Dataset> = Api::namespaced(ctx.client.clone(), namespace);
     for pod in pods.list(&ListParams::default()).await? {
-        let gates = pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone()).unwrap_or_default();
+        let gates = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.scheduling_gates.clone())
+            .unwrap_or_default();
         if !gates.iter().any(|g| g.name == GATE) {
             continue;
         }
@@ -68,19 +72,37 @@ pub async fn release(ctx: &Context, namespace: &str) -> Result<(), Error> {
         // first, so a concurrent change fails the patch instead of being overwritten.
         let patch = json_patch::Patch(vec![
             json_patch::PatchOperation::Test(json_patch::TestOperation {
-                path: "/spec/schedulingGates".parse().map_err(|e| Error::Build(format!("{e}")))?,
-                value: serde_json::to_value(pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone())).unwrap_or_default(),
+                path: "/spec/schedulingGates"
+                    .parse()
+                    .map_err(|e| Error::Build(format!("{e}")))?,
+                value: serde_json::to_value(pod.spec.as_ref().and_then(|s| s.scheduling_gates.clone()))
+                    .unwrap_or_default(),
             }),
             json_patch::PatchOperation::Replace(json_patch::ReplaceOperation {
-                path: "/spec/schedulingGates".parse().map_err(|e| Error::Build(format!("{e}")))?,
+                path: "/spec/schedulingGates"
+                    .parse()
+                    .map_err(|e| Error::Build(format!("{e}")))?,
                 value: serde_json::to_value(&remaining).unwrap_or_default(),
             }),
         ]);
-        pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch)).await?;
+        pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))
+            .await?;
         if failures.is_empty() {
-            ctx.event(&pod, EventType::Normal, "Prewarmed", format!("{waits_for} loaded into the cache; the pod can be scheduled")).await;
+            ctx.event(
+                &pod,
+                EventType::Normal,
+                "Prewarmed",
+                format!("{waits_for} loaded into the cache; the pod can be scheduled"),
+            )
+            .await;
         } else {
-            ctx.event(&pod, EventType::Warning, "PrewarmFailed", format!("scheduled without a warm cache: {}", failures.join("; "))).await;
+            ctx.event(
+                &pod,
+                EventType::Warning,
+                "PrewarmFailed",
+                format!("scheduled without a warm cache: {}", failures.join("; ")),
+            )
+            .await;
         }
     }
     Ok(())

@@ -106,7 +106,11 @@ pub enum Error {
 }
 
 fn key<K: Resource>(obj: &K) -> String {
-    format!("{}/{}", obj.meta().namespace.as_deref().unwrap_or(""), obj.meta().name.as_deref().unwrap_or(""))
+    format!(
+        "{}/{}",
+        obj.meta().namespace.as_deref().unwrap_or(""),
+        obj.meta().name.as_deref().unwrap_or("")
+    )
 }
 
 /// The controllers' error policy: log, count, and retry with a per-object backoff.

@@ -95,7 +95,15 @@ impl Prewarms {
     }
 
     /// Starts loading `paths` over `workers`, replacing (and stopping) any prewarm of `key`.
-    pub fn start(&self, key: &str, spec_hash: String, workers: Vec<String>, replicas: usize, paths: Vec<String>, parallelism: u32) {
+    pub fn start(
+        &self,
+        key: &str,
+        spec_hash: String,
+        workers: Vec<String>,
+        replicas: usize,
+        paths: Vec<String>,
+        parallelism: u32,
+    ) {
         let state = Arc::new(Mutex::new((Progress::default(), Outcome::Running)));
         let task_state = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -135,7 +143,10 @@ async fn load_all(
     // Totals of the paths already loaded, under those of the path loading now.
     let mut done = Progress::default();
     for (i, path) in paths.iter().enumerate() {
-        let mut stream = pool.load(path, parallelism).await.map_err(|e| format!("starting the load of {path}: {e}"))?;
+        let mut stream = pool
+            .load(path, parallelism)
+            .await
+            .map_err(|e| format!("starting the load of {path}: {e}"))?;
         let mut last = LoadProgress::default();
         while let Some(message) = stream.next().await {
             let p = message.map_err(|e| format!("loading {path}: {e}"))?;
@@ -161,7 +172,9 @@ async fn load_all(
             }
         }
         if !last.finished {
-            return Err(format!("the load of {path} ended before it finished (a worker went away?)"));
+            return Err(format!(
+                "the load of {path} ended before it finished (a worker went away?)"
+            ));
         }
         done.files_total += last.files_total;
         done.files_done += last.files_done;

@@ -11,7 +11,11 @@ use kube::{Api, Client};
 use crate::api::common::StoreRef;
 
 /// The store's options with the Secret's keys added; the error says which Secret is missing.
-pub async fn options_with_secret(client: &Client, namespace: &str, store: &StoreRef) -> Result<BTreeMap<String, String>, String> {
+pub async fn options_with_secret(
+    client: &Client,
+    namespace: &str,
+    store: &StoreRef,
+) -> Result<BTreeMap<String, String>, String> {
     let mut options = store.options.clone();
     let Some(secret_ref) = &store.secret_ref else {
         return Ok(options);
@@ -28,7 +32,8 @@ pub async fn options_with_secret(client: &Client, namespace: &str, store: &Store
         Err(e) => return Err(format!("reading the Secret {:?}: {e}", secret_ref.name)),
     };
     for (key, value) in secret.data.unwrap_or_default() {
-        let value = String::from_utf8(value.0).map_err(|_| format!("the Secret {:?} key {key} is not UTF-8 text", secret_ref.name))?;
+        let value = String::from_utf8(value.0)
+            .map_err(|_| format!("the Secret {:?} key {key} is not UTF-8 text", secret_ref.name))?;
         options.insert(key, value.trim_end_matches(['\n', '\r']).to_string());
     }
     for (key, value) in secret.string_data.unwrap_or_default() {
@@ -49,6 +54,8 @@ pub async fn probe(uri: &str, options: &BTreeMap<String, String>, timeout: Durat
     match tokio::time::timeout(timeout, listing).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(format!("listing {uri}: {e}")),
-        Err(_) => Err(format!("{uri} did not answer within {timeout:?}; check the endpoint and the network")),
+        Err(_) => Err(format!(
+            "{uri} did not answer within {timeout:?}; check the endpoint and the network"
+        )),
     }
 }

@@ -56,7 +56,9 @@ fn volume_mount(m: &MountRequest) -> Value {
 
 /// `obj[key]` as an array, created when absent.
 fn array<'a>(obj: &'a mut Value, key: &str) -> Result<&'a mut Vec<Value>, String> {
-    let map = obj.as_object_mut().ok_or_else(|| format!("expected an object holding {key}"))?;
+    let map = obj
+        .as_object_mut()
+        .ok_or_else(|| format!("expected an object holding {key}"))?;
     map.entry(key).or_insert_with(|| Value::Array(Vec::new()));
     match map.get_mut(key) {
         Some(Value::Array(a)) => Ok(a),
@@ -66,7 +68,9 @@ fn array<'a>(obj: &'a mut Value, key: &str) -> Result<&'a mut Vec<Value>, String
 }
 
 fn object<'a>(obj: &'a mut Value, key: &str) -> Result<&'a mut Value, String> {
-    let map = obj.as_object_mut().ok_or_else(|| format!("expected an object holding {key}"))?;
+    let map = obj
+        .as_object_mut()
+        .ok_or_else(|| format!("expected an object holding {key}"))?;
     let slot = map.entry(key).or_insert_with(|| Value::Object(Map::new()));
     if slot.is_null() {
         *slot = Value::Object(Map::new());
@@ -82,7 +86,12 @@ fn inject_spec(spec: &mut Value, r: &Resolved, where_: &str) -> Result<(), Strin
         let volumes = array(spec, "volumes")?;
         match volumes.iter().find(|v| v["name"] == name.as_str()) {
             Some(v) if v["persistentVolumeClaim"]["claimName"] == claim_name(m).as_str() => {}
-            Some(_) => return Err(format!("{where_}: a volume named {name} already exists and is not the claim {}; rename it", claim_name(m))),
+            Some(_) => {
+                return Err(format!(
+                    "{where_}: a volume named {name} already exists and is not the claim {}; rename it",
+                    claim_name(m)
+                ))
+            }
             None => volumes.push(volume(m)),
         }
     }
@@ -95,10 +104,16 @@ fn inject_spec(spec: &mut Value, r: &Resolved, where_: &str) -> Result<(), Strin
         let mounts = array(container, "volumeMounts")?;
         for m in &r.mounts {
             let name = volume_name(m);
-            if mounts.iter().any(|x| x["name"] == name.as_str() && x["mountPath"] == m.path.as_str()) {
+            if mounts
+                .iter()
+                .any(|x| x["name"] == name.as_str() && x["mountPath"] == m.path.as_str())
+            {
                 continue;
             }
-            if let Some(clash) = mounts.iter().find(|x| x["mountPath"].as_str().is_some_and(|p| overlaps(p, &m.path))) {
+            if let Some(clash) = mounts
+                .iter()
+                .find(|x| x["mountPath"].as_str().is_some_and(|p| overlaps(p, &m.path)))
+            {
                 return Err(format!(
                     "{where_}: container {cname} already mounts {} at {}, which clashes with {} from granary.dev/mounts; choose another path",
                     clash["name"].as_str().unwrap_or("a volume"),
@@ -164,7 +179,11 @@ pub fn mutate(kind: &str, obj: &Value, r: &Resolved) -> Result<Value, String> {
                 overrides.push(override_);
             }
         }
-        other => return Err(format!("{other} objects are not mounted into; annotate a Pod, PyTorchJob or TrainJob")),
+        other => {
+            return Err(format!(
+                "{other} objects are not mounted into; annotate a Pod, PyTorchJob or TrainJob"
+            ))
+        }
     }
     Ok(out)
 }

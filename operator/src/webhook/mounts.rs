@@ -27,15 +27,22 @@ pub fn parse(value: &str) -> Result<Vec<MountRequest>, String> {
             continue;
         }
         let bad = |why: &str| format!("{MOUNTS_ANNOTATION} entry {entry:?}: {why} ({EXAMPLE})");
-        let (target, path) = entry.split_once('=').ok_or_else(|| bad("expected <kind>/<name>=<path>"))?;
-        let (kind, name) = target.trim().split_once('/').ok_or_else(|| bad("expected <kind>/<name> before `=`"))?;
+        let (target, path) = entry
+            .split_once('=')
+            .ok_or_else(|| bad("expected <kind>/<name>=<path>"))?;
+        let (kind, name) = target
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| bad("expected <kind>/<name> before `=`"))?;
         let kind = match kind {
             "dataset" => MountKind::Dataset,
             "checkpoint" => MountKind::Checkpoint,
             other => return Err(bad(&format!("unknown kind {other:?}; use dataset or checkpoint"))),
         };
         if !is_dns_label(name) {
-            return Err(bad(&format!("{name:?} is not a resource name (lowercase letters, digits and `-`)")));
+            return Err(bad(&format!(
+                "{name:?} is not a resource name (lowercase letters, digits and `-`)"
+            )));
         }
         let path = path.trim();
         if !path.starts_with('/') || path == "/" {
@@ -46,7 +53,10 @@ pub fn parse(value: &str) -> Result<Vec<MountRequest>, String> {
         }
         let path = path.trim_end_matches('/').to_string();
         if let Some(other) = out.iter().find(|m| overlaps(&m.path, &path)) {
-            return Err(bad(&format!("{path} clashes with {} in the same annotation; give each mount its own directory", other.path)));
+            return Err(bad(&format!(
+                "{path} clashes with {} in the same annotation; give each mount its own directory",
+                other.path
+            )));
         }
         if out.iter().any(|m| m.kind == kind && m.name == name) {
             return Err(bad(&format!("{name} is mounted twice")));
@@ -72,7 +82,8 @@ pub fn overlaps(a: &str, b: &str) -> bool {
 fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 253
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
         && !s.starts_with('-')
         && !s.ends_with('-')
 }
@@ -85,7 +96,10 @@ mod tests {
     fn the_annotation_parses_and_its_mistakes_are_named() {
         let m = parse("dataset/imagenet=/data, checkpoint/llama=/ckpt/").expect("valid");
         assert_eq!(m.len(), 2);
-        assert_eq!((m[0].kind, m[0].name.as_str(), m[0].path.as_str()), (MountKind::Dataset, "imagenet", "/data"));
+        assert_eq!(
+            (m[0].kind, m[0].name.as_str(), m[0].path.as_str()),
+            (MountKind::Dataset, "imagenet", "/data")
+        );
         assert_eq!((m[1].kind, m[1].path.as_str()), (MountKind::Checkpoint, "/ckpt"));
         for (bad, expected) in [
             ("dataset/imagenet", "expected <kind>/<name>=<path>"),

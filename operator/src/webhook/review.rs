@@ -14,7 +14,11 @@ use crate::metrics::OperatorMetrics;
 
 /// Answers `review`; every failure becomes a denial (or an invalid response for a review
 /// that cannot be read), never a transport error.
-pub async fn answer(review: AdmissionReview<DynamicObject>, client: &Client, metrics: &OperatorMetrics) -> AdmissionReview<DynamicObject> {
+pub async fn answer(
+    review: AdmissionReview<DynamicObject>,
+    client: &Client,
+    metrics: &OperatorMetrics,
+) -> AdmissionReview<DynamicObject> {
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
@@ -43,7 +47,10 @@ pub async fn answer(review: AdmissionReview<DynamicObject>, client: &Client, met
 }
 
 /// `Ok(None)`: nothing to do; `Ok(Some(patch))`: the mounts to inject; `Err`: the denial.
-async fn decide(request: &AdmissionRequest<DynamicObject>, client: &Client) -> Result<Option<json_patch::Patch>, String> {
+async fn decide(
+    request: &AdmissionRequest<DynamicObject>,
+    client: &Client,
+) -> Result<Option<json_patch::Patch>, String> {
     if request.operation != Operation::Create {
         return Ok(None);
     }
@@ -51,7 +58,11 @@ async fn decide(request: &AdmissionRequest<DynamicObject>, client: &Client) -> R
         return Ok(None);
     };
     let value = serde_json::to_value(object).map_err(|e| format!("the object could not be read: {e}"))?;
-    let Some(annotation) = value.pointer("/metadata/annotations").and_then(|a| a.get(MOUNTS_ANNOTATION)).and_then(Value::as_str) else {
+    let Some(annotation) = value
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(MOUNTS_ANNOTATION))
+        .and_then(Value::as_str)
+    else {
         return Ok(None);
     };
     let namespace = request
@@ -75,7 +86,11 @@ async fn decide(request: &AdmissionRequest<DynamicObject>, client: &Client) -> R
                             m.name
                         )
                     })?;
-                let loaded = ds.status.as_ref().and_then(|s| s.prewarm.as_ref()).is_some_and(|p| p.finished.is_some());
+                let loaded = ds
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.prewarm.as_ref())
+                    .is_some_and(|p| p.finished.is_some());
                 if ds.spec.prewarm.policy == PrewarmPolicy::BeforeScheduling && !loaded {
                     resolved.wait_for.push(m.name.clone());
                 }

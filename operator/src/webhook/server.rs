@@ -22,7 +22,10 @@ struct WebhookState {
     metrics: Arc<OperatorMetrics>,
 }
 
-async fn mutate(State(state): State<WebhookState>, Json(review): Json<AdmissionReview<DynamicObject>>) -> Json<AdmissionReview<DynamicObject>> {
+async fn mutate(
+    State(state): State<WebhookState>,
+    Json(review): Json<AdmissionReview<DynamicObject>>,
+) -> Json<AdmissionReview<DynamicObject>> {
     Json(super::review::answer(review, &state.client, &state.metrics).await)
 }
 
@@ -73,7 +76,10 @@ impl WebhookServer {
                         return;
                     }
                 };
-                if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await {
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await
+                {
                     tracing::debug!(%peer, error = %e, "webhook connection ended");
                 }
             });
