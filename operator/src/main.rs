@@ -37,7 +37,7 @@ enum Command {
     /// Print the CustomResourceDefinitions (YAML): `granary-operator crd > crds/granary.dev.yaml`.
     Crd,
     /// Run the controllers (leader-elected) and, with --webhook-listen, the admission webhook.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
 }
 
 #[derive(clap::Args)]

@@ -1,6 +1,9 @@
 //! `CheckpointPolicy` (granary.dev/v1alpha1): where a job's checkpoints must end up and how
 //! they get there, published as the PVC `<name>-checkpoint`.
 
+// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;

@@ -1,6 +1,9 @@
 //! `Dataset` (granary.dev/v1alpha1): a source store cached by a set of workers, prewarmed on
 //! request, and published as a PVC named after the Dataset.
 
+// Each `printcolumn(...)` repeats `type_`, which clippy takes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements, Toleration};

@@ -398,12 +398,10 @@ fn copy_progress(p: &Progress, status: &mut PrewarmStatus) {
 
 fn summary(p: &PrewarmStatus) -> String {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    let percent = if p.bytes_total > 0 {
-        p.bytes_done * 100 / p.bytes_total
-    } else if p.finished.is_some() {
-        100
-    } else {
-        0
+    let percent = match (p.bytes_done * 100).checked_div(p.bytes_total) {
+        Some(percent) => percent,
+        None if p.finished.is_some() => 100,
+        None => 0,
     };
     format!("{percent}% ({:.2}/{:.2} GiB)", gib(p.bytes_done), gib(p.bytes_total))
 }

@@ -114,3 +114,35 @@ async fn decide(
     let patch = json_patch::diff(&value, &mutated);
     Ok(if patch.0.is_empty() { None } else { Some(patch) })
 }
+
+/// The review as the API server reads it. kube serializes the patch as a JSON array of
+/// numbers, but the API server (Go's `[]byte`) only takes base64 text, and would reject the
+/// response; the patch is re-encoded here.
+pub fn to_wire(review: &AdmissionReview<DynamicObject>) -> Value {
+    let mut value = serde_json::to_value(review).unwrap_or(Value::Null);
+    if let Some(patch) = value.pointer_mut("/response/patch") {
+        if let Some(numbers) = patch.as_array() {
+            let bytes: Vec<u8> = numbers.iter().filter_map(|n| n.as_u64()).map(|n| n as u8).collect();
+            *patch = Value::String(base64(&bytes));
+        }
+    }
+    value
+}
+
+/// Standard base64 with padding.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n =
+            (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

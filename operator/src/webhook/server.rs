@@ -25,8 +25,9 @@ struct WebhookState {
 async fn mutate(
     State(state): State<WebhookState>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
-) -> Json<AdmissionReview<DynamicObject>> {
-    Json(super::review::answer(review, &state.client, &state.metrics).await)
+) -> Json<serde_json::Value> {
+    let answer = super::review::answer(review, &state.client, &state.metrics).await;
+    Json(super::review::to_wire(&answer))
 }
 
 pub fn router(client: Client, metrics: Arc<OperatorMetrics>) -> Router {
