@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test lint unit bench fuse-bench ckpt-bench build release
+.PHONY: demo test lint unit bench fuse-bench ckpt-bench build release crds e2e-cluster
 
 ## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
 demo: release
@@ -22,7 +22,7 @@ build:
 	$(CARGO) build --workspace
 
 release:
-	$(CARGO) build --release --bin granary-cache --bin granary-csi --example s3-test-server
+	$(CARGO) build --release --bin granary-cache --bin granary-csi --bin granary-operator --example s3-test-server
 
 ## Cache worker benchmark against an S3-protocol server on loopback.
 bench: release
@@ -37,3 +37,11 @@ fuse-bench: release
 ## and a direct PUT, with the store behind a rate-limited link (root; ip, tc, curl).
 ckpt-bench: release
 	e2e/ckpt-bench.sh
+
+## Regenerate crds/granary.dev.yaml from the Rust types (a test fails when it is stale).
+crds:
+	$(CARGO) run -q -p granary-operator -- crd > crds/granary.dev.yaml
+
+## Against a real cluster with granary installed (skips, saying why, without KUBECONFIG).
+e2e-cluster:
+	e2e/cluster.sh

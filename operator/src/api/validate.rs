@@ -163,7 +163,7 @@ mod tests {
 
     fn spec() -> DatasetSpec {
         serde_json::from_value(serde_json::json!({
-            "source": {"uri": "s3://datasets/imagenet/", "options": {"region": "us-east-1"}},
+            "source": {"uri": "s3://datasets/imagenet/", "options": {"region": "us-east-1"}, "secretRef": {"name": "s3"}},
         }))
         .expect("a minimal Dataset")
     }
@@ -217,7 +217,7 @@ mod tests {
     #[test]
     fn checkpoint_policy_mistakes_are_named() {
         let mut p: CheckpointPolicySpec = serde_json::from_value(serde_json::json!({
-            "target": {"uri": "s3://ckpt/llama/"},
+            "target": {"uri": "s3://ckpt/llama/", "options": {"region": "us-east-1"}, "secretRef": {"name": "s3"}},
             "commitMarker": ".metadata",
             "retention": {"keepLast": 3},
         }))
