@@ -12,6 +12,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod fuse;
 pub mod handover;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod proto;

@@ -2,8 +2,8 @@
 
 mod cli;
 
-use clap::{Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use clap::{Parser, Subcommand};
+use granary_cache::logging::{self, LogFormat};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,12 +20,6 @@ struct Cli {
     log: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,22 +39,6 @@ enum Command {
     Node(cli::node::NodeArgs),
     /// Measure warm and cold reads through the workers against local disk and the store.
     Bench(cli::bench::BenchArgs),
-}
-
-fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
-        _ => EnvFilter::try_new(filter)?,
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
 }
 
 /// Blocks travel as multi-MiB buffers, allocated and freed per request. The two kinds of
@@ -92,8 +70,8 @@ fn tune_allocator(bounded_footprint: bool) {
 fn main() {
     let cli = Cli::parse();
     tune_allocator(matches!(cli.command, Command::Mount(_) | Command::Node(_)));
-    if let Err(e) = init_logging(cli.log_format, &cli.log) {
-        eprintln!("error: invalid --log filter: {e}");
+    if let Err(e) = logging::init(cli.log_format, &cli.log) {
+        eprintln!("error: {e}");
         std::process::exit(cli::exit::CONFIG);
     }
     // Thread names say the role, in `top -H` and in profiles.

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use granary_cache::logging::{self, LogFormat};
 use granary_csi::CsiConfig;
 
 /// Granary's CSI node plugin (driver granary.dev): publishes dataset and checkpoint volumes
@@ -33,19 +34,6 @@ struct Args {
     log_json: bool,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
@@ -61,7 +49,8 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    init_logging(args.log_json);
+    let format = if args.log_json { LogFormat::Json } else { LogFormat::Text };
+    logging::init(format, "info")?;
     let fd_keeper = if args.no_fd_keeper {
         None
     } else {

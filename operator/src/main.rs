@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use granary_operator::run::{self, RunConfig};
-use tracing_subscriber::EnvFilter;
+use granary_cache::logging::{self, LogFormat};
 
 #[derive(Parser)]
 #[command(
@@ -24,12 +24,6 @@ struct Cli {
     log: String,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -84,25 +78,10 @@ struct RunArgs {
     worker_addresses: Vec<String>,
 }
 
-fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(env) if !env.is_empty() => EnvFilter::try_new(env)?,
-        _ => EnvFilter::try_new(filter)?,
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(cli.log_format, &cli.log) {
-        eprintln!("granary-operator: invalid --log filter: {e:#}");
+    if let Err(e) = logging::init(cli.log_format, &cli.log) {
+        eprintln!("granary-operator: {e}");
         return ExitCode::from(2);
     }
     let result = match cli.command {
