@@ -49,7 +49,11 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let format = if args.log_json { LogFormat::Json } else { LogFormat::Text };
+    let format = if args.log_json {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    };
     logging::init(format, "info")?;
     let fd_keeper = if args.no_fd_keeper {
         None

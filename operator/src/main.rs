@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use granary_operator::run::{self, RunConfig};
 use granary_cache::logging::{self, LogFormat};
+use granary_operator::run::{self, RunConfig};
 
 #[derive(Parser)]
 #[command(

@@ -41,6 +41,16 @@ pub struct RunConfig {
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
+    // Configuration mistakes end the start here, before anything is bound or contacted.
+    if config.lease_duration < Duration::from_secs(3) {
+        anyhow::bail!(
+            "--lease-duration {:?} is too short: renewals happen every third of it; use 15s (the default) or more",
+            config.lease_duration
+        );
+    }
+    if !config.worker_addresses.is_empty() {
+        granary_cache::client::WorkerPool::new(&config.worker_addresses, 1).context("--worker-address")?;
+    }
     let client = Client::try_default()
         .await
         .context("no Kubernetes API to talk to: run in a cluster, or set KUBECONFIG / ~/.kube/config")?;

@@ -104,7 +104,10 @@ async fn a_dataset_becomes_workers_and_a_volume_and_a_second_reconcile_changes_n
     // The first pass adds the finalizer, the second makes the objects.
     reconcile_dataset(&fake, &ctx, "imagenet").await;
     let ds = reconcile_dataset(&fake, &ctx, "imagenet").await;
-    assert_eq!(ds.metadata.finalizers, Some(vec![dataset::FINALIZER.to_string()]));
+    assert_eq!(
+        ds.metadata.finalizers,
+        Some(vec![granary_operator::controller::VOLUME_FINALIZER.to_string()])
+    );
     let uid = ds.metadata.uid.clone().expect("uid");
 
     let cm = fake

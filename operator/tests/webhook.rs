@@ -88,38 +88,12 @@ impl Webhook {
 fn patched(object: &Value, response: &Value) -> Value {
     assert_eq!(response["allowed"], true, "{response}");
     assert_eq!(response["patchType"], "JSONPatch");
-    let patch_bytes = base64_decode(
-        response["patch"]
-            .as_str()
-            .unwrap_or_else(|| panic!("a base64 patch in {response}")),
-    );
+    let patch_bytes = serde_json::from_value::<k8s_openapi::ByteString>(response["patch"].clone())
+        .unwrap_or_else(|e| panic!("a base64 patch in {response}: {e}"))
+        .0;
     let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes).expect("a JSONPatch");
     let mut out = object.clone();
     json_patch::patch(&mut out, &patch).expect("the patch applies");
-    out
-}
-
-fn base64_decode(s: &str) -> Vec<u8> {
-    let table = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => (c - b'A') as u32,
-            b'a'..=b'z' => (c - b'a' + 26) as u32,
-            b'0'..=b'9' => (c - b'0' + 52) as u32,
-            b'+' => 62,
-            b'/' => 63,
-            _ => 0,
-        }
-    };
-    let clean: Vec<u8> = s.bytes().filter(|c| *c != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in clean.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= table(*c) << (18 - 6 * i);
-        }
-        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&bytes[..chunk.len().saturating_sub(1)]);
-    }
     out
 }
 
@@ -255,4 +229,30 @@ async fn unknown_resources_malformed_annotations_and_path_clashes_are_denied_by_
             .await,
     );
     assert!(m.contains("container pytorch already mounts shm at /dev/shm"), "{m}");
+}
+
+#[tokio::test]
+async fn a_dataset_the_schema_cannot_fault_is_denied_with_its_field_and_fix() {
+    let (_fake, client) = cluster();
+    let hook = start(client).await;
+    let bad = json!({"apiVersion": "granary.dev/v1alpha1", "kind": "Dataset", "metadata": {"name": "imagenet", "namespace": "ml"},
+        "spec": {"source": {"uri": "s3://datasets/imagenet/", "options": {"region": "us-east-1", "secret_access_key": "oops"}},
+                 "cache": {"workers": 2, "replicas": 3}}});
+    let r = hook.review(("granary.dev", "v1alpha1", "Dataset"), bad).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let m = r["status"]["message"].as_str().unwrap_or("");
+    assert!(
+        m.contains("spec.source.options.secret_access_key is a credential; put it in a Secret"),
+        "{m}"
+    );
+    assert!(
+        m.contains("spec.cache.replicas (3) is more than spec.cache.workers (2)"),
+        "{m}"
+    );
+
+    let good = json!({"apiVersion": "granary.dev/v1alpha1", "kind": "CheckpointPolicy", "metadata": {"name": "llama", "namespace": "ml"},
+        "spec": {"target": {"uri": "s3://ckpt/llama/", "options": {"region": "us-east-1"}, "secretRef": {"name": "s3"}}}});
+    let r = hook.review(("granary.dev", "v1alpha1", "CheckpointPolicy"), good).await;
+    assert_eq!(r["allowed"], true, "{r}");
+    assert!(r["patch"].is_null());
 }

@@ -20,9 +20,10 @@ pub struct WorkerArgs {
     pub source: String,
     /// A source store option, repeatable: endpoint=http://minio:9000, region=us-east-1,
     /// access_key_id=…, secret_access_key=…, anonymous=true, credentials=auto. AWS_*
-    /// environment variables are read too.
+    /// environment variables are read too. GRANARY_SOURCE_OPTIONS holds one KEY=VALUE per
+    /// line, so values may hold commas.
     #[arg(long = "source-option", value_name = "KEY=VALUE", value_parser = parse_key_value,
-          env = "GRANARY_SOURCE_OPTIONS", value_delimiter = ',')]
+          env = "GRANARY_SOURCE_OPTIONS", value_delimiter = '\n')]
     pub source_options: Vec<(String, String)>,
     /// A directory whose files are store options named after the file (a mounted Secret:
     /// access_key_id, secret_access_key, session_token), so credentials stay out of argv.

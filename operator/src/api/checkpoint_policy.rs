@@ -124,9 +124,3 @@ pub struct CheckpointPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
-
-impl CheckpointPolicy {
-    pub fn claim_name(&self) -> String {
-        format!("{}-checkpoint", kube::ResourceExt::name_any(self))
-    }
-}

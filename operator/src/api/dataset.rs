@@ -263,10 +263,3 @@ pub struct PrewarmStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
 }
-
-impl Dataset {
-    /// The PVC (and PV, with a namespace prefix) users mount.
-    pub fn claim_name(&self) -> String {
-        kube::ResourceExt::name_any(self)
-    }
-}

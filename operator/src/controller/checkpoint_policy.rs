@@ -9,7 +9,6 @@ use granary_cache::source::SourceTuning;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
@@ -20,10 +19,9 @@ use crate::api::common::{condition_is_true, set_condition};
 use crate::api::{validate, CheckpointPolicy, CheckpointPolicyStatus};
 use crate::resources::{names, volumes};
 
-use super::apply::create_if_absent;
-use super::{store_probe, Context, Error};
+use super::apply::{create_if_absent, delete_if_present, patch_status};
+use super::{store_probe, Context, Error, VOLUME_FINALIZER};
 
-pub const FINALIZER: &str = "granary.dev/volume-cleanup";
 /// How often the target store is listed for new checkpoints.
 const REFRESH: Duration = Duration::from_secs(60);
 
@@ -34,22 +32,13 @@ pub async fn reconcile(policy: Arc<CheckpointPolicy>, ctx: Arc<Context>) -> Resu
     let api: Api<CheckpointPolicy> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = super::key(policy.as_ref());
     let started = std::time::Instant::now();
-    let result = finalizer(&api, FINALIZER, policy, |event| async {
+    let result = finalizer(&api, VOLUME_FINALIZER, policy, |event| async {
         match event {
             Finalize::Apply(p) => apply(&p, &namespace, &ctx).await,
             Finalize::Cleanup(p) => {
                 let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-                match pvs
-                    .delete(
-                        &names::checkpoint_pv(&namespace, &p.name_any()),
-                        &DeleteParams::default(),
-                    )
-                    .await
-                {
-                    Ok(_) => Ok(Action::await_change()),
-                    Err(kube::Error::Api(s)) if s.code == 404 => Ok(Action::await_change()),
-                    Err(e) => Err(e.into()),
-                }
+                delete_if_present(&pvs, &names::checkpoint_pv(&namespace, &p.name_any())).await?;
+                Ok(Action::await_change())
             }
         }
     })
@@ -203,21 +192,6 @@ async fn write_status(
     ctx: &Context,
     status: CheckpointPolicyStatus,
 ) -> Result<bool, Error> {
-    if policy.status.as_ref() == Some(&status) {
-        return Ok(false);
-    }
     let api: Api<CheckpointPolicy> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut value = serde_json::to_value(&status).map_err(|e| Error::Build(e.to_string()))?;
-    if let Some(map) = value.as_object_mut() {
-        for field in ["latestCheckpoint", "latestCommittedAt"] {
-            map.entry(field).or_insert(serde_json::Value::Null);
-        }
-    }
-    api.patch_status(
-        &policy.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&serde_json::json!({ "status": value })),
-    )
-    .await?;
-    Ok(true)
+    patch_status(&api, &policy.name_any(), policy.status.as_ref(), &status).await
 }

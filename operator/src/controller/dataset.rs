@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
-use kube::api::{DeleteParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
@@ -15,13 +14,10 @@ use crate::api::dataset::{DatasetPhase, PrewarmPolicy, PrewarmStatus, PREWARMED,
 use crate::api::{validate, Dataset, DatasetStatus};
 use crate::resources::{names, volumes, workers};
 
-use super::apply::{apply_namespaced, create_if_absent};
-use super::prewarm::{spec_hash, Outcome, Progress};
-use super::{gates, store_probe, Context, Error, WorkerAddressing};
+use super::apply::{apply_namespaced, create_if_absent, delete_if_present, patch_status};
+use super::prewarm::{gave_up, spec_hash, Outcome, Progress, MAX_PREWARM_ATTEMPTS};
+use super::{gates, store_probe, Context, Error, WorkerAddressing, VOLUME_FINALIZER};
 
-pub const FINALIZER: &str = "granary.dev/volume-cleanup";
-/// Attempts of one prewarm before it is called failed (and gated pods are let through).
-pub const MAX_PREWARM_ATTEMPTS: u32 = 5;
 /// Status refresh while something moves (prewarm, workers starting), and at rest.
 const BUSY_REQUEUE: Duration = Duration::from_secs(5);
 const IDLE_REQUEUE: Duration = Duration::from_secs(300);
@@ -31,7 +27,7 @@ pub async fn reconcile(ds: Arc<Dataset>, ctx: Arc<Context>) -> Result<Action, Er
     let api: Api<Dataset> = Api::namespaced(ctx.client.clone(), &namespace);
     let key = super::key(ds.as_ref());
     let started = std::time::Instant::now();
-    let result = finalizer(&api, FINALIZER, ds, |event| async {
+    let result = finalizer(&api, VOLUME_FINALIZER, ds, |event| async {
         match event {
             Finalize::Apply(ds) => apply(&ds, &namespace, &ctx).await,
             Finalize::Cleanup(ds) => cleanup(&ds, &namespace, &ctx).await,
@@ -52,12 +48,7 @@ pub async fn reconcile(ds: Arc<Dataset>, ctx: Arc<Context>) -> Result<Action, Er
 async fn cleanup(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, Error> {
     ctx.prewarms.stop(&super::key(ds));
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    let name = names::dataset_pv(namespace, &ds.name_any());
-    match pvs.delete(&name, &DeleteParams::default()).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
+    delete_if_present(&pvs, &names::dataset_pv(namespace, &ds.name_any())).await?;
     Ok(Action::await_change())
 }
 
@@ -201,7 +192,7 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
     }
 
     let prewarm_done = status.prewarm.as_ref().is_some_and(|p| p.finished.is_some());
-    let prewarm_failed = prewarm_gave_up(&status);
+    let prewarm_failed = status.prewarm.as_ref().is_some_and(gave_up);
     status.phase = Some(if reachable.is_err() && !workers_ready {
         DatasetPhase::Failed
     } else if !workers_ready {
@@ -245,14 +236,6 @@ fn worker_addresses(ds: &Dataset, namespace: &str, addressing: &WorkerAddressing
     }
 }
 
-/// Whether the prewarm gave up: too many interrupted attempts.
-pub fn prewarm_gave_up(status: &DatasetStatus) -> bool {
-    status
-        .prewarm
-        .as_ref()
-        .is_some_and(|p| p.finished.is_none() && p.attempts >= MAX_PREWARM_ATTEMPTS && p.last_error.is_some())
-}
-
 /// Advances the prewarm by one step: start or resume it, or copy its progress into the
 /// status. Returns whether it is still running.
 fn drive_prewarm(
@@ -277,7 +260,7 @@ fn drive_prewarm(
         status.prewarm = Some(prewarm);
         return false;
     }
-    if prewarm_gave_up(status) && status.prewarm.as_ref().is_some_and(|p| p.spec_hash == hash) {
+    if gave_up(&prewarm) {
         return false;
     }
     let mut running = true;
@@ -418,21 +401,7 @@ async fn cached_bytes(addresses: &[String], replicas: i32) -> Option<u64> {
     Some(total / replicas.max(1) as u64)
 }
 
-/// Writes the status when it differs from what is stored; returns whether it did.
 async fn write_status(ds: &Dataset, namespace: &str, ctx: &Context, status: DatasetStatus) -> Result<bool, Error> {
-    if ds.status.as_ref() == Some(&status) {
-        return Ok(false);
-    }
     let api: Api<Dataset> = Api::namespaced(ctx.client.clone(), namespace);
-    let mut value = serde_json::to_value(&status).map_err(|e| Error::Build(e.to_string()))?;
-    // A merge patch keeps fields it does not mention; those that are gone are sent as null.
-    if let Some(map) = value.as_object_mut() {
-        for field in ["prewarm", "cachedBytes", "files", "totalBytes"] {
-            map.entry(field).or_insert(serde_json::Value::Null);
-        }
-    }
-    let patch = serde_json::json!({ "status": value });
-    api.patch_status(&ds.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await?;
-    Ok(true)
+    patch_status(&api, &ds.name_any(), ds.status.as_ref(), &status).await
 }

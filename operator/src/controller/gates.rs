@@ -31,7 +31,7 @@ async fn readiness(api: &Api<Dataset>, name: &str) -> Result<Readiness, Error> {
     if status.prewarm.as_ref().is_some_and(|p| p.finished.is_some()) {
         return Ok(Readiness::Prewarmed);
     }
-    if super::dataset::prewarm_gave_up(&status) || status.phase == Some(DatasetPhase::Failed) {
+    if status.prewarm.as_ref().is_some_and(super::prewarm::gave_up) || status.phase == Some(DatasetPhase::Failed) {
         let why = status
             .prewarm
             .and_then(|p| p.last_error)

@@ -20,6 +20,9 @@ use crate::metrics::OperatorMetrics;
 
 pub use prewarm::Prewarms;
 
+/// On Datasets and CheckpointPolicies: their cluster-scoped PV is deleted before they go.
+pub const VOLUME_FINALIZER: &str = "granary.dev/volume-cleanup";
+
 /// How the operator reaches a Dataset's workers.
 #[derive(Debug, Clone, Default)]
 pub enum WorkerAddressing {
@@ -33,7 +36,8 @@ pub enum WorkerAddressing {
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
-    pub reporter: Reporter,
+    /// One recorder, so repeated Events are folded into a series rather than each posted anew.
+    recorder: Recorder,
     pub worker_image: String,
     pub addressing: WorkerAddressing,
     pub prewarms: Prewarms,
@@ -47,8 +51,8 @@ pub struct Context {
 impl Context {
     pub fn new(client: Client, reporter: Reporter, worker_image: String, metrics: Arc<OperatorMetrics>) -> Self {
         Context {
+            recorder: Recorder::new(client.clone(), reporter),
             client,
-            reporter,
             worker_image,
             addressing: WorkerAddressing::ClusterDns,
             prewarms: Prewarms::default(),
@@ -60,7 +64,6 @@ impl Context {
 
     /// Publishes an Event about `obj`; a failure to publish is logged, never fatal.
     pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: String) {
-        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
         let event = Event {
             type_,
             reason: reason.into(),
@@ -68,7 +71,7 @@ impl Context {
             action: reason.into(),
             secondary: None,
         };
-        if let Err(e) = recorder.publish(&event, &obj.object_ref(&())).await {
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             tracing::warn!(object = %obj.name_any(), reason, error = %e, "could not publish an event");
         }
     }

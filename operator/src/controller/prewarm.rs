@@ -7,12 +7,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::api::dataset::{DatasetSpec, PrewarmStatus};
+use crate::resources::short_hash;
 use futures::StreamExt;
 use granary_cache::client::WorkerPool;
 use granary_cache::proto::LoadProgress;
-use sha2::{Digest, Sha256};
-
-use crate::api::dataset::DatasetSpec;
 
 /// Failed files kept in the status.
 const FAILED_FILES_KEPT: usize = 10;
@@ -27,8 +26,21 @@ pub struct Progress {
     pub bytes_done: u64,
     pub bytes_from_source: u64,
     pub failed_files: Vec<String>,
-    /// All paths listed, so the totals are final.
-    pub listing_done: bool,
+}
+
+impl Progress {
+    /// These totals plus one path's load (its failed files are kept separately).
+    fn plus(&self, p: &LoadProgress) -> Progress {
+        Progress {
+            files_total: self.files_total + p.files_total,
+            files_done: self.files_done + p.files_done,
+            files_failed: self.files_failed + p.files_failed,
+            bytes_total: self.bytes_total + p.bytes_total,
+            bytes_done: self.bytes_done + p.bytes_done,
+            bytes_from_source: self.bytes_from_source + p.bytes_from_source,
+            failed_files: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -62,23 +74,23 @@ pub struct Prewarms {
 /// Identifies what a prewarm loads: a changed source, path set or worker layout is a new
 /// prewarm, anything else (placement, image) is not.
 pub fn spec_hash(spec: &DatasetSpec) -> String {
-    let mut h = Sha256::new();
-    let mut feed = |s: &str| {
-        h.update(s.as_bytes());
-        h.update([0]);
-    };
-    feed(&spec.source.uri);
-    for (k, v) in &spec.source.options {
-        feed(k);
-        feed(v);
-    }
-    for p in &spec.prewarm.paths {
-        feed(p);
-    }
-    feed(&spec.cache.workers.to_string());
-    feed(&spec.cache.replicas.to_string());
-    feed(&spec.cache.block_size.0);
-    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+    let counts = [spec.cache.workers.to_string(), spec.cache.replicas.to_string()];
+    let options = spec.source.options.iter().flat_map(|(k, v)| [k.as_str(), v.as_str()]);
+    let paths = spec.prewarm.paths.iter().map(String::as_str);
+    let parts = std::iter::once(spec.source.uri.as_str())
+        .chain(options)
+        .chain(paths)
+        .chain(counts.iter().map(String::as_str))
+        .chain(std::iter::once(spec.cache.block_size.0.as_str()));
+    short_hash(parts)
+}
+
+/// Attempts of one prewarm before it is called failed (and gated pods are let through).
+pub const MAX_PREWARM_ATTEMPTS: u32 = 5;
+
+/// Whether a prewarm gave up: its last attempt failed and it had no attempts left.
+pub fn gave_up(p: &PrewarmStatus) -> bool {
+    p.finished.is_none() && p.attempts >= MAX_PREWARM_ATTEMPTS && p.last_error.is_some()
 }
 
 impl Prewarms {
@@ -142,7 +154,7 @@ async fn load_all(
     let pool = WorkerPool::new(workers, replicas.max(1)).map_err(|e| e.to_string())?;
     // Totals of the paths already loaded, under those of the path loading now.
     let mut done = Progress::default();
-    for (i, path) in paths.iter().enumerate() {
+    for path in paths {
         let mut stream = pool
             .load(path, parallelism)
             .await
@@ -151,17 +163,14 @@ async fn load_all(
         while let Some(message) = stream.next().await {
             let p = message.map_err(|e| format!("loading {path}: {e}"))?;
             if let Ok(mut s) = state.lock() {
-                let progress = &mut s.0;
-                progress.files_total = done.files_total + p.files_total;
-                progress.files_done = done.files_done + p.files_done;
-                progress.files_failed = done.files_failed + p.files_failed;
-                progress.bytes_total = done.bytes_total + p.bytes_total;
-                progress.bytes_done = done.bytes_done + p.bytes_done;
-                progress.bytes_from_source = done.bytes_from_source + p.bytes_from_source;
-                progress.listing_done = p.listing_done && i + 1 == paths.len();
+                let failed_files = std::mem::take(&mut s.0.failed_files);
+                s.0 = Progress {
+                    failed_files,
+                    ..done.plus(&p)
+                };
                 for f in &p.new_failures {
-                    if progress.failed_files.len() < FAILED_FILES_KEPT {
-                        progress.failed_files.push(format!("{}: {}", f.path, f.error));
+                    if s.0.failed_files.len() < FAILED_FILES_KEPT {
+                        s.0.failed_files.push(format!("{}: {}", f.path, f.error));
                     }
                 }
             }
@@ -176,12 +185,7 @@ async fn load_all(
                 "the load of {path} ended before it finished (a worker went away?)"
             ));
         }
-        done.files_total += last.files_total;
-        done.files_done += last.files_done;
-        done.files_failed += last.files_failed;
-        done.bytes_total += last.bytes_total;
-        done.bytes_done += last.bytes_done;
-        done.bytes_from_source += last.bytes_from_source;
+        done = done.plus(&last);
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Resource, ResourceExt};
+use sha2::{Digest, Sha256};
 
 /// Field manager of every object the operator applies.
 pub const FIELD_MANAGER: &str = "granary-operator";
@@ -37,4 +38,15 @@ pub fn owner_ref<K: Resource<DynamicType = ()>>(owner: &K) -> OwnerReference {
         controller: Some(true),
         block_owner_deletion: Some(true),
     }
+}
+
+/// 16 hex digits identifying a sequence of strings (each ended by a NUL, so ("ab", "c") and
+/// ("a", "bc") differ): what changed, not what it is.
+pub fn short_hash<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut h = Sha256::new();
+    for part in parts {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -13,14 +13,13 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use sha2::{Digest, Sha256};
 
 use crate::api::common::QuantityError;
 use crate::api::dataset::{Eviction, Medium};
 use crate::api::Dataset;
 
 use super::names::{self, WORKER_GRPC_PORT, WORKER_METRICS_PORT};
-use super::{labels, owner_ref};
+use super::{labels, owner_ref, short_hash};
 
 pub const DATASET_LABEL: &str = "granary.dev/dataset";
 /// Hash of the worker settings on the pod template: a changed ConfigMap rolls the workers.
@@ -122,7 +121,8 @@ pub fn config_map(ds: &Dataset) -> Result<ConfigMap, QuantityError> {
     }
     if !spec.source.options.is_empty() {
         let options: Vec<String> = spec.source.options.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        data.insert("GRANARY_SOURCE_OPTIONS".into(), options.join(","));
+        // One per line: the worker splits on newlines, so a value may hold commas.
+        data.insert("GRANARY_SOURCE_OPTIONS".into(), options.join("\n"));
     }
     if spec.source.secret_ref.is_some() {
         data.insert("GRANARY_SOURCE_SECRET_DIR".into(), SECRET_DIR.into());
@@ -173,14 +173,7 @@ pub fn statefulset(ds: &Dataset, default_image: &str) -> Result<StatefulSet, Qua
     let spec = &ds.spec;
     let plan = tier_plan(ds)?;
     let config = config_map(ds)?;
-    let mut hasher = Sha256::new();
-    for (k, v) in config.data.iter().flatten() {
-        hasher.update(k.as_bytes());
-        hasher.update([0]);
-        hasher.update(v.as_bytes());
-        hasher.update([0]);
-    }
-    let config_hash: String = hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let config_hash = short_hash(config.data.iter().flatten().flat_map(|(k, v)| [k.as_str(), v.as_str()]));
 
     let mut volumes = Vec::new();
     let mut mounts = Vec::new();

@@ -1,6 +1,7 @@
 //! The mutating admission webhook: `granary.dev/mounts` on a PyTorchJob, TrainJob or Pod
 //! becomes PVC volumes, volumeMounts and (for Datasets prewarmed before scheduling) the
-//! scheduling gate the operator lifts.
+//! scheduling gate the operator lifts. On Datasets and CheckpointPolicies it denies what their
+//! schema cannot check (`api::validate`), with the field and the fix.
 
 pub mod inject;
 pub mod mounts;

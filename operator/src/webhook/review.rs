@@ -9,7 +9,7 @@ use serde_json::Value;
 use super::inject::{mutate, Resolved};
 use super::mounts::{parse, MountKind, MOUNTS_ANNOTATION};
 use crate::api::dataset::PrewarmPolicy;
-use crate::api::{CheckpointPolicy, Dataset};
+use crate::api::{validate, CheckpointPolicy, Dataset};
 use crate::metrics::OperatorMetrics;
 
 /// Answers `review`; every failure becomes a denial (or an invalid response for a review
@@ -51,13 +51,17 @@ async fn decide(
     request: &AdmissionRequest<DynamicObject>,
     client: &Client,
 ) -> Result<Option<json_patch::Patch>, String> {
-    if request.operation != Operation::Create {
-        return Ok(None);
-    }
     let Some(object) = &request.object else {
         return Ok(None);
     };
     let value = serde_json::to_value(object).map_err(|e| format!("the object could not be read: {e}"))?;
+    if request.kind.group == crate::api::GROUP {
+        validate_resource(&request.kind.kind, &value)?;
+        return Ok(None);
+    }
+    if request.operation != Operation::Create {
+        return Ok(None);
+    }
     let Some(annotation) = value
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(MOUNTS_ANNOTATION))
@@ -115,6 +119,28 @@ async fn decide(
     Ok(if patch.0.is_empty() { None } else { Some(patch) })
 }
 
+/// A Dataset or CheckpointPolicy being created or changed: what its schema cannot check.
+fn validate_resource(kind: &str, value: &Value) -> Result<(), String> {
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let result = match kind {
+        "Dataset" => {
+            let ds: Dataset =
+                serde_json::from_value(value.clone()).map_err(|e| format!("the Dataset does not parse: {e}"))?;
+            validate::dataset(name, &ds.spec)
+        }
+        "CheckpointPolicy" => {
+            let p: CheckpointPolicy = serde_json::from_value(value.clone())
+                .map_err(|e| format!("the CheckpointPolicy does not parse: {e}"))?;
+            validate::checkpoint_policy(&p.spec)
+        }
+        _ => Ok(()),
+    };
+    result.map_err(|invalid| format!("{kind} {name}: {invalid}"))
+}
+
 /// The review as the API server reads it. kube serializes the patch as a JSON array of
 /// numbers, but the API server (Go's `[]byte`) only takes base64 text, and would reject the
 /// response; the patch is re-encoded here.
@@ -123,26 +149,8 @@ pub fn to_wire(review: &AdmissionReview<DynamicObject>) -> Value {
     if let Some(patch) = value.pointer_mut("/response/patch") {
         if let Some(numbers) = patch.as_array() {
             let bytes: Vec<u8> = numbers.iter().filter_map(|n| n.as_u64()).map(|n| n as u8).collect();
-            *patch = Value::String(base64(&bytes));
+            *patch = serde_json::to_value(k8s_openapi::ByteString(bytes)).unwrap_or(Value::Null);
         }
     }
     value
-}
-
-/// Standard base64 with padding.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n =
-            (chunk[0] as u32) << 16 | (*chunk.get(1).unwrap_or(&0) as u32) << 8 | *chunk.get(2).unwrap_or(&0) as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
