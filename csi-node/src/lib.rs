@@ -10,6 +10,7 @@
 pub mod capability;
 pub mod daemon;
 pub mod identity;
+pub mod metrics;
 pub mod mounts;
 pub mod node;
 pub mod proto;

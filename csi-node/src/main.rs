@@ -1,5 +1,6 @@
 //! `granary-csi`: the CSI node plugin binary.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -29,9 +30,15 @@ struct Args {
     /// Hold no descriptors: a node daemon restart then breaks the pods' mounts.
     #[arg(long, conflicts_with = "fd_keeper")]
     no_fd_keeper: bool,
-    /// Log as JSON lines.
-    #[arg(long)]
-    log_json: bool,
+    /// Serve Prometheus metrics and /healthz here, e.g. 0.0.0.0:9466.
+    #[arg(long, env = "GRANARY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
+    log_format: LogFormat,
+    /// Log filter, e.g. info or granary_csi=debug (RUST_LOG works too).
+    #[arg(long, default_value = "info", env = "GRANARY_LOG")]
+    log: String,
 }
 
 async fn shutdown_signal() {
@@ -49,12 +56,7 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let format = if args.log_json {
-        LogFormat::Json
-    } else {
-        LogFormat::Text
-    };
-    logging::init(format, "info")?;
+    logging::init(args.log_format, &args.log)?;
     let fd_keeper = if args.no_fd_keeper {
         None
     } else {
@@ -69,6 +71,7 @@ async fn main() -> anyhow::Result<()> {
         node_id: args.node_id,
         node_daemon: args.node_daemon,
         fd_keeper,
+        metrics_listen: args.metrics_listen,
     })
     .await
     .context("granary-csi could not start")?;

@@ -10,12 +10,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tonic::{Request, Response, Status};
 
 use crate::capability;
 use crate::daemon::NodeDaemon;
+use crate::metrics::CsiMetrics;
 use crate::mounts;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::rpc::Type as RpcType;
@@ -28,6 +29,7 @@ pub struct NodeService {
     pub node_id: String,
     pub daemon: NodeDaemon,
     busy: Arc<Mutex<HashSet<PathBuf>>>,
+    metrics: Arc<CsiMetrics>,
 }
 
 /// Marks a target path as having a call in progress; a second call on it is ABORTED, as the
@@ -81,11 +83,12 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl NodeService {
-    pub fn new(node_id: String, daemon: NodeDaemon) -> Self {
+    pub fn new(node_id: String, daemon: NodeDaemon, metrics: Arc<CsiMetrics>) -> Self {
         NodeService {
             node_id,
             daemon,
             busy: Arc::default(),
+            metrics,
         }
     }
 
@@ -131,27 +134,8 @@ fn bind_target(source: &Path, target: &Path, read_only: bool) -> Result<bool, St
     Ok(true)
 }
 
-#[tonic::async_trait]
-impl Node for NodeService {
-    async fn node_stage_volume(
-        &self,
-        _request: Request<NodeStageVolumeRequest>,
-    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "granary-csi does not stage volumes (no STAGE_UNSTAGE_VOLUME capability)",
-        ))
-    }
-
-    async fn node_unstage_volume(
-        &self,
-        _request: Request<NodeUnstageVolumeRequest>,
-    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "granary-csi does not stage volumes (no STAGE_UNSTAGE_VOLUME capability)",
-        ))
-    }
-
-    async fn node_publish_volume(
+impl NodeService {
+    async fn publish(
         &self,
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
@@ -212,7 +196,7 @@ impl Node for NodeService {
         }
     }
 
-    async fn node_unpublish_volume(
+    async fn unpublish(
         &self,
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
@@ -250,7 +234,7 @@ impl Node for NodeService {
         Ok(Response::new(NodeUnpublishVolumeResponse {}))
     }
 
-    async fn node_get_volume_stats(
+    async fn volume_stats(
         &self,
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
@@ -316,6 +300,57 @@ impl Node for NodeService {
             usage,
             volume_condition: Some(condition),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        _request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "granary-csi does not stage volumes (no STAGE_UNSTAGE_VOLUME capability)",
+        ))
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        _request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "granary-csi does not stage volumes (no STAGE_UNSTAGE_VOLUME capability)",
+        ))
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let started = Instant::now();
+        let result = self.publish(request).await;
+        self.metrics.observe("NodePublishVolume", started, &result);
+        result
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let started = Instant::now();
+        let result = self.unpublish(request).await;
+        self.metrics.observe("NodeUnpublishVolume", started, &result);
+        result
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let started = Instant::now();
+        let result = self.volume_stats(request).await;
+        self.metrics.observe("NodeGetVolumeStats", started, &result);
+        result
     }
 
     async fn node_expand_volume(

@@ -1,14 +1,19 @@
 //! Serves the Identity and Node services on the CSI endpoint (a unix socket), and the fd
 //! keeper that holds the node daemon's mounts while it restarts.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use granary_cache::handover::Keeper;
+use prometheus_client::registry::Registry;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::daemon::NodeDaemon;
 use crate::identity::IdentityService;
+use crate::metrics::CsiMetrics;
 use crate::node::NodeService;
 use crate::proto::identity_server::IdentityServer;
 use crate::proto::node_server::NodeServer;
@@ -22,6 +27,8 @@ pub struct CsiConfig {
     pub node_daemon: PathBuf,
     /// Where to hold the node daemon's FUSE descriptors; `None` holds none.
     pub fd_keeper: Option<PathBuf>,
+    /// Where to serve /metrics and /healthz; `None` serves none.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +41,8 @@ pub enum CsiStartError {
     Listen { path: PathBuf, source: std::io::Error },
     #[error("cannot serve the fd keeper on {path:?}: {source}")]
     Keeper { path: PathBuf, source: std::io::Error },
+    #[error("cannot serve metrics on {addr}: {source}; choose a free --metrics-listen address")]
+    Metrics { addr: SocketAddr, source: std::io::Error },
     #[error("bad node daemon address {path:?}: {source}")]
     Daemon {
         path: PathBuf,
@@ -59,6 +68,8 @@ pub fn socket_path(endpoint: &Path) -> Result<PathBuf, CsiStartError> {
 pub struct RunningCsi {
     pub socket: PathBuf,
     pub keeper: Option<Keeper>,
+    /// The bound metrics address, when metrics are served.
+    pub metrics_addr: Option<SocketAddr>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
@@ -97,8 +108,24 @@ pub async fn start(config: CsiConfig) -> Result<RunningCsi, CsiStartError> {
     // A socket left by a previous run would refuse the bind.
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).map_err(listen_err)?;
+    let mut registry = Registry::default();
+    let metrics = Arc::new(CsiMetrics::register(&mut registry));
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => Some(
+            granary_cache::metrics::http::serve(
+                addr,
+                Arc::new(registry),
+                Arc::new(AtomicBool::new(true)),
+                std::future::pending(),
+            )
+            .await
+            .map_err(|source| CsiStartError::Metrics { addr, source })?
+            .0,
+        ),
+        None => None,
+    };
     let identity = IdentityService { daemon: daemon.clone() };
-    let node = NodeService::new(config.node_id.clone(), daemon);
+    let node = NodeService::new(config.node_id.clone(), daemon, metrics);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(IdentityServer::new(identity))
@@ -106,7 +133,12 @@ pub async fn start(config: CsiConfig) -> Result<RunningCsi, CsiStartError> {
             .serve_with_incoming(UnixListenerStream::new(listener)),
     );
     tracing::info!(endpoint = %socket.display(), node_id = %config.node_id, node_daemon = %config.node_daemon.display(), "granary-csi serving");
-    Ok(RunningCsi { socket, keeper, server })
+    Ok(RunningCsi {
+        socket,
+        keeper,
+        metrics_addr,
+        server,
+    })
 }
 
 #[cfg(test)]

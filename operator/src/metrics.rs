@@ -25,7 +25,11 @@ pub struct OperatorMetrics {
     pub reconcile_seconds: Family<KindLabel, Histogram>,
     pub leader: Gauge,
     pub admissions: Family<ReconcileLabels, Counter>,
+    pub failing_objects: Gauge,
 }
+
+/// The kinds reconciled; their series exist from the start, so dashboards show 0, not nothing.
+const KINDS: [&str; 2] = ["Dataset", "CheckpointPolicy"];
 
 impl OperatorMetrics {
     pub fn new(registry: &mut Registry) -> Self {
@@ -34,7 +38,17 @@ impl OperatorMetrics {
             reconcile_seconds: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.005, 2.0, 14))),
             leader: Gauge::default(),
             admissions: Family::default(),
+            failing_objects: Gauge::default(),
         };
+        for kind in KINDS {
+            for result in ["ok", "error"] {
+                let _ = m.reconciles.get_or_create(&ReconcileLabels {
+                    kind: kind.into(),
+                    result: result.into(),
+                });
+            }
+            let _ = m.reconcile_seconds.get_or_create(&KindLabel { kind: kind.into() });
+        }
         let r = registry.sub_registry_with_prefix("granary_operator");
         r.register(
             "reconciles",
@@ -55,6 +69,11 @@ impl OperatorMetrics {
             "admissions",
             "Admission reviews by kind and result (patched, allowed, denied)",
             m.admissions.clone(),
+        );
+        r.register(
+            "failing_objects",
+            "Objects whose last reconcile failed, queued for a retry with backoff",
+            m.failing_objects.clone(),
         );
         m
     }

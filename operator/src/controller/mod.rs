@@ -79,6 +79,7 @@ impl Context {
     fn succeeded(&self, key: &str) {
         if let Ok(mut f) = self.failures.lock() {
             f.remove(key);
+            self.metrics.failing_objects.set(f.len() as i64);
         }
     }
 
@@ -88,7 +89,9 @@ impl Context {
             Ok(mut f) => {
                 let n = f.entry(key.to_string()).or_insert(0);
                 *n = n.saturating_add(1);
-                *n
+                let n = *n;
+                self.metrics.failing_objects.set(f.len() as i64);
+                n
             }
             Err(_) => 1,
         };
