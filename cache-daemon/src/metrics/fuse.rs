@@ -64,6 +64,13 @@ impl FuseMetrics {
             local_cache_used_bytes: Gauge::default(),
             mounts: Gauge::default(),
         };
+        // Every origin's series exists from the start: a dashboard's share shows 0, not nothing.
+        for origin in ["passthrough", "fuse"] {
+            let _ = m.opens.get_or_create(&OriginLabel { origin });
+        }
+        for origin in ["local", "short_circuit", "worker", "source"] {
+            let _ = m.read_bytes.get_or_create(&OriginLabel { origin });
+        }
         let r = registry;
         r.register("granary_fuse_ops", "FUSE operations, by kind", m.ops.clone());
         r.register(

@@ -1,0 +1,195 @@
+#!/usr/bin/env python3
+"""The chart's tests, run by `make test` (make chart-test): render with Helm's own engine
+(helm-python-sdk binds Helm's Go library), lint, and validate every rendered object against
+the Kubernetes schemas (kubernetes-validate, strict), for the default values and for
+ci/all-on-values.yaml; then check what ties the chart to the code: the CRDs are the
+generated ones, the driver name and flags match the binaries', the dashboards are current.
+"""
+import json
+import re
+import subprocess
+import sys
+import unittest
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "granary"
+KUBE_VERSION = "1.33.0"
+NAMESPACE = "granary-system"
+# Kinds of other projects' CRDs: no Kubernetes schema exists for them, so they are checked
+# field by field below instead.
+THIRD_PARTY = {"monitoring.coreos.com/v1", "cert-manager.io/v1"}
+
+
+def values(name):
+    if name == "default":
+        return {}
+    return yaml.safe_load((CHART / "ci" / f"{name}.yaml").read_text())
+
+
+def render(vals):
+    chart = helm.Chart.load(CHART)
+    chart.validate_schema(vals)
+    out = chart.render(vals, name="granary", namespace=NAMESPACE, is_install=True)
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                docs.append(doc)
+    return docs, out
+
+
+def find(docs, kind, name=None):
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert found, f"no {kind} {name or ''} rendered"
+    return found[0]
+
+
+def container(pod_spec, name):
+    return next(c for c in pod_spec["containers"] if c["name"] == name)
+
+
+def flag(args, name):
+    for a in args:
+        if a.startswith(f"--{name}="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def rust_const(path, name):
+    m = re.search(rf'const {name}: &str = "([^"]+)"', (ROOT / path).read_text())
+    assert m, f"{name} not found in {path}"
+    return m.group(1)
+
+
+class Chart(unittest.TestCase):
+    def test_crds_are_the_generated_ones(self):
+        self.assertEqual(
+            (CHART / "crds" / "granary.dev.yaml").read_text(),
+            (ROOT / "crds" / "granary.dev.yaml").read_text(),
+            "helm/granary/crds differs from crds/: cp crds/granary.dev.yaml helm/granary/crds/",
+        )
+
+    def test_dashboards_are_current(self):
+        subprocess.run([sys.executable, str(ROOT / "helm" / "dashboards" / "generate.py"), "--check"], check=True)
+
+    def test_lint_is_clean(self):
+        for name in ["default", "all-on-values"]:
+            report = helm.lint(CHART, values(name), strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+            problems = [m for m in report["messages"] if m["severity"] >= 2] + report["errors"]
+            self.assertEqual(problems, [], f"helm lint ({name})")
+
+    def test_every_object_is_valid_kubernetes(self):
+        for name in ["default", "all-on-values"]:
+            docs, _ = render(values(name))
+            for doc in docs:
+                what = f"{name}: {doc['kind']} {doc['metadata']['name']}"
+                if doc["apiVersion"] in THIRD_PARTY:
+                    self.assertIn("spec", doc, what)
+                    continue
+                try:
+                    kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+                except kubernetes_validate.ValidationError as e:
+                    self.fail(f"{what}: {e.message} at {list(e.path)}")
+
+    def test_the_default_install_has_every_part(self):
+        docs, out = render({})
+        kinds = sorted({d["kind"] for d in docs})
+        self.assertEqual(kinds, sorted([
+            "ClusterRole", "ClusterRoleBinding", "CSIDriver", "DaemonSet", "Deployment",
+            "MutatingWebhookConfiguration", "Role", "RoleBinding", "Service", "ServiceAccount",
+        ]))
+        self.assertIn("kubectl apply", out["granary/templates/NOTES.txt"])
+
+    def test_everything_on_renders_the_monitoring_and_certificates(self):
+        docs, _ = render(values("all-on-values"))
+        cert = find(docs, "Certificate")
+        self.assertEqual(cert["spec"]["issuerRef"], {"name": "internal-ca", "kind": "ClusterIssuer"})
+        self.assertIn("granary-webhook.granary-system.svc", cert["spec"]["dnsNames"])
+        webhook = find(docs, "MutatingWebhookConfiguration")
+        self.assertEqual(webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], f"{NAMESPACE}/{cert['spec']['secretName']}")
+        operator = container(find(docs, "Deployment")["spec"]["template"]["spec"], "operator")
+        self.assertEqual(flag(operator["args"], "tls-cert"), "/etc/granary/webhook-tls/tls.crt")
+        self.assertEqual({d["kind"] for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"}, {"ServiceMonitor", "PodMonitor"})
+        boards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+        self.assertEqual(len(boards), 4)
+        for board in boards:
+            ((file, text),) = board["data"].items()
+            self.assertEqual(json.loads(text), json.loads((CHART / "dashboards" / file).read_text()))
+            self.assertEqual(board["metadata"]["namespace"], "monitoring")
+        # Self-managed certificates need no write access to webhook configurations.
+        rules = find(docs, "ClusterRole")["rules"]
+        self.assertFalse(any("mutatingwebhookconfigurations" in r["resources"] for r in rules))
+
+    def test_the_parts_agree_with_the_binaries(self):
+        docs, _ = render({})
+        driver = find(docs, "CSIDriver")
+        self.assertEqual(driver["metadata"]["name"], rust_const("operator/src/resources/mod.rs", "CSI_DRIVER"))
+        self.assertEqual(driver["spec"]["volumeLifecycleModes"], ["Persistent", "Ephemeral"])
+        self.assertFalse(driver["spec"]["attachRequired"])
+        self.assertTrue(driver["spec"]["podInfoOnMount"])
+
+        csi_pod = find(docs, "DaemonSet", "granary-csi")["spec"]["template"]["spec"]
+        node_pod = find(docs, "DaemonSet", "granary-node")["spec"]["template"]["spec"]
+        csi, registrar = container(csi_pod, "granary-csi"), container(csi_pod, "node-driver-registrar")
+        daemon = container(node_pod, "node-daemon")
+        # granary-csi reaches the node daemon's socket (and so its fd keeper next to it).
+        self.assertEqual(flag(csi["args"], "node-daemon"), "unix://" + flag(daemon["args"], "socket"))
+        # The kubelet is told where the CSI socket is on the host.
+        plugin_dir = next(v for v in csi_pod["volumes"] if v["name"] == "plugin-dir")["hostPath"]["path"]
+        self.assertEqual(flag(registrar["args"], "kubelet-registration-path"), plugin_dir + "/csi.sock")
+        self.assertEqual(flag(csi["args"], "endpoint"), "unix://" + flag(registrar["args"], "csi-address"))
+        # Mounts made in the containers reach the host and the pods.
+        for c, path in [(csi, "/var/lib/kubelet"), (csi, "/var/lib/granary"), (daemon, "/var/lib/granary")]:
+            mount = next(m for m in c["volumeMounts"] if m["mountPath"] == path)
+            self.assertEqual(mount.get("mountPropagation"), "Bidirectional", f"{c['name']} {path}")
+            self.assertTrue(c["securityContext"]["privileged"])
+        self.assertIn("/dev/fuse", [m["mountPath"] for m in daemon["volumeMounts"]])
+        # The two DaemonSets land on the same nodes, GPU nodes included.
+        for key in ["nodeSelector", "tolerations", "affinity", "priorityClassName"]:
+            self.assertEqual(csi_pod.get(key), node_pod.get(key), key)
+        self.assertIn("nvidia.com/gpu", [t["key"] for t in node_pod["tolerations"]])
+        # Upgrades restart node daemons only: the keeper (granary-csi) waits for OnDelete.
+        self.assertEqual(find(docs, "DaemonSet", "granary-csi")["spec"]["updateStrategy"]["type"], "OnDelete")
+
+        deploy = find(docs, "Deployment")
+        operator = container(deploy["spec"]["template"]["spec"], "operator")
+        service = find(docs, "Service", flag(operator["args"], "webhook-service"))
+        webhook = find(docs, "MutatingWebhookConfiguration", flag(operator["args"], "webhook-configuration"))
+        for hook in webhook["webhooks"]:
+            ref = hook["clientConfig"]["service"]
+            self.assertEqual((ref["name"], ref["namespace"], ref["path"]), (service["metadata"]["name"], NAMESPACE, "/mutate"))
+            excluded = [e for e in hook["namespaceSelector"]["matchExpressions"] if e["operator"] == "NotIn"]
+            self.assertTrue(any(NAMESPACE in e["values"] for e in excluded), "the release namespace is excluded")
+        resources = {r for hook in webhook["webhooks"] for rule in hook["rules"] for r in rule["resources"]}
+        self.assertEqual(resources, {"pods", "pytorchjobs", "trainjobs", "datasets", "checkpointpolicies"})
+        self.assertIsNone(flag(operator["args"], "no-leader-election"))
+        # The self-managed certificate's CA is written to exactly this configuration.
+        rules = find(docs, "ClusterRole")["rules"]
+        ca_rule = next(r for r in rules if "mutatingwebhookconfigurations" in r["resources"])
+        self.assertEqual(ca_rule["resourceNames"], [webhook["metadata"]["name"]])
+        # The Lease: granted in the release namespace, where the operator looks (POD_NAMESPACE).
+        lease_role = find(docs, "Role")
+        self.assertEqual(lease_role["metadata"]["namespace"], NAMESPACE)
+        self.assertIn("leases", lease_role["rules"][0]["resources"])
+
+    def test_bad_values_fail_with_the_reason(self):
+        chart = helm.Chart.load(CHART)
+        with self.assertRaisesRegex(helm.HelmError, "failurePolicy"):
+            chart.validate_schema({"webhook": {"failurePolicy": "Sometimes"}})
+        with self.assertRaisesRegex(helm.HelmError, "nodes"):
+            chart.validate_schema({"nodes": {"maxMemory": "1GiB"}})
+        with self.assertRaisesRegex(helm.HelmError, "certManager.enabled"):
+            render({"operator": {"replicas": 2}})
+        with self.assertRaisesRegex(helm.HelmError, "leaderElection"):
+            render({"operator": {"replicas": 2, "leaderElection": False}, "certManager": {"enabled": True}})
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
