@@ -2,21 +2,40 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test lint unit bench fuse-bench ckpt-bench build release crds e2e-cluster
+.PHONY: demo test lint unit chart-test e2e bench fuse-bench ckpt-bench build release crds dashboards image e2e-cluster
 
 ## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
 demo: release
 	e2e/demo.sh
 
-## Formatting, lints, and every test (FUSE/mount tests run where the machine allows them).
-test: lint unit
+## Formatting, lints, and every test: unit and integration tests, the Helm chart, the e2e
+## suite (FUSE/mount tests run where the machine allows them, and say why they skip).
+test: lint unit chart-test e2e
 
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
 unit:
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --exclude granary-e2e
+
+## The chart rendered by Helm's engine, linted, and validated against the Kubernetes schemas
+## (pip install helm-python-sdk kubernetes-validate pyyaml).
+chart-test:
+	python3 helm/test_chart.py
+
+## The whole data plane as processes, scraped by a real Prometheus (root, /dev/fuse, prometheus).
+e2e:
+	$(CARGO) build --bins --example s3-test-server
+	$(CARGO) test -p granary-e2e -- --nocapture
+
+## Regenerate the Grafana dashboards (a chart test fails when they are stale).
+dashboards:
+	python3 helm/dashboards/generate.py
+
+## The one container image (granary-operator, granary-csi, granary-cache).
+image:
+	docker build -t ghcr.io/granary-dev/granary:$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1) .
 
 build:
 	$(CARGO) build --workspace
@@ -41,6 +60,7 @@ ckpt-bench: release
 ## Regenerate crds/granary.dev.yaml from the Rust types (a test fails when it is stale).
 crds:
 	$(CARGO) run -q -p granary-operator -- crd > crds/granary.dev.yaml
+	cp crds/granary.dev.yaml helm/granary/crds/granary.dev.yaml
 
 ## Against a real cluster with granary installed (skips, saying why, without KUBECONFIG).
 e2e-cluster:
