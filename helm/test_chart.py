@@ -190,6 +190,12 @@ class Chart(unittest.TestCase):
         chart = helm.Chart.load(CHART)
         with self.assertRaisesRegex(helm.HelmError, "failurePolicy"):
             chart.validate_schema({"webhook": {"failurePolicy": "Sometimes"}})
+        # The schema takes only what granary-cache's size parser takes: no P, no typos.
+        with self.assertRaisesRegex(helm.HelmError, "maxMemory"):
+            chart.validate_schema({"node": {"maxMemory": "1PiB"}})
+        with self.assertRaisesRegex(helm.HelmError, "localCacheSize"):
+            chart.validate_schema({"node": {"localCacheSize": "100 gigs"}})
+        chart.validate_schema({"node": {"maxMemory": "1.5gib", "localCacheSize": "0", "checkpointWritebackSize": "200G"}})
         with self.assertRaisesRegex(helm.HelmError, "nodes"):
             chart.validate_schema({"nodes": {"maxMemory": "1GiB"}})
         with self.assertRaisesRegex(helm.HelmError, "certManager.enabled"):

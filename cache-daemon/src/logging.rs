@@ -16,6 +16,24 @@ pub struct LogFilterError {
     source: tracing_subscriber::filter::ParseError,
 }
 
+/// The logging flags of every Granary binary (`#[command(flatten)]`), global to subcommands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter, e.g. info or granary_cache=debug (RUST_LOG, when set, wins).
+    #[arg(long, global = true, default_value = "info", env = "GRANARY_LOG")]
+    pub log: String,
+}
+
+impl LogArgs {
+    /// Installs the global subscriber these flags describe.
+    pub fn init(&self) -> Result<(), LogFilterError> {
+        init(self.log_format, &self.log)
+    }
+}
+
 /// Installs the global subscriber; `RUST_LOG`, when set, wins over `filter`.
 pub fn init(format: LogFormat, filter: &str) -> Result<(), LogFilterError> {
     let filter = match std::env::var("RUST_LOG") {

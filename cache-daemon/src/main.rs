@@ -3,7 +3,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
-use granary_cache::logging::{self, LogFormat};
+use granary_cache::logging::LogArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -12,12 +12,8 @@ use granary_cache::logging::{self, LogFormat};
     about = "Granary cache workers and their client tools"
 )]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter, e.g. info or granary_cache=debug (RUST_LOG works too).
-    #[arg(long, global = true, default_value = "info", env = "GRANARY_LOG")]
-    log: String,
+    #[command(flatten)]
+    logging: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -70,7 +66,7 @@ fn tune_allocator(bounded_footprint: bool) {
 fn main() {
     let cli = Cli::parse();
     tune_allocator(matches!(cli.command, Command::Mount(_) | Command::Node(_)));
-    if let Err(e) = logging::init(cli.log_format, &cli.log) {
+    if let Err(e) = cli.logging.init() {
         eprintln!("error: {e}");
         std::process::exit(cli::exit::CONFIG);
     }

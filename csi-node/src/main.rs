@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use granary_cache::logging::{self, LogFormat};
+use granary_cache::logging::LogArgs;
 use granary_csi::CsiConfig;
 
 /// Granary's CSI node plugin (driver granary.dev): publishes dataset and checkpoint volumes
@@ -33,12 +33,8 @@ struct Args {
     /// Serve Prometheus metrics and /healthz here, e.g. 0.0.0.0:9466.
     #[arg(long, env = "GRANARY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
-    /// Log format on stderr.
-    #[arg(long, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter, e.g. info or granary_csi=debug (RUST_LOG works too).
-    #[arg(long, default_value = "info", env = "GRANARY_LOG")]
-    log: String,
+    #[command(flatten)]
+    logging: LogArgs,
 }
 
 async fn shutdown_signal() {
@@ -56,7 +52,7 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    logging::init(args.log_format, &args.log)?;
+    args.logging.init()?;
     let fd_keeper = if args.no_fd_keeper {
         None
     } else {

@@ -55,7 +55,19 @@ impl CsiMetrics {
         m
     }
 
-    pub fn observe<T>(&self, method: &'static str, started: Instant, result: &Result<T, Status>) {
+    /// Runs one call, counting its outcome and time under `method`.
+    pub async fn timed<T>(
+        &self,
+        method: &'static str,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = call.await;
+        self.observe(method, started, &result);
+        result
+    }
+
+    fn observe<T>(&self, method: &'static str, started: Instant, result: &Result<T, Status>) {
         let code = match result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
@@ -327,30 +327,23 @@ impl Node for NodeService {
         &self,
         request: Request<NodePublishVolumeRequest>,
     ) -> Result<Response<NodePublishVolumeResponse>, Status> {
-        let started = Instant::now();
-        let result = self.publish(request).await;
-        self.metrics.observe("NodePublishVolume", started, &result);
-        result
+        self.metrics.timed("NodePublishVolume", self.publish(request)).await
     }
 
     async fn node_unpublish_volume(
         &self,
         request: Request<NodeUnpublishVolumeRequest>,
     ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
-        let started = Instant::now();
-        let result = self.unpublish(request).await;
-        self.metrics.observe("NodeUnpublishVolume", started, &result);
-        result
+        self.metrics.timed("NodeUnpublishVolume", self.unpublish(request)).await
     }
 
     async fn node_get_volume_stats(
         &self,
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
-        let started = Instant::now();
-        let result = self.volume_stats(request).await;
-        self.metrics.observe("NodeGetVolumeStats", started, &result);
-        result
+        self.metrics
+            .timed("NodeGetVolumeStats", self.volume_stats(request))
+            .await
     }
 
     async fn node_expand_volume(

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,146 +20,9 @@ use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
-/// Whether FUSE mounts can be made here; a skip with the reason, or under
-/// `GRANARY_REQUIRE_MOUNTS=1` (CI) a failure.
-fn mounts_possible() -> bool {
-    let reason = if !Path::new("/dev/fuse").exists() {
-        Some("/dev/fuse does not exist")
-    // SAFETY: geteuid only reads the process's credentials.
-    } else if unsafe { libc::geteuid() } != 0 {
-        Some("not running as root")
-    } else {
-        None
-    };
-    match reason {
-        None => true,
-        Some(r) if std::env::var("GRANARY_REQUIRE_MOUNTS").is_ok_and(|v| v == "1") => {
-            panic!("GRANARY_REQUIRE_MOUNTS=1 but FUSE and bind mounts are impossible: {r}")
-        }
-        Some(r) => {
-            eprintln!("SKIP: CSI mount tests need root and /dev/fuse ({r})");
-            false
-        }
-    }
-}
-
-/// A process started through the node's [`Launcher`]; killed with SIGKILL when dropped.
-struct Proc {
-    pid: i32,
-}
-
-impl Proc {
-    fn kill9(&mut self) {
-        // SAFETY: kill only sends a signal to a pid this test started.
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        // The launcher reaps it; wait until it is gone.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Path::new(&format!("/proc/{}", self.pid)).exists() {
-            let zombie = std::fs::read_to_string(format!("/proc/{}/stat", self.pid))
-                .map(|s| s.split(' ').nth(2) == Some("Z"))
-                .unwrap_or(true);
-            if zombie || Instant::now() > deadline {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Starts the node's processes from a shell spawned before the test opens any file on a
-/// mount. A process the test spawned itself would inherit the test's open FUSE files, and
-/// exec closes them, which sends FLUSH to the daemon being restarted: the new daemon would
-/// wait on itself. (On a real node the kubelet starts the daemon, holding no such files.)
-struct Launcher {
-    shell: Child,
-    stdin: std::process::ChildStdin,
-    dir: PathBuf,
-    started: u32,
-}
-
-impl Launcher {
-    fn new(dir: PathBuf) -> Launcher {
-        let mut shell = Command::new("sh")
-            .arg("-s")
-            .stdin(Stdio::piped())
-            .spawn()
-            .expect("start the launcher shell");
-        let stdin = shell.stdin.take().expect("launcher stdin");
-        Launcher {
-            shell,
-            stdin,
-            dir,
-            started: 0,
-        }
-    }
-
-    /// Runs `program args…` in the background (stdout discarded), returning it.
-    fn launch(&mut self, program: &Path, args: &[String]) -> Proc {
-        self.started += 1;
-        let pidfile = self.dir.join(format!("pid-{}", self.started));
-        let quoted: Vec<String> = std::iter::once(program.to_string_lossy().into_owned())
-            .chain(args.iter().cloned())
-            .map(|a| format!("'{}'", a.replace('\'', "'\\''")))
-            .collect();
-        writeln!(
-            self.stdin,
-            "{} >/dev/null & echo $! > '{}'",
-            quoted.join(" "),
-            pidfile.display()
-        )
-        .expect("launcher");
-        self.stdin.flush().expect("launcher");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(pid) = std::fs::read_to_string(&pidfile)
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-            {
-                return Proc { pid };
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the launcher did not start {}",
-                program.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Launcher {
-    fn drop(&mut self) {
-        let _ = self.shell.kill();
-        let _ = self.shell.wait();
-    }
-}
-
-/// The node daemon binary, built beside this test's own (cargo test --workspace builds it).
-fn node_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let bin = dir.join("granary-cache");
-    assert!(
-        bin.exists(),
-        "{} is missing; build it first (cargo build -p granary-cache, or cargo test --workspace)",
-        bin.display()
-    );
-    bin
-}
-
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not create {}", path.display());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+// The node's processes are started as the e2e suite starts them: from a launcher shell that
+// holds no FUSE files (see `granary_e2e::processes::Launcher`).
+use granary_e2e::processes::{binary, wait_for_path, Launcher, Proc};
 
 /// One node: the state directory, the sockets, and the two processes.
 struct Node {
@@ -192,7 +55,7 @@ impl Drop for Node {
 impl Node {
     fn new() -> Node {
         let root = tempfile::tempdir().unwrap();
-        let launcher = Launcher::new(root.path().to_path_buf());
+        let launcher = Launcher::new(root.path());
         Node {
             root,
             launcher,
@@ -217,8 +80,8 @@ impl Node {
             "--socket".into(),
             socket.to_string_lossy().into_owned(),
         ];
-        self.daemon = Some(self.launcher.launch(&node_binary(), &args));
-        wait_for(&socket, "the node daemon");
+        self.daemon = Some(self.launcher.launch("node-daemon", &binary("granary-cache"), &args));
+        wait_for_path(&socket, "the node daemon");
     }
 
     fn start_csi(&mut self) {
@@ -234,9 +97,9 @@ impl Node {
         ];
         self.csi = Some(
             self.launcher
-                .launch(Path::new(env!("CARGO_BIN_EXE_granary-csi")), &args),
+                .launch("granary-csi", Path::new(env!("CARGO_BIN_EXE_granary-csi")), &args),
         );
-        wait_for(&socket, "granary-csi");
+        wait_for_path(&socket, "granary-csi");
     }
 
     fn channel(&self) -> Channel {
@@ -320,7 +183,7 @@ fn source_with(files: &[(&str, Vec<u8>)]) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_mount_serves_two_pods_and_every_call_is_idempotent() {
-    if !mounts_possible() {
+    if !granary_e2e::mounts_possible("CSI mount tests") {
         return;
     }
     let data = pattern(3_000_000, 3);
@@ -439,7 +302,7 @@ async fn one_mount_serves_two_pods_and_every_call_is_idempotent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
-    if !mounts_possible() {
+    if !granary_e2e::mounts_possible("CSI mount tests") {
         return;
     }
     let source = source_with(&[("a.txt", b"a".to_vec())]);
@@ -552,7 +415,7 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_checkpoint_volume_is_writable_in_the_pod_and_reaches_its_store() {
-    if !mounts_possible() {
+    if !granary_e2e::mounts_possible("CSI mount tests") {
         return;
     }
     let store = tempfile::tempdir().unwrap();
@@ -744,7 +607,7 @@ impl Writer {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restarts_of_either_process_never_fail_a_reader() {
-    if !mounts_possible() {
+    if !granary_e2e::mounts_possible("CSI mount tests") {
         return;
     }
     let big = pattern(16 << 20, 5);

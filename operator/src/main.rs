@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use granary_cache::logging::{self, LogFormat};
+use granary_cache::logging::LogArgs;
 use granary_operator::run::{self, RunConfig};
 
 #[derive(Parser)]
@@ -16,12 +16,8 @@ use granary_operator::run::{self, RunConfig};
     about = "Granary's Kubernetes operator: Datasets, CheckpointPolicies and the mounts webhook"
 )]
 struct Cli {
-    /// Log lines as text or JSON.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "GRANARY_LOG_FORMAT")]
-    log_format: LogFormat,
-    /// Log filter (RUST_LOG wins when set).
-    #[arg(long, global = true, default_value = "info", env = "GRANARY_LOG")]
-    log: String,
+    #[command(flatten)]
+    logging: LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,7 +76,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logging::init(cli.log_format, &cli.log) {
+    if let Err(e) = cli.logging.init() {
         eprintln!("granary-operator: {e}");
         return ExitCode::from(2);
     }
