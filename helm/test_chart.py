@@ -110,7 +110,8 @@ class Chart(unittest.TestCase):
         kinds = sorted({d["kind"] for d in docs})
         self.assertEqual(kinds, sorted([
             "ClusterRole", "ClusterRoleBinding", "CSIDriver", "DaemonSet", "Deployment",
-            "MutatingWebhookConfiguration", "Role", "RoleBinding", "Service", "ServiceAccount",
+            "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
+            "ServiceAccount", "ValidatingWebhookConfiguration",
         ]))
         self.assertIn("kubectl apply", out["granary/templates/NOTES.txt"])
 
@@ -119,8 +120,11 @@ class Chart(unittest.TestCase):
         cert = find(docs, "Certificate")
         self.assertEqual(cert["spec"]["issuerRef"], {"name": "internal-ca", "kind": "ClusterIssuer"})
         self.assertIn("granary-webhook.granary-system.svc", cert["spec"]["dnsNames"])
-        webhook = find(docs, "MutatingWebhookConfiguration")
-        self.assertEqual(webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], f"{NAMESPACE}/{cert['spec']['secretName']}")
+        for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]:
+            webhook = find(docs, kind)
+            self.assertEqual(webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], f"{NAMESPACE}/{cert['spec']['secretName']}")
+        mounts = find(docs, "MutatingWebhookConfiguration")["webhooks"][0]
+        self.assertEqual(mounts["objectSelector"], {"matchLabels": {"granary.dev/mounts": "true"}})
         operator = container(find(docs, "Deployment")["spec"]["template"]["spec"], "operator")
         self.assertEqual(flag(operator["args"], "tls-cert"), "/etc/granary/webhook-tls/tls.crt")
         self.assertEqual({d["kind"] for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"}, {"ServiceMonitor", "PodMonitor"})
@@ -130,9 +134,11 @@ class Chart(unittest.TestCase):
             ((file, text),) = board["data"].items()
             self.assertEqual(json.loads(text), json.loads((CHART / "dashboards" / file).read_text()))
             self.assertEqual(board["metadata"]["namespace"], "monitoring")
-        # Self-managed certificates need no write access to webhook configurations.
+        # Certificates from cert-manager: no write access to webhook configurations or Secrets.
         rules = find(docs, "ClusterRole")["rules"]
         self.assertFalse(any("mutatingwebhookconfigurations" in r["resources"] for r in rules))
+        role_rules = find(docs, "Role")["rules"]
+        self.assertFalse(any("secrets" in r["resources"] for r in role_rules))
 
     def test_the_parts_agree_with_the_binaries(self):
         docs, _ = render({})
@@ -168,23 +174,62 @@ class Chart(unittest.TestCase):
         deploy = find(docs, "Deployment")
         operator = container(deploy["spec"]["template"]["spec"], "operator")
         service = find(docs, "Service", flag(operator["args"], "webhook-service"))
-        webhook = find(docs, "MutatingWebhookConfiguration", flag(operator["args"], "webhook-configuration"))
-        for hook in webhook["webhooks"]:
-            ref = hook["clientConfig"]["service"]
-            self.assertEqual((ref["name"], ref["namespace"], ref["path"]), (service["metadata"]["name"], NAMESPACE, "/mutate"))
-            excluded = [e for e in hook["namespaceSelector"]["matchExpressions"] if e["operator"] == "NotIn"]
-            self.assertTrue(any(NAMESPACE in e["values"] for e in excluded), "the release namespace is excluded")
-        resources = {r for hook in webhook["webhooks"] for rule in hook["rules"] for r in rule["resources"]}
-        self.assertEqual(resources, {"pods", "pytorchjobs", "trainjobs", "datasets", "checkpointpolicies"})
+        name = flag(operator["args"], "webhook-configuration")
+        mutating = find(docs, "MutatingWebhookConfiguration", name)
+        validating = find(docs, "ValidatingWebhookConfiguration", name)
+        for hooks, path in [(mutating["webhooks"], "/mutate"), (validating["webhooks"], "/validate")]:
+            for hook in hooks:
+                ref = hook["clientConfig"]["service"]
+                self.assertEqual((ref["name"], ref["namespace"], ref["path"]), (service["metadata"]["name"], NAMESPACE, path))
+                excluded = [e for e in hook["namespaceSelector"]["matchExpressions"] if e["operator"] == "NotIn"]
+                self.assertTrue(any(NAMESPACE in e["values"] for e in excluded), "the release namespace is excluded")
+        rules_of = lambda hooks: {r for hook in hooks for rule in hook["rules"] for r in rule["resources"]}
+        self.assertEqual(rules_of(mutating["webhooks"]), {"pods", "pytorchjobs", "trainjobs"})
+        self.assertEqual(rules_of(validating["webhooks"]), {"datasets", "checkpointpolicies"})
         self.assertIsNone(flag(operator["args"], "no-leader-election"))
-        # The self-managed certificate's CA is written to exactly this configuration.
+        # The self-managed certificate's CA is written to exactly these configurations, and
+        # kept in exactly this Secret.
         rules = find(docs, "ClusterRole")["rules"]
         ca_rule = next(r for r in rules if "mutatingwebhookconfigurations" in r["resources"])
-        self.assertEqual(ca_rule["resourceNames"], [webhook["metadata"]["name"]])
-        # The Lease: granted in the release namespace, where the operator looks (POD_NAMESPACE).
-        lease_role = find(docs, "Role")
-        self.assertEqual(lease_role["metadata"]["namespace"], NAMESPACE)
-        self.assertIn("leases", lease_role["rules"][0]["resources"])
+        self.assertEqual(set(ca_rule["resources"]), {"mutatingwebhookconfigurations", "validatingwebhookconfigurations"})
+        self.assertEqual(ca_rule["resourceNames"], [name])
+        crd_rule = next(r for r in rules if "customresourcedefinitions" in r["resources"])
+        self.assertEqual((crd_rule["resourceNames"], crd_rule["verbs"]), (["trainjobs.trainer.kubeflow.org"], ["get"]))
+        # The Lease and the Secret: granted in the release namespace, where the operator looks (POD_NAMESPACE).
+        role = find(docs, "Role")
+        self.assertEqual(role["metadata"]["namespace"], NAMESPACE)
+        lease_rule = next(r for r in role["rules"] if "leases" in r["resources"])
+        self.assertIn("patch", lease_rule["verbs"])
+        secret_rule = next(r for r in role["rules"] if "secrets" in r["resources"] and "resourceNames" in r)
+        self.assertEqual(secret_rule["resourceNames"], [flag(operator["args"], "webhook-secret")])
+
+    def test_the_webhook_can_never_block_the_cluster(self):
+        docs, _ = render({})
+        mutating = find(docs, "MutatingWebhookConfiguration")
+        (mounts,) = mutating["webhooks"]
+        # Only annotated objects are sent: an operator that is down blocks no other Pod.
+        (condition,) = mounts["matchConditions"]
+        self.assertIn("'granary.dev/mounts' in object.metadata.annotations", condition["expression"])
+        self.assertIn("has(object.metadata.annotations)", condition["expression"])
+        self.assertEqual({op for rule in mounts["rules"] for op in rule["operations"]}, {"CREATE"})
+        # Validation is its own configuration and never sees a deletion's finalizer removal
+        # nor an update that leaves spec alone (status, finalizers, labels).
+        (validate,) = find(docs, "ValidatingWebhookConfiguration")["webhooks"]
+        conditions = {c["name"]: c["expression"] for c in validate["matchConditions"]}
+        self.assertEqual(conditions["not-being-deleted"], "!has(object.metadata.deletionTimestamp)")
+        self.assertEqual(conditions["spec-changed"], "request.operation == 'CREATE' || oldObject.spec != object.spec")
+        self.assertFalse(any("granary.dev" in rule["apiGroups"] for rule in mounts["rules"]))
+        # Two replicas by default, on different nodes where possible, and a budget keeping one.
+        deploy = find(docs, "Deployment")
+        self.assertEqual(deploy["spec"]["replicas"], 2)
+        spread = deploy["spec"]["template"]["spec"]["topologySpreadConstraints"][0]
+        self.assertEqual(spread["topologyKey"], "kubernetes.io/hostname")
+        pdb = find(docs, "PodDisruptionBudget")
+        self.assertEqual(pdb["spec"]["minAvailable"], 1)
+        self.assertEqual(pdb["spec"]["selector"]["matchLabels"], deploy["spec"]["selector"]["matchLabels"])
+        # One replica: no budget (it would block every drain).
+        docs, _ = render({"operator": {"replicas": 1}})
+        self.assertFalse([d for d in docs if d["kind"] == "PodDisruptionBudget"])
 
     def test_bad_values_fail_with_the_reason(self):
         chart = helm.Chart.load(CHART)
@@ -198,8 +243,6 @@ class Chart(unittest.TestCase):
         chart.validate_schema({"node": {"maxMemory": "1.5gib", "localCacheSize": "0", "checkpointWritebackSize": "200G"}})
         with self.assertRaisesRegex(helm.HelmError, "nodes"):
             chart.validate_schema({"nodes": {"maxMemory": "1GiB"}})
-        with self.assertRaisesRegex(helm.HelmError, "certManager.enabled"):
-            render({"operator": {"replicas": 2}})
         with self.assertRaisesRegex(helm.HelmError, "leaderElection"):
             render({"operator": {"replicas": 2, "leaderElection": False}, "certManager": {"enabled": True}})
 

@@ -18,5 +18,6 @@ pub mod node;
 pub mod proto;
 pub mod singleflight;
 pub mod source;
+pub mod tls;
 pub mod units;
 pub mod worker;

@@ -64,6 +64,7 @@ fn tune_allocator(bounded_footprint: bool) {
 }
 
 fn main() {
+    granary_cache::tls::install();
     let cli = Cli::parse();
     tune_allocator(matches!(cli.command, Command::Mount(_) | Command::Node(_)));
     if let Err(e) = cli.logging.init() {

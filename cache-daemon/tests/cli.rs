@@ -136,3 +136,95 @@ async fn mount_mistakes_fail_at_start_with_the_fix() {
         "{stderr}"
     );
 }
+
+/// An `https://` store endpoint: the binary opens TLS with the process's crypto provider (one
+/// provider, ring, in the tree: without an installed default, rustls panics at the first
+/// client it builds). The server's certificate is not trusted, so the handshake is refused
+/// by the client, and that is what the error says: no panic, exit code 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_store_is_reached_over_tls_and_an_untrusted_certificate_is_named() {
+    let generated = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let key = tokio_rustls::rustls::pki_types::PrivateKeyDer::try_from(generated.signing_key.serialize_der()).unwrap();
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        tokio_rustls::rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![generated.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hellos = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&hellos);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let counted = std::sync::Arc::clone(&counted);
+            tokio::spawn(async move {
+                // The client rejects the certificate, so the handshake ends in an alert; the
+                // ClientHello reached the server all the same.
+                let hello =
+                    tokio_rustls::LazyConfigAcceptor::new(tokio_rustls::rustls::server::Acceptor::default(), tcp).await;
+                if let Ok(start) = hello {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = start.into_stream(acceptor.config().clone()).await;
+                }
+            });
+        }
+    });
+    // A worker of that store, and a read through it: the worker opens TLS to the store.
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_granary-cache"))
+        .args([
+            "worker",
+            "--source",
+            "s3://bucket/data/",
+            "--listen",
+            &listen.to_string(),
+        ])
+        .args([
+            "--source-option",
+            &format!("endpoint=https://{addr}"),
+            "--source-option",
+            "region=us-east-1",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the worker starts");
+    let workers = listen.to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let out = loop {
+        let out = granary(args(&["cat", "--workers", &workers, "/train/0.jpg"])).await;
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        if !stderr.contains("worker") || !stderr.contains("unreachable") || std::time::Instant::now() > deadline {
+            break out;
+        }
+        // Not listening yet.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let _ = worker.kill();
+    let worker_out = worker.wait_with_output().expect("worker output");
+    let worker_stderr = String::from_utf8_lossy(&worker_out.stderr);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for text in [&stderr, &worker_stderr] {
+        assert!(!text.contains("panicked") && !text.contains("CryptoProvider"), "{text}");
+        assert!(!text.contains("transport is not installed"), "{text}");
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot stat /train/0.jpg"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "the error names the untrusted certificate: {stderr}"
+    );
+    assert!(
+        hellos.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "no TLS ClientHello reached the store: {stderr}"
+    );
+}

@@ -51,6 +51,7 @@ async fn shutdown_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    granary_cache::tls::install();
     let args = Args::parse();
     args.logging.init()?;
     let fd_keeper = if args.no_fd_keeper {

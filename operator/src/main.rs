@@ -47,7 +47,16 @@ struct RunArgs {
     /// The Service in front of the webhook: the names a generated certificate is valid for.
     #[arg(long, default_value = "granary-webhook")]
     webhook_service: String,
-    /// The MutatingWebhookConfiguration whose caBundle a generated certificate is written to.
+    /// Extra names or IP addresses (repeatable) a generated certificate is valid for, e.g.
+    /// 10.0.0.5 when the API server calls the webhook by URL from outside the cluster.
+    #[arg(long = "webhook-host")]
+    webhook_hosts: Vec<String>,
+    /// The Secret (in the operator's namespace) that keeps a generated certificate, shared by
+    /// every replica.
+    #[arg(long, default_value = "granary-webhook-tls")]
+    webhook_secret: String,
+    /// The Mutating- and ValidatingWebhookConfiguration whose caBundle a generated certificate
+    /// is written to.
     #[arg(long, default_value = "granary")]
     webhook_configuration: String,
     /// Prometheus metrics and /healthz.
@@ -75,6 +84,8 @@ struct RunArgs {
 }
 
 fn main() -> ExitCode {
+    // Before any TLS: kube's client to the API server and the webhook's listener.
+    granary_cache::tls::install();
     let cli = Cli::parse();
     if let Err(e) = cli.logging.init() {
         eprintln!("granary-operator: {e}");
@@ -90,6 +101,8 @@ fn main() -> ExitCode {
                 webhook_listen: args.webhook_listen,
                 tls_files: args.tls_cert.zip(args.tls_key),
                 webhook_service: args.webhook_service,
+                webhook_hosts: args.webhook_hosts,
+                webhook_secret: args.webhook_secret,
                 webhook_configuration: args.webhook_configuration,
                 metrics_listen: args.metrics_listen,
                 worker_image: args.worker_image,

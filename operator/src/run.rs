@@ -18,18 +18,25 @@ use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
 use crate::api::{CheckpointPolicy, Dataset};
-use crate::controller::gates::WAITS_FOR_ANNOTATION;
+use crate::controller::gates::{GATED_LABEL, WAITS_FOR_ANNOTATION};
 use crate::controller::{self, Context, WorkerAddressing};
 use crate::leader::LeaderElection;
 use crate::metrics::OperatorMetrics;
 use crate::webhook::server::{router, WebhookServer};
-use crate::webhook::tls::{patch_ca_bundle, service_dns_names, Certificate};
+use crate::webhook::tls::{patch_ca_bundle, service_dns_names, shared_self_signed, Certificate, ServingCertificate};
+
+/// How often a certificate given as files is re-read (cert-manager renewals).
+const CERTIFICATE_RELOAD: Duration = Duration::from_secs(10);
 
 pub struct RunConfig {
     pub namespace: Option<String>,
     pub webhook_listen: Option<SocketAddr>,
     pub tls_files: Option<(PathBuf, PathBuf)>,
     pub webhook_service: String,
+    /// Extra names or IP addresses a generated certificate is valid for.
+    pub webhook_hosts: Vec<String>,
+    /// Where the generated certificate is kept, in the operator's namespace.
+    pub webhook_secret: String,
     pub webhook_configuration: String,
     pub metrics_listen: Option<SocketAddr>,
     pub worker_image: String,
@@ -71,18 +78,26 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     }
 
     if let Some(listen) = config.webhook_listen {
-        let certificate = match &config.tls_files {
-            Some((cert, key)) => Certificate::from_files(cert, key).context("loading the webhook certificate")?,
+        let serving = match &config.tls_files {
+            Some((cert, key)) => {
+                let certificate = Certificate::from_files(cert, key).context("loading the webhook certificate")?;
+                let serving = ServingCertificate::new(&certificate).context("the webhook certificate")?;
+                tokio::spawn(Arc::clone(&serving).reload_from(cert.clone(), key.clone(), CERTIFICATE_RELOAD));
+                serving
+            }
             None => {
-                let names = service_dns_names(&config.webhook_service, &config.pod_namespace);
-                let generated = Certificate::self_signed(names).context("generating the webhook certificate")?;
+                let mut names = service_dns_names(&config.webhook_service, &config.pod_namespace);
+                names.extend(config.webhook_hosts.iter().cloned());
+                let generated = shared_self_signed(&client, &config.pod_namespace, &config.webhook_secret, names)
+                    .await
+                    .context("the generated webhook certificate (give --tls-cert/--tls-key, or let the operator read and create its Secret)")?;
                 patch_ca_bundle(&client, &config.webhook_configuration, &generated.cert_pem)
                     .await
-                    .context("publishing the generated certificate (give --tls-cert/--tls-key, or let the operator update the MutatingWebhookConfiguration)")?;
-                generated
+                    .context("publishing the generated certificate (give --tls-cert/--tls-key, or let the operator update the webhook configurations)")?;
+                ServingCertificate::new(&generated).context("the generated webhook certificate")?
             }
         };
-        let tls = certificate.server_config().context("the webhook certificate")?;
+        let tls = serving.server_config().context("the webhook certificate")?;
         let server = WebhookServer::bind(listen, tls, router(client.clone(), Arc::clone(&metrics)))
             .await
             .with_context(|| format!("binding the webhook listener {listen}"))?;
@@ -111,13 +126,32 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             "granary-operator-leader",
             &config.identity,
             config.lease_duration,
-        );
+        )
+        .await
+        .with_context(|| {
+            format!(
+                "the leader Lease {}/granary-operator-leader (the operator's Role must allow get, create, patch on leases)",
+                config.pod_namespace
+            )
+        })?;
         tracing::info!(identity = election.identity(), "waiting for the leader Lease");
-        election.acquire().await;
+        tokio::select! {
+            () = election.acquire() => {}
+            () = shutdown_signal() => {
+                tracing::info!("stopping before leading");
+                return Ok(());
+            }
+        }
         metrics.leader.set(1);
         tracing::info!("leading: controllers start");
         tokio::select! {
-            () = controllers(client, config.namespace.as_deref(), ctx) => Ok(()),
+            () = controllers(client, config.namespace.as_deref(), ctx) => {
+                // SIGTERM: the controllers stopped; hand the Lease on at once.
+                election.release().await;
+                metrics.leader.set(0);
+                tracing::info!("stopped; the leader Lease is released");
+                Ok(())
+            }
             lost = election.hold() => {
                 metrics.leader.set(0);
                 // Exiting ends every reconcile and prewarm of this term at once; the new
@@ -127,7 +161,24 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         }
     } else {
         controllers(client, config.namespace.as_deref(), ctx).await;
+        tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// SIGTERM (the kubelet) or SIGINT.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = term => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
@@ -166,7 +217,8 @@ async fn controllers(client: Client, namespace: Option<&str>, ctx: Arc<Context>)
         )
         .watches(
             api::<Pod>(&client, namespace),
-            watcher::Config::default(),
+            // Gated pods only: never a watch (and a cache) of every pod in the cluster.
+            watcher::Config::default().labels(&format!("{GATED_LABEL}=true")),
             datasets_of_pod,
         )
         .shutdown_on_signal()

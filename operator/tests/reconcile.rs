@@ -251,7 +251,7 @@ async fn prewarm_runs_through_the_workers_records_progress_and_lifts_the_gate() 
     fake.put(
         PODS,
         json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "trainer-0", "namespace": "ml", "annotations": {"granary.dev/prewarm-datasets": "imagenet"}},
+               "metadata": {"name": "trainer-0", "namespace": "ml", "labels": {"granary.dev/prewarm-gated": "true"}, "annotations": {"granary.dev/prewarm-datasets": "imagenet"}},
                "spec": {"containers": [{"name": "t", "image": "x"}], "schedulingGates": [{"name": "granary.dev/prewarm"}, {"name": "other/gate"}]}}),
     );
     reconcile_dataset(&fake, &ctx, "imagenet").await;
@@ -296,6 +296,10 @@ async fn prewarm_runs_through_the_workers_records_progress_and_lifts_the_gate() 
         json!([{"name": "other/gate"}]),
         "only granary's gate is lifted"
     );
+    assert!(
+        pod["metadata"]["labels"].get("granary.dev/prewarm-gated").is_none(),
+        "{pod}"
+    );
     let reasons: Vec<String> = events(&fake).into_iter().map(|(r, _)| r).collect();
     for expected in ["PrewarmStarted", "Prewarmed", "PhaseChanged"] {
         assert!(
@@ -303,6 +307,39 @@ async fn prewarm_runs_through_the_workers_records_progress_and_lifts_the_gate() 
             "no {expected} event in {reasons:?}"
         );
     }
+    let notes: Vec<String> = events(&fake).into_iter().map(|(_, n)| n).collect();
+    assert!(
+        notes.iter().any(|n| n == "New -> Pending"),
+        "phases read as they are spelled: {notes:?}"
+    );
+
+    // The requests of a reconcile of a loaded Dataset, in order, in the manner of kube-rs
+    // controller-rs's ApiServerVerifier: a new call (a list of every pod, a second read of
+    // the Secret, a write that changes nothing) fails here.
+    let from = fake.requests().len();
+    reconcile_dataset(&fake, &ctx, "imagenet").await;
+    let calls: Vec<String> = fake.requests()[from..]
+        .iter()
+        .filter(|(_, path, _)| !path.contains("/events"))
+        .map(|(method, path, query)| match query.as_str() {
+            "" => format!("{method} {path}"),
+            q => format!("{method} {path}?{q}"),
+        })
+        .collect();
+    let apply = "force=true&fieldManager=granary-operator";
+    assert_eq!(
+        calls,
+        vec![
+            format!("PATCH {CONFIGMAPS}/imagenet-worker-config?&{apply}"),
+            format!("PATCH {SERVICES}/imagenet-workers?&{apply}"),
+            format!("PATCH {STATEFULSETS}/imagenet-worker?&{apply}"),
+            format!("GET {PVS}/granary-ml-imagenet"),
+            format!("GET {PVCS}/imagenet"),
+            // Gated pods only; the one lifted above has left the set.
+            format!("GET {PODS}?&labelSelector=granary.dev%2Fprewarm-gated%3Dtrue"),
+        ],
+        "the requests of one reconcile"
+    );
     worker.shutdown().await.expect("shutdown");
 }
 

@@ -3,99 +3,9 @@
 
 mod support;
 
-use std::sync::Arc;
-
-use granary_operator::metrics::OperatorMetrics;
-use granary_operator::webhook::server::{router, WebhookServer};
-use granary_operator::webhook::tls::Certificate;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
-use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
+use support::admission::{patched, start};
 use support::*;
-
-struct Webhook {
-    addr: std::net::SocketAddr,
-    connector: tokio_rustls::TlsConnector,
-}
-
-async fn start(fake_client: kube::Client) -> Webhook {
-    let cert = Certificate::self_signed(vec!["granary-webhook.granary-system.svc".into()]).expect("cert");
-    let mut registry = Registry::default();
-    let metrics = Arc::new(OperatorMetrics::new(&mut registry));
-    let server = WebhookServer::bind(
-        "127.0.0.1:0".parse().expect("addr"),
-        cert.server_config().expect("tls"),
-        router(fake_client, metrics),
-    )
-    .await
-    .expect("bind");
-    let addr = server.local_addr().expect("addr");
-    tokio::spawn(server.serve());
-    // The client trusts only the generated certificate, as the API server does with the caBundle.
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Webhook {
-        addr,
-        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-    }
-}
-
-impl Webhook {
-    async fn review(&self, kind: (&str, &str, &str), object: Value) -> Value {
-        let body = json!({
-            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-            "request": {
-                "uid": "0f6e-1", "kind": {"group": kind.0, "version": kind.1, "kind": kind.2},
-                "resource": {"group": kind.0, "version": kind.1, "resource": format!("{}s", kind.2.to_lowercase())},
-                "namespace": "ml", "operation": "CREATE", "userInfo": {"username": "alice"},
-                "object": object, "dryRun": false
-            }
-        });
-        let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
-        let name = rustls::pki_types::ServerName::try_from("granary-webhook.granary-system.svc").expect("name");
-        let tls = self
-            .connector
-            .connect(name, tcp)
-            .await
-            .expect("TLS handshake with the generated certificate");
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("http");
-        tokio::spawn(conn);
-        let request = http::Request::post("/mutate")
-            .header("content-type", "application/json")
-            .header("host", "granary-webhook")
-            .body(Full::new(Bytes::from(serde_json::to_vec(&body).expect("json"))))
-            .expect("request");
-        let response = sender.send_request(request).await.expect("response");
-        assert_eq!(response.status(), 200);
-        let bytes = response.into_body().collect().await.expect("body").to_bytes();
-        let review: Value = serde_json::from_slice(&bytes).expect("an AdmissionReview");
-        assert_eq!(review["response"]["uid"], "0f6e-1");
-        review["response"].clone()
-    }
-}
-
-fn patched(object: &Value, response: &Value) -> Value {
-    assert_eq!(response["allowed"], true, "{response}");
-    assert_eq!(response["patchType"], "JSONPatch");
-    let patch_bytes = serde_json::from_value::<k8s_openapi::ByteString>(response["patch"].clone())
-        .unwrap_or_else(|e| panic!("a base64 patch in {response}: {e}"))
-        .0;
-    let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes).expect("a JSONPatch");
-    let mut out = object.clone();
-    json_patch::patch(&mut out, &patch).expect("the patch applies");
-    out
-}
 
 fn cluster() -> (FakeApi, kube::Client) {
     let (fake, client) = FakeApi::new();
@@ -164,6 +74,11 @@ async fn a_pod_and_a_trainjob_are_mounted_and_an_unannotated_pod_is_left_alone()
         "no BeforeScheduling dataset, no gate"
     );
 
+    // Trainer v2.3 serves runtimePatches: the patch targets the trainer nodes' pod template.
+    _fake.put(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        support::schema::kubeflow_crd("trainjobs-trainer-v2.3.0.yaml"),
+    );
     let train = json!({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
         "metadata": {"name": "t", "namespace": "ml", "annotations": {"granary.dev/mounts": "dataset/imagenet=/data"}},
         "spec": {"runtimeRef": {"name": "torch-distributed"}}});
@@ -173,14 +88,20 @@ async fn a_pod_and_a_trainjob_are_mounted_and_an_unannotated_pod_is_left_alone()
             .review(("trainer.kubeflow.org", "v1alpha1", "TrainJob"), train.clone())
             .await,
     );
-    let o = &out["spec"]["podTemplateOverrides"][0];
-    assert_eq!(o["targetJobs"], json!([{"name": "node"}]));
+    let p = &out["spec"]["runtimePatches"][0];
+    assert_eq!(p["manager"], "granary.dev/mounts");
+    let job = &p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0];
+    assert_eq!(job["name"], "node");
+    let pod = &job["template"]["spec"]["template"];
     assert_eq!(
-        o["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        pod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
         "imagenet"
     );
-    assert_eq!(o["spec"]["containers"][0]["volumeMounts"][0]["mountPath"], "/data");
-    assert_eq!(o["spec"]["schedulingGates"], json!([{"name": "granary.dev/prewarm"}]));
+    assert_eq!(pod["spec"]["containers"][0]["name"], "node");
+    assert_eq!(pod["spec"]["containers"][0]["volumeMounts"][0]["mountPath"], "/data");
+    assert_eq!(pod["spec"]["schedulingGates"], json!([{"name": "granary.dev/prewarm"}]));
+    assert_eq!(pod["metadata"]["labels"]["granary.dev/prewarm-gated"], "true");
+    assert!(out["spec"].get("podTemplateOverrides").is_none());
 
     let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "q", "namespace": "ml"}, "spec": {"containers": [{"name": "a"}]}});
     let response = hook.review(("", "v1", "Pod"), plain).await;
@@ -255,4 +176,81 @@ async fn a_dataset_the_schema_cannot_fault_is_denied_with_its_field_and_fix() {
     let r = hook.review(("granary.dev", "v1alpha1", "CheckpointPolicy"), good).await;
     assert_eq!(r["allowed"], true, "{r}");
     assert!(r["patch"].is_null());
+}
+
+/// A handshake with 127.0.0.1:`port` trusting only `ca_pem`: whether it succeeds.
+async fn trusted_by(addr: std::net::SocketAddr, ca_pem: &str) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let config =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("granary-webhook.granary-system.svc").expect("name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_not() {
+    use granary_operator::webhook::tls::{Certificate, ServingCertificate};
+    let names = vec!["granary-webhook.granary-system.svc".to_string()];
+    let first = Certificate::self_signed(names.clone()).expect("cert");
+    let dir = tempfile::tempdir().expect("dir");
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, &first.cert_pem).expect("write");
+    std::fs::write(&key_file, &first.key_pem).expect("write");
+
+    let serving =
+        ServingCertificate::new(&Certificate::from_files(&cert_file, &key_file).expect("read")).expect("serving");
+    let (_fake, client) = FakeApi::new();
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = std::sync::Arc::new(granary_operator::metrics::OperatorMetrics::new(&mut registry));
+    let server = granary_operator::webhook::server::WebhookServer::bind(
+        "127.0.0.1:0".parse().expect("addr"),
+        serving.server_config().expect("tls"),
+        granary_operator::webhook::server::router(client, metrics),
+    )
+    .await
+    .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    tokio::spawn(server.serve());
+    tokio::spawn(std::sync::Arc::clone(&serving).reload_from(
+        cert_file.clone(),
+        key_file.clone(),
+        std::time::Duration::from_millis(50),
+    ));
+    assert!(trusted_by(addr, &first.cert_pem).await);
+
+    // cert-manager renews: the next handshakes get the new certificate.
+    let second = Certificate::self_signed(names).expect("cert");
+    std::fs::write(&key_file, &second.key_pem).expect("write");
+    std::fs::write(&cert_file, &second.cert_pem).expect("write");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !trusted_by(addr, &second.cert_pem).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the renewed certificate was never served"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        !trusted_by(addr, &first.cert_pem).await,
+        "the old certificate is no longer served"
+    );
+
+    // A half-written renewal (a key that does not match) is not served: the current one stays.
+    std::fs::write(&key_file, &first.key_pem).expect("write");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        trusted_by(addr, &second.cert_pem).await,
+        "a mismatched pair must not replace the served certificate"
+    );
 }

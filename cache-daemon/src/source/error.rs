@@ -27,6 +27,22 @@ pub enum SourceError {
     InvalidPath { path: String, reason: &'static str },
 }
 
+/// opendal's message with every cause under it: "error sending request" alone hides what a
+/// user must fix (an untrusted certificate, a refused connection, a DNS name).
+fn detail(err: &opendal::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(c) = cause {
+        let line = c.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        cause = c.source();
+    }
+    text
+}
+
 impl SourceError {
     /// The single mapping from opendal's error kinds to ours.
     pub fn from_opendal(op: &'static str, path: &str, err: opendal::Error) -> Self {
@@ -37,22 +53,22 @@ impl SourceError {
             ErrorKind::ConditionNotMatch => SourceError::Changed { path },
             ErrorKind::PermissionDenied => SourceError::PermissionDenied {
                 path,
-                detail: err.to_string(),
+                detail: detail(&err),
             },
             ErrorKind::RateLimited => SourceError::Unavailable {
                 op,
                 path,
-                detail: err.to_string(),
+                detail: detail(&err),
             },
             _ if err.is_temporary() || err.is_persistent() => SourceError::Unavailable {
                 op,
                 path,
-                detail: err.to_string(),
+                detail: detail(&err),
             },
             _ => SourceError::Failed {
                 op,
                 path,
-                detail: err.to_string(),
+                detail: detail(&err),
             },
         }
     }

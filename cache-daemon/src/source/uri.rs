@@ -113,6 +113,8 @@ pub fn build_operator(
     uri: &str,
     options: &BTreeMap<String, String>,
 ) -> Result<(Operator, VersionScheme), SourceConfigError> {
+    // opendal's HTTP client is rustls without a provider of its own (one provider per process).
+    crate::tls::install();
     let parsed = SourceUri::parse(uri)?;
     let rejected = |e: opendal::Error| SourceConfigError::Rejected {
         uri: uri.to_string(),

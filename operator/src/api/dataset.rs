@@ -206,6 +206,18 @@ pub enum DatasetPhase {
     Failed,
 }
 
+impl std::fmt::Display for DatasetPhase {
+    /// As it is spelled in `status.phase`, for Events and logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DatasetPhase::Pending => "Pending",
+            DatasetPhase::Prewarming => "Prewarming",
+            DatasetPhase::Ready => "Ready",
+            DatasetPhase::Failed => "Failed",
+        })
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatasetStatus {
@@ -245,6 +257,10 @@ pub struct PrewarmStatus {
     pub files_done: u64,
     pub files_total: u64,
     pub failures: u64,
+    /// The listing is complete, so `bytesTotal`/`filesTotal` are final; before, they count
+    /// what has been listed so far and the summary says so.
+    #[serde(default)]
+    pub listing_done: bool,
     /// The first few failed files with their errors.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_files: Vec<String>,
@@ -259,7 +275,7 @@ pub struct PrewarmStatus {
     /// The last attempt's error, when it did not finish.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// `42% (3.1GiB/7.4GiB)`, for `kubectl get`.
+    /// `42% (3.1/7.4 GiB)` for `kubectl get`; while listing, `listing: 0.06 GiB of 0.07+ GiB listed so far`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
 }

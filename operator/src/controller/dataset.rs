@@ -214,7 +214,12 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
         } else {
             EventType::Normal
         };
-        events.push((type_, "PhaseChanged", format!("{previous_phase:?} -> {phase:?}")));
+        let name = |p: Option<DatasetPhase>| p.map_or("New".to_string(), |p| p.to_string());
+        events.push((
+            type_,
+            "PhaseChanged",
+            format!("{} -> {}", name(previous_phase), name(phase)),
+        ));
     }
     for (type_, reason, note) in events {
         ctx.event(ds, type_, reason, note).await;
@@ -377,10 +382,19 @@ fn copy_progress(p: &Progress, status: &mut PrewarmStatus) {
     status.files_total = p.files_total;
     status.failures = p.files_failed;
     status.failed_files = p.failed_files.clone();
+    status.listing_done = p.listing_done;
 }
 
 fn summary(p: &PrewarmStatus) -> String {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    if !p.listing_done && p.finished.is_none() {
+        // A percentage of what is listed so far would read 85% of a dataset barely begun.
+        return format!(
+            "listing: {:.2} GiB loaded of {:.2}+ GiB listed so far",
+            gib(p.bytes_done),
+            gib(p.bytes_total)
+        );
+    }
     let percent = match (p.bytes_done * 100).checked_div(p.bytes_total) {
         Some(percent) => percent,
         None if p.finished.is_some() => 100,
@@ -389,14 +403,18 @@ fn summary(p: &PrewarmStatus) -> String {
     format!("{percent}% ({:.2}/{:.2} GiB)", gib(p.bytes_done), gib(p.bytes_total))
 }
 
-/// Bytes the workers hold, over every tier, counted once per copy divided by replicas.
+/// Bytes of the dataset the workers hold, each block once: per worker the larger tier (the
+/// tiers are inclusive: a block read into memory is also written to the cache directory,
+/// which for a Memory-only Dataset is a tmpfs), summed, divided by the replicas.
 async fn cached_bytes(addresses: &[String], replicas: i32) -> Option<u64> {
     let pool = granary_cache::client::WorkerPool::new(addresses, 1).ok()?;
     let stats = tokio::time::timeout(Duration::from_secs(5), pool.stats()).await.ok()?;
     let mut total = 0u64;
     for (_, result) in stats {
         let s = result.ok()?;
-        total += s.memory.map(|t| t.used_bytes).unwrap_or(0) + s.disk.map(|t| t.used_bytes).unwrap_or(0);
+        let memory = s.memory.map(|t| t.used_bytes).unwrap_or(0);
+        let disk = s.disk.map(|t| t.used_bytes).unwrap_or(0);
+        total += memory.max(disk);
     }
     Some(total / replicas.max(1) as u64)
 }

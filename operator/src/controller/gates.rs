@@ -16,6 +16,9 @@ use super::{Context, Error};
 pub const GATE: &str = "granary.dev/prewarm";
 /// On a gated pod: the Datasets (comma-separated names) it waits for.
 pub const WAITS_FOR_ANNOTATION: &str = "granary.dev/prewarm-datasets";
+/// On a gated pod (label `granary.dev/prewarm-gated=true`): what the operator lists and
+/// watches, so it never reads every pod of a namespace.
+pub const GATED_LABEL: &str = "granary.dev/prewarm-gated";
 
 enum Readiness {
     Prewarmed,
@@ -45,13 +48,19 @@ async fn readiness(api: &Api<Dataset>, name: &str) -> Result<Readiness, Error> {
 pub async fn release(ctx: &Context, namespace: &str) -> Result<(), Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let datasets: Api<Dataset> = Api::namespaced(ctx.client.clone(), namespace);
-    for pod in pods.list(&ListParams::default()).await? {
+    let gated = ListParams::default().labels(&format!("{GATED_LABEL}=true"));
+    for pod in pods.list(&gated).await? {
         let gates = pod
             .spec
             .as_ref()
             .and_then(|s| s.scheduling_gates.clone())
             .unwrap_or_default();
         if !gates.iter().any(|g| g.name == GATE) {
+            continue;
+        }
+        if !pod.labels().contains_key(GATED_LABEL) {
+            // The selector matched, so the label is there; a JSON patch removing an absent
+            // label would fail.
             continue;
         }
         let waits_for = pod.annotations().get(WAITS_FOR_ANNOTATION).cloned().unwrap_or_default();
@@ -83,6 +92,12 @@ pub async fn release(ctx: &Context, namespace: &str) -> Result<(), Error> {
                     .parse()
                     .map_err(|e| Error::Build(format!("{e}")))?,
                 value: serde_json::to_value(&remaining).unwrap_or_default(),
+            }),
+            // Out of the gated set: later reconciles neither list nor watch it again.
+            json_patch::PatchOperation::Remove(json_patch::RemoveOperation {
+                path: format!("/metadata/labels/{}", GATED_LABEL.replace('/', "~1"))
+                    .parse()
+                    .map_err(|e| Error::Build(format!("{e}")))?,
             }),
         ]);
         pods.patch(&pod.name_any(), &PatchParams::default(), &Patch::<()>::Json(patch))

@@ -26,11 +26,14 @@ pub struct Progress {
     pub bytes_done: u64,
     pub bytes_from_source: u64,
     pub failed_files: Vec<String>,
+    /// Every path is listed, so the totals are final (before, they grow as listing goes on).
+    pub listing_done: bool,
 }
 
 impl Progress {
-    /// These totals plus one path's load (its failed files are kept separately).
-    fn plus(&self, p: &LoadProgress) -> Progress {
+    /// These totals plus one path's load (its failed files are kept separately);
+    /// `last_path`: no path follows, so that path's finished listing finishes the totals.
+    fn plus(&self, p: &LoadProgress, last_path: bool) -> Progress {
         Progress {
             files_total: self.files_total + p.files_total,
             files_done: self.files_done + p.files_done,
@@ -39,6 +42,7 @@ impl Progress {
             bytes_done: self.bytes_done + p.bytes_done,
             bytes_from_source: self.bytes_from_source + p.bytes_from_source,
             failed_files: Vec::new(),
+            listing_done: last_path && p.listing_done,
         }
     }
 }
@@ -154,7 +158,8 @@ async fn load_all(
     let pool = WorkerPool::new(workers, replicas.max(1)).map_err(|e| e.to_string())?;
     // Totals of the paths already loaded, under those of the path loading now.
     let mut done = Progress::default();
-    for path in paths {
+    for (i, path) in paths.iter().enumerate() {
+        let last_path = i + 1 == paths.len();
         let mut stream = pool
             .load(path, parallelism)
             .await
@@ -166,7 +171,7 @@ async fn load_all(
                 let failed_files = std::mem::take(&mut s.0.failed_files);
                 s.0 = Progress {
                     failed_files,
-                    ..done.plus(&p)
+                    ..done.plus(&p, last_path)
                 };
                 for f in &p.new_failures {
                     if s.0.failed_files.len() < FAILED_FILES_KEPT {
@@ -185,7 +190,7 @@ async fn load_all(
                 "the load of {path} ended before it finished (a worker went away?)"
             ));
         }
-        done = done.plus(&last);
+        done = done.plus(&last, last_path);
     }
     Ok(())
 }

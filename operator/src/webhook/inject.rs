@@ -1,11 +1,12 @@
-//! Rewriting a Pod, a PyTorchJob's replica templates or a TrainJob's pod template overrides
-//! so every container mounts the annotated volumes. Works on JSON, so one code path serves
+//! Rewriting a Pod, a PyTorchJob's replica templates or a TrainJob's runtime patches (pod
+//! template overrides on Trainer 2.1) so every container mounts the annotated volumes. Works on JSON, so one code path serves
 //! every kind; the webhook turns the difference into a JSONPatch.
 
 use serde_json::{json, Map, Value};
 
 use super::mounts::{overlaps, MountKind, MountRequest};
-use crate::controller::gates::{GATE, WAITS_FOR_ANNOTATION};
+use super::trainjob::TrainJobLayout;
+use crate::controller::gates::{GATE, GATED_LABEL, WAITS_FOR_ANNOTATION};
 use crate::resources::names;
 
 /// The mounts with what the cluster says about them.
@@ -16,8 +17,13 @@ pub struct Resolved {
     pub wait_for: Vec<String>,
 }
 
-/// The TrainJob (Kubeflow Trainer) job its overrides target: the trainer nodes.
+/// The TrainJob (Kubeflow Trainer) job its overrides target: the trainer nodes, whose
+/// replicated job and trainer container are both called `node` in Kubeflow's runtimes.
 pub const TRAINJOB_TARGET: &str = "node";
+
+/// The `manager` key of granary's entry in a TrainJob's `runtimePatches` (a list-map keyed
+/// by manager, so each controller owns its own entry).
+pub const RUNTIME_PATCH_MANAGER: &str = "granary.dev/mounts";
 
 pub fn volume_name(m: &MountRequest) -> String {
     let kind = match m.kind {
@@ -133,17 +139,22 @@ fn inject_spec(spec: &mut Value, r: &Resolved, where_: &str) -> Result<(), Strin
     Ok(())
 }
 
+/// A gated pod says which Datasets it waits for (annotation), and carries a label so the
+/// operator finds gated pods with a label selector instead of listing every pod.
 fn annotate(metadata: &mut Value, r: &Resolved) -> Result<(), String> {
     if r.wait_for.is_empty() {
         return Ok(());
     }
     let annotations = object(metadata, "annotations")?;
     annotations[WAITS_FOR_ANNOTATION] = Value::String(r.wait_for.join(","));
+    let labels = object(metadata, "labels")?;
+    labels[GATED_LABEL] = Value::String("true".into());
     Ok(())
 }
 
-/// The object with the mounts injected.
-pub fn mutate(kind: &str, obj: &Value, r: &Resolved) -> Result<Value, String> {
+/// The object with the mounts injected; `trainjob` is the served TrainJob layout (only read
+/// for TrainJobs).
+pub fn mutate(kind: &str, obj: &Value, r: &Resolved, trainjob: Option<TrainJobLayout>) -> Result<Value, String> {
     let mut out = obj.clone();
     match kind {
         "Pod" => {
@@ -166,17 +177,41 @@ pub fn mutate(kind: &str, obj: &Value, r: &Resolved) -> Result<Value, String> {
             }
         }
         "TrainJob" => {
-            // The runtime's templates are not in the TrainJob; an override targeting the
-            // trainer nodes carries the volumes and the mounts of its `node` container.
+            // The runtime's templates are not in the TrainJob; a patch targeting the trainer
+            // nodes carries the volumes and the mounts of their `node` container.
+            let layout = trainjob
+                .ok_or("the TrainJob layout of this cluster is unknown, so its mounts cannot be added; try again")?;
             let mut spec = json!({ "containers": [{ "name": TRAINJOB_TARGET }] });
             inject_spec(&mut spec, r, "the TrainJob")?;
-            let mut override_ = json!({ "targetJobs": [{ "name": TRAINJOB_TARGET }], "spec": spec });
-            if !r.wait_for.is_empty() {
-                annotate(object(&mut override_, "metadata")?, r)?;
+            let mut metadata = json!({});
+            annotate(&mut metadata, r)?;
+            let mut template = json!({ "spec": spec });
+            if metadata.as_object().is_some_and(|m| !m.is_empty()) {
+                template["metadata"] = metadata;
             }
-            let overrides = array(object(&mut out, "spec")?, "podTemplateOverrides")?;
-            if !overrides.contains(&override_) {
-                overrides.push(override_);
+            let job_spec = object(&mut out, "spec")?;
+            match layout {
+                TrainJobLayout::RuntimePatches => {
+                    let patch = json!({
+                        "manager": RUNTIME_PATCH_MANAGER,
+                        "trainingRuntimeSpec": { "template": { "spec": { "replicatedJobs": [{
+                            "name": TRAINJOB_TARGET,
+                            "template": { "spec": { "template": template } },
+                        }]}}},
+                    });
+                    let patches = array(job_spec, "runtimePatches")?;
+                    // One entry per manager: granary's own is replaced, others are kept.
+                    patches.retain(|p| p["manager"] != RUNTIME_PATCH_MANAGER);
+                    patches.push(patch);
+                }
+                TrainJobLayout::PodTemplateOverrides => {
+                    let mut override_ = template;
+                    override_["targetJobs"] = json!([{ "name": TRAINJOB_TARGET }]);
+                    let overrides = array(job_spec, "podTemplateOverrides")?;
+                    if !overrides.contains(&override_) {
+                        overrides.push(override_);
+                    }
+                }
             }
         }
         other => {

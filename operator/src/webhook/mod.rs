@@ -8,3 +8,4 @@ pub mod mounts;
 pub mod review;
 pub mod server;
 pub mod tls;
+pub mod trainjob;

@@ -8,24 +8,30 @@ use serde_json::Value;
 
 use super::inject::{mutate, Resolved};
 use super::mounts::{parse, MountKind, MOUNTS_ANNOTATION};
+use super::trainjob::TrainJobSchema;
 use crate::api::dataset::PrewarmPolicy;
 use crate::api::{validate, CheckpointPolicy, Dataset};
 use crate::metrics::OperatorMetrics;
 
+/// What answering a review needs: the API (Datasets, CheckpointPolicies, the TrainJob CRD)
+/// and the metrics.
+pub struct Reviewer {
+    pub client: Client,
+    pub metrics: std::sync::Arc<OperatorMetrics>,
+    pub trainjobs: TrainJobSchema,
+}
+
 /// Answers `review`; every failure becomes a denial (or an invalid response for a review
 /// that cannot be read), never a transport error.
-pub async fn answer(
-    review: AdmissionReview<DynamicObject>,
-    client: &Client,
-    metrics: &OperatorMetrics,
-) -> AdmissionReview<DynamicObject> {
+pub async fn answer(review: AdmissionReview<DynamicObject>, reviewer: &Reviewer) -> AdmissionReview<DynamicObject> {
+    let metrics = &reviewer.metrics;
     let request: AdmissionRequest<DynamicObject> = match review.try_into() {
         Ok(r) => r,
         Err(e) => return AdmissionResponse::invalid(e.to_string()).into_review(),
     };
     let kind = request.kind.kind.clone();
     let response = AdmissionResponse::from(&request);
-    let response = match decide(&request, client).await {
+    let response = match decide(&request, reviewer).await {
         Ok(None) => {
             metrics.admission(&kind, "allowed");
             response
@@ -49,8 +55,9 @@ pub async fn answer(
 /// `Ok(None)`: nothing to do; `Ok(Some(patch))`: the mounts to inject; `Err`: the denial.
 async fn decide(
     request: &AdmissionRequest<DynamicObject>,
-    client: &Client,
+    reviewer: &Reviewer,
 ) -> Result<Option<json_patch::Patch>, String> {
+    let client = &reviewer.client;
     let Some(object) = &request.object else {
         return Ok(None);
     };
@@ -114,7 +121,12 @@ async fn decide(
         }
     }
     resolved.mounts = mounts;
-    let mutated = mutate(&request.kind.kind, &value, &resolved)?;
+    let trainjob = if request.kind.kind == "TrainJob" {
+        Some(reviewer.trainjobs.layout(client, &request.kind.version).await?)
+    } else {
+        None
+    };
+    let mutated = mutate(&request.kind.kind, &value, &resolved, trainjob)?;
     let patch = json_patch::diff(&value, &mutated);
     Ok(if patch.0.is_empty() { None } else { Some(patch) })
 }

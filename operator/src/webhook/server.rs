@@ -1,4 +1,5 @@
-//! HTTPS serving of `POST /mutate` (AdmissionReview v1) with rustls.
+//! HTTPS serving of `POST /mutate` and `POST /validate` (AdmissionReview v1) with rustls; the
+//! certificate is resolved per handshake, so a renewed one is served without a restart.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,27 +15,32 @@ use kube::Client;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use super::review::Reviewer;
+use super::trainjob::TrainJobSchema;
 use crate::metrics::OperatorMetrics;
 
-#[derive(Clone)]
-struct WebhookState {
-    client: Client,
-    metrics: Arc<OperatorMetrics>,
-}
-
-async fn mutate(
-    State(state): State<WebhookState>,
+async fn review(
+    State(reviewer): State<Arc<Reviewer>>,
     Json(review): Json<AdmissionReview<DynamicObject>>,
 ) -> Json<serde_json::Value> {
-    let answer = super::review::answer(review, &state.client, &state.metrics).await;
+    let answer = super::review::answer(review, &reviewer).await;
     Json(super::review::to_wire(&answer))
 }
 
+/// `/mutate` (the MutatingWebhookConfiguration: mounts) and `/validate` (the
+/// ValidatingWebhookConfiguration: Datasets and CheckpointPolicies) answer from one decision;
+/// a granary.dev object never gets a patch, so the validating answer never carries one.
 pub fn router(client: Client, metrics: Arc<OperatorMetrics>) -> Router {
+    let reviewer = Arc::new(Reviewer {
+        client,
+        metrics,
+        trainjobs: TrainJobSchema::default(),
+    });
     Router::new()
-        .route("/mutate", post(mutate))
+        .route("/mutate", post(review))
+        .route("/validate", post(review))
         .route("/healthz", get(|| async { "ok" }))
-        .with_state(WebhookState { client, metrics })
+        .with_state(reviewer)
 }
 
 /// A bound webhook listener; `serve` runs until the process ends.

@@ -1,9 +1,14 @@
 //! An in-memory Kubernetes API behind kube's mocked service (tower-test): enough of the API
 //! server's behaviour (create, get, list, server-side apply, merge and JSON patches, replace
 //! with resourceVersion checks, delete with finalizers, status subresources) for the
-//! controllers to run against it unchanged, with every request recorded.
+//! controllers to run against it unchanged, with every request recorded. `https::serve`
+//! puts the same API on a real TLS socket, with watches, for the operator binary.
 
 #![allow(dead_code)]
+
+pub mod admission;
+pub mod https;
+pub mod schema;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -20,12 +25,46 @@ pub struct Store {
     pub objects: BTreeMap<String, BTreeMap<String, Value>>,
     /// (method, path) of every request.
     pub log: Vec<(String, String)>,
+    /// (method, path, query) of every request, for asserting what a reconcile asks.
+    pub requests: Vec<(String, String, String)>,
+    /// Every change, for watches: (resourceVersion, collection, ADDED/MODIFIED/DELETED, object).
+    pub changes: Vec<(u64, String, &'static str, Value)>,
     next_version: u64,
+}
+
+impl Store {
+    fn changed(&mut self, collection: &str, type_: &'static str, obj: &Value) {
+        let version = obj["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(self.next_version);
+        self.changes.push((version, collection.to_string(), type_, obj.clone()));
+    }
+}
+
+/// Whether the collection `actual` (`/apis/g/v/namespaces/ns/plural`) is in the requested
+/// one, which may be the all-namespaces form (`/apis/g/v/plural`).
+pub fn in_collection(requested: &str, actual: &str) -> bool {
+    if requested == actual {
+        return true;
+    }
+    let parts: Vec<&str> = actual.split('/').collect();
+    match parts.iter().position(|p| *p == "namespaces") {
+        Some(i) if parts.len() == i + 3 => {
+            let mut without: Vec<&str> = parts[..i].to_vec();
+            without.push(parts[i + 2]);
+            without.join("/") == requested
+        }
+        _ => false,
+    }
 }
 
 #[derive(Clone, Default)]
 pub struct FakeApi {
     pub store: Arc<Mutex<Store>>,
+    /// Requests whose path contains one of these get 503 over HTTPS (an API server that
+    /// cannot be reached for them).
+    pub refused: Arc<Mutex<Vec<String>>>,
 }
 
 fn status(code: u16, reason: &str, message: String) -> (u16, Value) {
@@ -127,11 +166,30 @@ impl FakeApi {
         if obj["metadata"]["generation"].is_null() {
             obj["metadata"]["generation"] = json!(1);
         }
-        store
+        let existed = store
             .objects
             .entry(collection.to_string())
             .or_default()
-            .insert(name, obj);
+            .insert(name, obj.clone())
+            .is_some();
+        store.changed(collection, if existed { "MODIFIED" } else { "ADDED" }, &obj);
+    }
+
+    /// Changes in `collection` (or the all-namespaces form of it) after `since`, matching
+    /// `selector`.
+    pub fn changes_since(&self, collection: &str, since: u64, selector: &str) -> Vec<(u64, &'static str, Value)> {
+        let store = self.store.lock().expect("store");
+        store
+            .changes
+            .iter()
+            .filter(|(v, c, _, o)| *v > since && in_collection(collection, c) && labels_match(o, selector))
+            .map(|(v, _, t, o)| (*v, *t, o.clone()))
+            .collect()
+    }
+
+    /// (method, path, query) of every request so far.
+    pub fn requests(&self) -> Vec<(String, String, String)> {
+        self.store.lock().expect("store").requests.clone()
     }
 
     /// Requests logged so far.
@@ -147,6 +205,9 @@ impl FakeApi {
     fn handle(&self, method: &str, path: &str, query: Option<&str>, content_type: &str, body: &[u8]) -> (u16, Value) {
         let mut store = self.store.lock().expect("store");
         store.log.push((method.to_string(), path.to_string()));
+        store
+            .requests
+            .push((method.to_string(), path.to_string(), query.unwrap_or("").to_string()));
         let (collection, name, sub) = split_path(path);
         let body: Value = if body.is_empty() {
             Value::Null
@@ -158,15 +219,64 @@ impl FakeApi {
         };
         store.next_version += 1;
         let version = store.next_version.to_string();
-        let objects = store.objects.entry(collection.clone()).or_default();
+        if method == "GET" && name.is_none() {
+            let selector = query_param(query, "labelSelector").unwrap_or_default();
+            let items: Vec<Value> = store
+                .objects
+                .iter()
+                .filter(|(c, _)| in_collection(&collection, c))
+                .flat_map(|(_, objects)| objects.values())
+                .filter(|o| labels_match(o, &selector))
+                .cloned()
+                .collect();
+            return (
+                200,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
+            );
+        }
+        let (code, value) = Self::write(
+            &mut store,
+            method,
+            path,
+            &collection,
+            name.clone(),
+            sub,
+            content_type,
+            body,
+            &version,
+        );
+        if code < 300 && method != "GET" {
+            let name = name
+                .or_else(|| value["metadata"]["name"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            match store.objects.get(&collection).and_then(|o| o.get(&name)).cloned() {
+                None => store.changed(&collection, "DELETED", &value),
+                Some(now) if now["metadata"]["resourceVersion"] == version.as_str() => {
+                    store.changed(&collection, if method == "POST" { "ADDED" } else { "MODIFIED" }, &now)
+                }
+                Some(_) => {}
+            }
+        }
+        (code, value)
+    }
+
+    /// A request other than a list; the change it made, if any, for watches.
+    #[allow(clippy::too_many_arguments)]
+    fn write(
+        store: &mut Store,
+        method: &str,
+        path: &str,
+        collection: &str,
+        name: Option<String>,
+        sub: Option<String>,
+        content_type: &str,
+        body: Value,
+        version: &str,
+    ) -> (u16, Value) {
+        let objects = store.objects.entry(collection.to_string()).or_default();
         match (method, name) {
             ("GET", None) => {
-                let selector = query_param(query, "labelSelector").unwrap_or_default();
-                let items: Vec<Value> = objects
-                    .values()
-                    .filter(|o| labels_match(o, &selector))
-                    .cloned()
-                    .collect();
+                let items: Vec<Value> = objects.values().cloned().collect();
                 (
                     200,
                     json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": version}, "items": items}),
