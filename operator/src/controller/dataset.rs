@@ -423,3 +423,35 @@ async fn write_status(ds: &Dataset, namespace: &str, ctx: &Context, status: Data
     let api: Api<Dataset> = Api::namespaced(ctx.client.clone(), namespace);
     patch_status(&api, &ds.name_any(), ds.status.as_ref(), &status).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_percentage_only_once_the_listing_has_finished() {
+        let gib = 1u64 << 30;
+        // Early in a 0.59 GiB dataset: 0.06 of 0.07 GiB listed so far is not "85%".
+        let listing = PrewarmStatus {
+            bytes_done: gib * 6 / 100,
+            bytes_total: gib * 7 / 100,
+            listing_done: false,
+            ..PrewarmStatus::default()
+        };
+        let text = summary(&listing);
+        assert!(!text.contains('%'), "{text}");
+        assert_eq!(text, "listing: 0.06 GiB loaded of 0.07+ GiB listed so far");
+        let listed = PrewarmStatus {
+            bytes_done: gib * 6 / 100,
+            bytes_total: gib * 59 / 100,
+            listing_done: true,
+            ..PrewarmStatus::default()
+        };
+        assert_eq!(summary(&listed), "10% (0.06/0.59 GiB)");
+        let empty_and_done = PrewarmStatus {
+            finished: Some(now()),
+            ..PrewarmStatus::default()
+        };
+        assert_eq!(summary(&empty_and_done), "100% (0.00/0.00 GiB)");
+    }
+}
