@@ -15,6 +15,9 @@ test: lint unit chart-test e2e
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --all-targets -- -D warnings
+	@# One rustls crypto provider (ring): with aws-lc-rs back in the tree, rustls cannot pick one.
+	@if $(CARGO) tree --workspace -i aws-lc-rs >/dev/null 2>&1; then \
+		echo "aws-lc-rs is in the dependency tree again (cargo tree -i aws-lc-rs): keep one rustls provider, ring"; exit 1; fi
 
 unit:
 	$(CARGO) test --workspace --exclude granary-e2e

@@ -159,7 +159,7 @@ async fn a_dataset_the_schema_cannot_fault_is_denied_with_its_field_and_fix() {
     let bad = json!({"apiVersion": "granary.dev/v1alpha1", "kind": "Dataset", "metadata": {"name": "imagenet", "namespace": "ml"},
         "spec": {"source": {"uri": "s3://datasets/imagenet/", "options": {"region": "us-east-1", "secret_access_key": "oops"}},
                  "cache": {"workers": 2, "replicas": 3}}});
-    let r = hook.review(("granary.dev", "v1alpha1", "Dataset"), bad).await;
+    let r = hook.review(("granary.dev", "v1alpha1", "Dataset"), bad.clone()).await;
     assert_eq!(r["allowed"], false, "{r}");
     let m = r["status"]["message"].as_str().unwrap_or("");
     assert!(
@@ -170,6 +170,34 @@ async fn a_dataset_the_schema_cannot_fault_is_denied_with_its_field_and_fix() {
         m.contains("spec.cache.replicas (3) is more than spec.cache.workers (2)"),
         "{m}"
     );
+
+    // The same invalid Dataset being deleted (the finalizer's removal), or updated with its
+    // spec unchanged (a status write), goes through: it could never be deleted otherwise.
+    let mut deleting = bad.clone();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-12-01T10:00:00Z");
+    deleting["metadata"]["finalizers"] = json!([]);
+    let r = hook
+        .review_operation(("granary.dev", "v1alpha1", "Dataset"), "UPDATE", deleting, bad.clone())
+        .await;
+    assert_eq!(r["allowed"], true, "{r}");
+    let mut relabelled = bad.clone();
+    relabelled["metadata"]["labels"] = json!({"team": "ml"});
+    let r = hook
+        .review_operation(
+            ("granary.dev", "v1alpha1", "Dataset"),
+            "UPDATE",
+            relabelled.clone(),
+            bad.clone(),
+        )
+        .await;
+    assert_eq!(r["allowed"], true, "{r}");
+    // A spec change is validated.
+    let mut worse = relabelled;
+    worse["spec"]["cache"]["replicas"] = json!(4);
+    let r = hook
+        .review_operation(("granary.dev", "v1alpha1", "Dataset"), "UPDATE", worse, bad.clone())
+        .await;
+    assert_eq!(r["allowed"], false, "{r}");
 
     let good = json!({"apiVersion": "granary.dev/v1alpha1", "kind": "CheckpointPolicy", "metadata": {"name": "llama", "namespace": "ml"},
         "spec": {"target": {"uri": "s3://ckpt/llama/", "options": {"region": "us-east-1"}, "secretRef": {"name": "s3"}}}});

@@ -48,13 +48,24 @@ pub async fn start(fake_client: kube::Client) -> Webhook {
 
 impl Webhook {
     pub async fn review(&self, kind: (&str, &str, &str), object: Value) -> Value {
+        self.review_operation(kind, "CREATE", object, Value::Null).await
+    }
+
+    /// A review of `operation` (UPDATE carries the object as it was in `old`).
+    pub async fn review_operation(
+        &self,
+        kind: (&str, &str, &str),
+        operation: &str,
+        object: Value,
+        old: Value,
+    ) -> Value {
         let body = json!({
             "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
             "request": {
                 "uid": "0f6e-1", "kind": {"group": kind.0, "version": kind.1, "kind": kind.2},
                 "resource": {"group": kind.0, "version": kind.1, "resource": format!("{}s", kind.2.to_lowercase())},
-                "namespace": "ml", "operation": "CREATE", "userInfo": {"username": "alice"},
-                "object": object, "dryRun": false
+                "namespace": "ml", "operation": operation, "userInfo": {"username": "alice"},
+                "object": object, "oldObject": old, "dryRun": false
             }
         });
         let tcp = tokio::net::TcpStream::connect(self.addr).await.expect("connect");
