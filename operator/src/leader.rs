@@ -3,11 +3,12 @@
 //!
 //! Acquiring and renewing is `kube-lease-manager`'s (server-side apply, conflict detection, a
 //! renewal `grace` before expiry). That crate keeps reporting "leader" while its renewals fail,
-//! so [`LeaderElection::hold`] adds the renew deadline: half a grace before the Lease expires,
-//! it reads the Lease back (bounded by a timeout) and steps down unless the renewal is there.
-//! With `D` the duration and `G` the grace (a third of `D`): renewals start at `D - G` after
-//! the last one, the check runs at `D - G/2`, and a leader that could not confirm its renewal
-//! stops by `D - G/4`, before any other replica sees the Lease expire at `D`.
+//! so [`LeaderElection::hold`] adds the renew deadline: shortly after each renewal is due, it
+//! reads the Lease back (bounded by a timeout) and steps down unless the renewal is there.
+//! With `D` the duration and `G` the grace (a third of `D`): renewals are due at `D - G` after
+//! the last one, the check runs at `D - 3G/4`, and a leader that could not confirm its
+//! renewal stops by `D - G/2` (10 s of a 15 s Lease, as client-go's renew deadline), leaving
+//! `G/2` for clock skew before any other replica sees the Lease expire at `D`.
 
 use std::time::{Duration, SystemTime};
 
@@ -108,7 +109,7 @@ impl LeaderElection {
     async fn renew_deadline(&self) -> LeadershipLost {
         let mut valid_until = SystemTime::now() + self.duration;
         loop {
-            let check_at = valid_until - self.grace / 2;
+            let check_at = valid_until - self.grace * 3 / 4;
             if let Ok(wait) = check_at.duration_since(SystemTime::now()) {
                 tokio::time::sleep(wait).await;
             }

@@ -40,7 +40,8 @@ impl Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_granary-operator"))
             .args([
                 "run",
-                "--lease-duration=3s",
+                // Renewals every 4 s, checked 0.5 s after they are due: room for a loaded CI machine.
+                "--lease-duration=6s",
                 "--webhook-listen",
                 &format!("127.0.0.1:{webhook_port}"),
                 "--webhook-host=127.0.0.1",
@@ -264,7 +265,8 @@ async fn the_operator_binary_starts_on_real_tls_reconciles_hands_over_and_exits_
         answer["allowed"], true,
         "operator-b serves the shared certificate: {answer}"
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Past a renewal of operator-a's: both still run, one leads.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     a.assert_running();
     b.assert_running();
     assert_eq!(
@@ -304,11 +306,15 @@ async fn the_operator_binary_starts_on_real_tls_reconciles_hands_over_and_exits_
     let lease = fake.get(LEASES, "granary-operator-leader").expect("lease");
     let renewed: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime =
         serde_json::from_value(lease["spec"]["renewTime"].clone()).expect("renewTime");
-    let expires = std::time::SystemTime::from(renewed.0) + Duration::from_secs(3);
+    let expires = std::time::SystemTime::from(renewed.0) + Duration::from_secs(6);
     assert!(
         exited_at < expires,
         "operator-b exited {:?} after its Lease expired",
         exited_at.duration_since(expires).unwrap_or_default()
+    );
+    eprintln!(
+        "stepped down {:?} before its Lease would expire",
+        expires.duration_since(exited_at).unwrap_or_default()
     );
     let text = std::fs::read_to_string(logs.join("operator-b.log")).unwrap_or_default();
     assert!(text.contains("leadership lost"), "{text}");
