@@ -37,3 +37,7 @@ kubectl -n "$ns" wait pod/reader --for=jsonpath='{.status.phase}'=Succeeded --ti
 bytes=$(kubectl -n "$ns" logs reader)
 echo "e2e/cluster.sh: the pod read ${bytes} bytes through the Dataset mount"
 [[ "$bytes" -gt 0 ]]
+# Deleting a Dataset completes: its finalizer removes the PV, and the validating webhook never
+# holds the finalizer's removal up (matchConditions skip objects being deleted).
+kubectl -n "$ns" delete dataset/imagenet --timeout=2m
+echo "e2e/cluster.sh: the Dataset was deleted"

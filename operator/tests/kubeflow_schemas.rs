@@ -179,3 +179,44 @@ async fn a_trainjob_the_webhook_cannot_mount_into_is_denied_not_patched_into_not
     let m = r["status"]["message"].as_str().unwrap_or("");
     assert!(m.contains("reading the CRD trainjobs.trainer.kubeflow.org"), "{m}");
 }
+
+/// The examples a user applies are valid for the published schemas (nothing pruned, nothing
+/// required missing), and are mounted through them.
+#[tokio::test]
+async fn the_examples_are_valid_for_the_published_schemas_and_keep_their_mounts() {
+    let example = |file: &str| -> Value {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples")
+            .join(file);
+        let mut value: Value = serde_yaml::from_str(&std::fs::read_to_string(&path).expect("example")).expect("yaml");
+        value["metadata"]["namespace"] = json!("ml");
+        value
+    };
+    for (file, crd_file, version, kind) in [
+        (
+            "pytorchjob.yaml",
+            "pytorchjobs-training-operator-1.9.yaml",
+            "v1",
+            ("kubeflow.org", "v1", "PyTorchJob"),
+        ),
+        (
+            "trainjob.yaml",
+            "trainjobs-trainer-v2.3.0.yaml",
+            "v1alpha1",
+            ("trainer.kubeflow.org", "v1alpha1", "TrainJob"),
+        ),
+    ] {
+        let crd = kubeflow_crd(crd_file);
+        let schema = schema_of(&crd, version);
+        let job = example(file);
+        let mut pruned = job.clone();
+        prune(&mut pruned, schema);
+        assert_eq!(pruned, job, "{file}: the API server would drop part of it");
+        assert_eq!(missing_required(&job, schema), Vec::<String>::new(), "{file}");
+        let (_fake, client) = cluster_with(Some(kubeflow_crd("trainjobs-trainer-v2.3.0.yaml")));
+        let hook = start(client).await;
+        let mut out = patched(&job, &hook.review(kind, job.clone()).await);
+        prune(&mut out, schema);
+        assert_mounts_survive(&out, file);
+    }
+}

@@ -49,6 +49,10 @@ fn prune_at(value: &mut Value, schema: &Value, root: bool) {
                     || preserve
             });
             for (key, child) in map.iter_mut() {
+                if embedded && ["apiVersion", "kind", "metadata"].contains(&key.as_str()) {
+                    // ObjectMeta, kept by the API server whatever the schema says of it.
+                    continue;
+                }
                 if let Some(sub) = properties.and_then(|p| p.get(key)) {
                     prune_at(child, sub, false);
                 } else if additional.is_object() {
