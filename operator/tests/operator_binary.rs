@@ -8,7 +8,6 @@ mod support;
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
@@ -126,20 +125,11 @@ fn holder(fake: &FakeApi) -> Option<String> {
 /// One AdmissionReview over TLS to 127.0.0.1, trusting only `ca_pem` and checking the
 /// certificate for the IP address, as an API server configured with a URL does.
 async fn review_by_ip(port: u16, ca_pem: &[u8], object: Value) -> Value {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an IP server name");
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = support::admission::connector_trusting(ca_pem)
         .connect(name, tcp)
         .await
         .expect("TLS to the webhook by IP, trusting the caBundle");

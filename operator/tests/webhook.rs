@@ -208,19 +208,9 @@ async fn a_dataset_the_schema_cannot_fault_is_denied_with_its_field_and_fix() {
 
 /// A handshake with 127.0.0.1:`port` trusting only `ca_pem`: whether it succeeds.
 async fn trusted_by(addr: std::net::SocketAddr, ca_pem: &str) -> bool {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut ca_pem.as_bytes()) {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let config =
-        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let name = rustls::pki_types::ServerName::try_from("granary-webhook.granary-system.svc").expect("name");
-    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+    support::admission::connector_trusting(ca_pem.as_bytes())
         .connect(name, tcp)
         .await
         .is_ok()

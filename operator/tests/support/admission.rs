@@ -31,8 +31,16 @@ pub async fn start(fake_client: kube::Client) -> Webhook {
     let addr = server.local_addr().expect("addr");
     tokio::spawn(server.serve());
     // The client trusts only the generated certificate, as the API server does with the caBundle.
+    Webhook {
+        addr,
+        connector: connector_trusting(cert.cert_pem.as_bytes()),
+    }
+}
+
+/// A TLS client that trusts only `ca_pem`, as the API server trusts a webhook's caBundle.
+pub fn connector_trusting(ca_pem: &[u8]) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut cert.cert_pem.as_bytes()) {
+    for c in rustls_pemfile::certs(&mut &ca_pem[..]) {
         roots.add(c.expect("pem")).expect("root");
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -40,10 +48,7 @@ pub async fn start(fake_client: kube::Client) -> Webhook {
         .expect("versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Webhook {
-        addr,
-        connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
-    }
+    tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
 impl Webhook {
