@@ -16,6 +16,7 @@ pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod proto;
+pub mod shutdown;
 pub mod singleflight;
 pub mod source;
 pub mod tls;

@@ -37,18 +37,6 @@ struct Args {
     logging: LogArgs,
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     granary_cache::tls::install();
@@ -74,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     .context("granary-csi could not start")?;
     tokio::select! {
         result = running.wait() => result.context("the CSI server stopped"),
-        _ = shutdown_signal() => {
+        _ = granary_cache::shutdown::shutdown_signal() => {
             // Bind mounts belong to the kernel and the pods; nothing to undo.
             tracing::info!("stopping; published volumes stay mounted");
             Ok(())

@@ -49,7 +49,7 @@ struct RunArgs {
     webhook_service: String,
     /// Extra names or IP addresses (repeatable) a generated certificate is valid for, e.g.
     /// 10.0.0.5 when the API server calls the webhook by URL from outside the cluster.
-    #[arg(long = "webhook-host")]
+    #[arg(long = "webhook-host", conflicts_with = "tls_cert")]
     webhook_hosts: Vec<String>,
     /// The Secret (in the operator's namespace) that keeps a generated certificate, shared by
     /// every replica.

@@ -18,7 +18,7 @@ use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
 use crate::api::{CheckpointPolicy, Dataset};
-use crate::controller::gates::{GATED_LABEL, WAITS_FOR_ANNOTATION};
+use crate::controller::gates::{GATED_SELECTOR, WAITS_FOR_ANNOTATION};
 use crate::controller::{self, Context, WorkerAddressing};
 use crate::leader::LeaderElection;
 use crate::metrics::OperatorMetrics;
@@ -58,6 +58,9 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     if !config.worker_addresses.is_empty() {
         granary_cache::client::WorkerPool::new(&config.worker_addresses, 1).context("--worker-address")?;
     }
+    for host in &config.webhook_hosts {
+        Certificate::valid_host(host).map_err(|e| anyhow::anyhow!("--webhook-host {e}"))?;
+    }
     let client = Client::try_default()
         .await
         .context("no Kubernetes API to talk to: run in a cluster, or set KUBECONFIG / ~/.kube/config")?;
@@ -82,7 +85,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             Some((cert, key)) => {
                 let certificate = Certificate::from_files(cert, key).context("loading the webhook certificate")?;
                 let serving = ServingCertificate::new(&certificate).context("the webhook certificate")?;
-                tokio::spawn(Arc::clone(&serving).reload_from(cert.clone(), key.clone(), CERTIFICATE_RELOAD));
+                tokio::spawn(Arc::clone(&serving).reload_from(
+                    certificate,
+                    cert.clone(),
+                    key.clone(),
+                    CERTIFICATE_RELOAD,
+                ));
                 serving
             }
             None => {
@@ -137,7 +145,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tracing::info!(identity = election.identity(), "waiting for the leader Lease");
         tokio::select! {
             () = election.acquire() => {}
-            () = shutdown_signal() => {
+            () = granary_cache::shutdown::shutdown_signal() => {
                 tracing::info!("stopping before leading");
                 return Ok(());
             }
@@ -163,22 +171,6 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         controllers(client, config.namespace.as_deref(), ctx).await;
         tracing::info!("stopped");
         Ok(())
-    }
-}
-
-/// SIGTERM (the kubelet) or SIGINT.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = term => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 
@@ -218,7 +210,7 @@ async fn controllers(client: Client, namespace: Option<&str>, ctx: Arc<Context>)
         .watches(
             api::<Pod>(&client, namespace),
             // Gated pods only: never a watch (and a cache) of every pod in the cluster.
-            watcher::Config::default().labels(&format!("{GATED_LABEL}=true")),
+            watcher::Config::default().labels(GATED_SELECTOR),
             datasets_of_pod,
         )
         .shutdown_on_signal()

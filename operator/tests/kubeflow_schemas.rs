@@ -160,24 +160,20 @@ async fn a_trainjob_the_webhook_cannot_mount_into_is_denied_not_patched_into_not
         .and_then(Value::as_object_mut)
         .expect("spec properties");
     spec.remove("runtimePatches");
-    let (_fake, client) = cluster_with(Some(crd));
-    let hook = start(client).await;
-    let r = hook
-        .review(("trainer.kubeflow.org", "v1alpha1", "TrainJob"), trainjob())
-        .await;
-    assert_eq!(r["allowed"], false, "{r}");
-    let m = r["status"]["message"].as_str().unwrap_or("");
-    assert!(m.contains("declares neither spec.runtimePatches"), "{m}");
-
-    // No TrainJob CRD readable at all (Trainer not installed, or no RBAC to read it).
-    let (_fake, client) = cluster_with(None);
-    let hook = start(client).await;
-    let r = hook
-        .review(("trainer.kubeflow.org", "v1alpha1", "TrainJob"), trainjob())
-        .await;
-    assert_eq!(r["allowed"], false, "{r}");
-    let m = r["status"]["message"].as_str().unwrap_or("");
-    assert!(m.contains("reading the CRD trainjobs.trainer.kubeflow.org"), "{m}");
+    // And no TrainJob CRD readable at all (Trainer not installed, or no RBAC to read it).
+    for (crd, reason) in [
+        (Some(crd), "declares neither spec.runtimePatches"),
+        (None, "reading the CRD trainjobs.trainer.kubeflow.org"),
+    ] {
+        let (_fake, client) = cluster_with(crd);
+        let hook = start(client).await;
+        let r = hook
+            .review(("trainer.kubeflow.org", "v1alpha1", "TrainJob"), trainjob())
+            .await;
+        assert_eq!(r["allowed"], false, "{r}");
+        let m = r["status"]["message"].as_str().unwrap_or("");
+        assert!(m.contains(reason), "{m}");
+    }
 }
 
 /// The examples a user applies are valid for the published schemas (nothing pruned, nothing

@@ -328,3 +328,33 @@ async fn the_operator_binary_starts_on_real_tls_reconciles_hands_over_and_exits_
     let text = std::fs::read_to_string(logs.join("operator-a.log")).unwrap_or_default();
     assert!(!text.contains("panicked"), "{text}");
 }
+
+/// Flag mistakes end the start at once, naming the flag, before any API is contacted.
+#[test]
+fn a_bad_webhook_host_fails_at_start_naming_the_flag() {
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_granary-operator"))
+            .arg("run")
+            .args(args)
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .expect("granary-operator runs")
+    };
+    let out = run(&["--webhook-listen=127.0.0.1:0", "--webhook-host=not a host"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--webhook-host \"not a host\" is neither an IP address nor a DNS name"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Kubernetes API"), "checked before the API: {stderr}");
+    // With a given certificate the generated one's names mean nothing: refused, not ignored.
+    let out = run(&["--webhook-host=10.0.0.5", "--tls-cert=a.crt", "--tls-key=a.key"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--webhook-host") && stderr.contains("--tls-cert"),
+        "{stderr}"
+    );
+}

@@ -241,6 +241,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     let addr = server.local_addr().expect("addr");
     tokio::spawn(server.serve());
     tokio::spawn(std::sync::Arc::clone(&serving).reload_from(
+        first.clone(),
         cert_file.clone(),
         key_file.clone(),
         std::time::Duration::from_millis(50),

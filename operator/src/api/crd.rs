@@ -20,7 +20,7 @@ pub fn yaml() -> Result<String, serde_yaml::Error> {
 /// schemars writes Rust's unsigned integers as `format: uint64` / `uint32`, which the API
 /// server does not know and warns about on every apply; Kubernetes' own formats are `int64`
 /// and `int32`, with the sign kept by `minimum: 0`.
-pub fn kubernetes_formats(schema: &mut Value) {
+fn kubernetes_formats(schema: &mut Value) {
     match schema {
         Value::Object(map) => {
             let kubernetes = match map.get("format").and_then(Value::as_str) {

@@ -152,17 +152,25 @@ fn annotate(metadata: &mut Value, r: &Resolved) -> Result<(), String> {
     Ok(())
 }
 
-/// The object with the mounts injected; `trainjob` is the served TrainJob layout (only read
-/// for TrainJobs).
-pub fn mutate(kind: &str, obj: &Value, r: &Resolved, trainjob: Option<TrainJobLayout>) -> Result<Value, String> {
+/// What the webhook mounts into: the kinds its rules send, a TrainJob with the layout its
+/// served CRD has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Pod,
+    PyTorchJob,
+    TrainJob(TrainJobLayout),
+}
+
+/// The object with the mounts injected.
+pub fn mutate(target: Target, obj: &Value, r: &Resolved) -> Result<Value, String> {
     let mut out = obj.clone();
-    match kind {
-        "Pod" => {
+    match target {
+        Target::Pod => {
             let spec = object(&mut out, "spec")?;
             inject_spec(spec, r, "the pod")?;
             annotate(object(&mut out, "metadata")?, r)?;
         }
-        "PyTorchJob" => {
+        Target::PyTorchJob => {
             let spec = object(&mut out, "spec")?;
             let replicas = object(spec, "pytorchReplicaSpecs")?
                 .as_object_mut()
@@ -176,11 +184,9 @@ pub fn mutate(kind: &str, obj: &Value, r: &Resolved, trainjob: Option<TrainJobLa
                 annotate(object(template, "metadata")?, r)?;
             }
         }
-        "TrainJob" => {
+        Target::TrainJob(layout) => {
             // The runtime's templates are not in the TrainJob; a patch targeting the trainer
             // nodes carries the volumes and the mounts of their `node` container.
-            let layout = trainjob
-                .ok_or("the TrainJob layout of this cluster is unknown, so its mounts cannot be added; try again")?;
             let mut spec = json!({ "containers": [{ "name": TRAINJOB_TARGET }] });
             inject_spec(&mut spec, r, "the TrainJob")?;
             let mut metadata = json!({});
@@ -213,11 +219,6 @@ pub fn mutate(kind: &str, obj: &Value, r: &Resolved, trainjob: Option<TrainJobLa
                     }
                 }
             }
-        }
-        other => {
-            return Err(format!(
-                "{other} objects are not mounted into; annotate a Pod, PyTorchJob or TrainJob"
-            ))
         }
     }
     Ok(out)

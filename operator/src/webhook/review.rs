@@ -6,7 +6,7 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::{Api, Client};
 use serde_json::Value;
 
-use super::inject::{mutate, Resolved};
+use super::inject::{mutate, Resolved, Target};
 use super::mounts::{parse, MountKind, MOUNTS_ANNOTATION};
 use super::trainjob::TrainJobSchema;
 use crate::api::dataset::PrewarmPolicy;
@@ -133,12 +133,17 @@ async fn decide(
         }
     }
     resolved.mounts = mounts;
-    let trainjob = if request.kind.kind == "TrainJob" {
-        Some(reviewer.trainjobs.layout(client, &request.kind.version).await?)
-    } else {
-        None
+    let target = match request.kind.kind.as_str() {
+        "Pod" => Target::Pod,
+        "PyTorchJob" => Target::PyTorchJob,
+        "TrainJob" => Target::TrainJob(reviewer.trainjobs.layout(client, &request.kind.version).await?),
+        other => {
+            return Err(format!(
+                "{other} objects are not mounted into; annotate a Pod, PyTorchJob or TrainJob"
+            ))
+        }
     };
-    let mutated = mutate(&request.kind.kind, &value, &resolved, trainjob)?;
+    let mutated = mutate(target, &value, &resolved)?;
     let patch = json_patch::diff(&value, &mutated);
     Ok(if patch.0.is_empty() { None } else { Some(patch) })
 }

@@ -61,6 +61,27 @@ impl Certificate {
         })
     }
 
+    /// Whether `host` can be a subject alternative name: an IP address or a DNS name.
+    pub fn valid_host(host: &str) -> Result<(), String> {
+        if host.parse::<std::net::IpAddr>().is_ok() {
+            return Ok(());
+        }
+        let labels_ok = host.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        });
+        if host.len() <= 253 && labels_ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "{host:?} is neither an IP address nor a DNS name (e.g. 10.0.0.5 or webhook.example.com)"
+            ))
+        }
+    }
+
     /// A self-signed certificate for `names`: DNS names (the webhook Service's) and IP
     /// addresses (an API server that calls the webhook by URL, out of the cluster). It is its
     /// own CA, so it is also the caBundle.
@@ -143,13 +164,12 @@ impl ServingCertificate {
         }
     }
 
-    /// Re-reads `cert` and `key` every `period` and serves them when they changed and make a
-    /// valid pair (cert-manager renews the Secret, the kubelet updates the mounted files). A
-    /// half-written or broken pair is logged and the current certificate kept.
-    pub async fn reload_from(self: Arc<Self>, cert: PathBuf, key: PathBuf, period: Duration) {
-        let mut last = Certificate::from_files(&cert, &key)
-            .ok()
-            .map(|c| (c.cert_pem, c.key_pem));
+    /// Re-reads `cert` and `key` every `period` and serves them when they differ from
+    /// `loaded` (what is served now) and make a valid pair (cert-manager renews the Secret,
+    /// the kubelet updates the mounted files). A half-written or broken pair is logged and the
+    /// current certificate kept.
+    pub async fn reload_from(self: Arc<Self>, loaded: Certificate, cert: PathBuf, key: PathBuf, period: Duration) {
+        let mut last = Some((loaded.cert_pem, loaded.key_pem));
         loop {
             tokio::time::sleep(period).await;
             let read = match Certificate::from_files(&cert, &key) {

@@ -130,13 +130,7 @@ async fn answer(fake: FakeApi, request: Request<Incoming>) -> Result<Response<Bo
         return Ok(watch(fake, &path, query.as_deref()));
     }
     let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-    let content_type = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let (code, value) = fake.handle(parts.method.as_str(), &path, query.as_deref(), &content_type, &bytes);
+    let (code, value) = fake.handle_request(&parts, &bytes);
     Ok(full(code, &value))
 }
 

@@ -116,19 +116,7 @@ impl FakeApi {
             while let Some((request, respond)) = handle.next_request().await {
                 let (parts, body) = request.into_parts();
                 let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                let content_type = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("")
-                    .to_string();
-                let (code, value) = server.handle(
-                    parts.method.as_str(),
-                    parts.uri.path(),
-                    parts.uri.query(),
-                    &content_type,
-                    &bytes,
-                );
+                let (code, value) = server.handle_request(&parts, &bytes);
                 let response = Response::builder()
                     .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
                     .header("content-type", "application/json")
@@ -200,6 +188,22 @@ impl FakeApi {
     /// Every object, to compare before and after a reconcile.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<String, Value>> {
         self.store.lock().expect("store").objects.clone()
+    }
+
+    /// One request as the API server gets it, over either transport.
+    fn handle_request(&self, parts: &http::request::Parts, body: &[u8]) -> (u16, Value) {
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        self.handle(
+            parts.method.as_str(),
+            parts.uri.path(),
+            parts.uri.query(),
+            content_type,
+            body,
+        )
     }
 
     fn handle(&self, method: &str, path: &str, query: Option<&str>, content_type: &str, body: &[u8]) -> (u16, Value) {
