@@ -34,10 +34,10 @@ struct Args {
 async fn upload(server: &s3::S3TestServer, dir: &std::path::Path, target: &str) -> anyhow::Result<u64> {
     use futures::StreamExt;
     let options = server.options().into_iter().collect();
-    let store = granary_cache::source::SourceStore::open(
+    let store = granary_store::source::SourceStore::open(
         &format!("s3://{target}"),
         &options,
-        &granary_cache::source::SourceTuning::default(),
+        &granary_store::source::SourceTuning::default(),
     )?;
     let mut files = Vec::new();
     let mut stack = vec![dir.to_path_buf()];

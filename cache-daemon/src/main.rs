@@ -3,7 +3,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
-use granary_cache::logging::LogArgs;
+use granary_process::logging::LogArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,7 +64,7 @@ fn tune_allocator(bounded_footprint: bool) {
 }
 
 fn main() {
-    granary_cache::tls::install();
+    granary_store::tls::install();
     let cli = Cli::parse();
     tune_allocator(matches!(cli.command, Command::Mount(_) | Command::Node(_)));
     if let Err(e) = cli.logging.init() {

@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use granary_cache::checkpoint::{self, CheckpointMount, CheckpointMountError, MountedCheckpoint};
-use granary_cache::metrics::CheckpointMetrics;
-use granary_cache::source::SourceTuning;
+use granary_fs::checkpoint::{self, CheckpointMount, CheckpointMountError, MountedCheckpoint};
+use granary_fs::metrics::CheckpointMetrics;
+use granary_store::source::SourceTuning;
 use support::{fuse_possible, pattern, s3_env, S3Env, BUCKET};
 
 const MIB: u64 = 1 << 20;
@@ -73,7 +73,7 @@ impl Ckpt {
 impl Drop for Ckpt {
     fn drop(&mut self) {
         if self.mounted.is_some() {
-            let _ = granary_cache::fuse::detach(self.dir.path());
+            let _ = granary_fs::dataset::detach(self.dir.path());
         }
     }
 }

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use granary_cache::fuse::DatasetMount;
-use granary_cache::units::MetadataTtl;
+use granary_fs::dataset::DatasetMount;
+use granary_store::units::MetadataTtl;
 use support::{fuse_possible, pattern, s3_env, start, BLOCK, BUCKET};
 
 /// Writes `files` (path, bytes) under `root`.

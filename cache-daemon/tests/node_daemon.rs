@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use granary_cache::node::client::connect;
-use granary_cache::proto::node::{ListMountsRequest, MountRequest, UnmountRequest};
+use granary_node_api::client::connect;
+use granary_node_api::proto::{ListMountsRequest, MountRequest, UnmountRequest};
 use support::{fuse_possible, is_mounted, mounts_at, pattern, s3_env, start, BUCKET};
 use tonic::Code;
 

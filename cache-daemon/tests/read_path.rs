@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use granary_cache::block::{block_count, BlockName};
-use granary_cache::units::MetadataTtl;
+use granary_store::units::MetadataTtl;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,7 +118,7 @@ async fn a_corrupt_block_file_is_detected_dropped_and_refetched() {
     let env = s3_env().await;
     env.put("ds/shard.tar", &pattern(3 * BLOCK as usize, 3)).await;
     let cache = env.cache_dir("cache");
-    let mut config = env.config_with_disk("ds", &cache, 16 << 20, granary_cache::cache::EvictionPolicy::Lru);
+    let mut config = env.config_with_disk("ds", &cache, 16 << 20, granary_cache::tiers::EvictionPolicy::Lru);
     config.memory_size = 0; // every read goes to the disk tier
     let worker = start(config).await;
     let pool = pool(&[&worker], 1);

@@ -2,7 +2,7 @@
 
 mod support;
 
-use granary_cache::cache::EvictionPolicy;
+use granary_cache::tiers::EvictionPolicy;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

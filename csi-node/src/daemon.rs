@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use granary_cache::proto::node::node_daemon_client::NodeDaemonClient;
-use granary_cache::proto::node::{ListMountsRequest, MountInfo, MountRequest, UnmountRequest};
+use granary_node_api::proto::node_daemon_client::NodeDaemonClient;
+use granary_node_api::proto::{ListMountsRequest, MountInfo, MountRequest, UnmountRequest};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -20,7 +20,7 @@ impl NodeDaemon {
     /// daemon restarts.
     pub fn new(socket: &Path) -> Result<Self, tonic::transport::Error> {
         Ok(NodeDaemon {
-            client: granary_cache::node::client::connect(socket)?,
+            client: granary_node_api::client::connect(socket)?,
             socket: socket.to_path_buf(),
         })
     }

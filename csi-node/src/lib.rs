@@ -5,7 +5,7 @@
 //! bind-mounts it into the pod ([`mounts`]); [`volume_context`] is the contract with the
 //! operator (the PV's `volumeAttributes`) and [`capability`] the access modes served.
 //! granary-csi also holds the node daemon's FUSE descriptors while that daemon restarts
-//! (`granary_cache::handover`), so pods keep their mounts.
+//! (`granary_node_api::handover`), so pods keep their mounts.
 
 pub mod capability;
 pub mod daemon;

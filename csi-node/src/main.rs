@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use granary_cache::logging::LogArgs;
 use granary_csi::CsiConfig;
+use granary_process::logging::LogArgs;
 
 /// Granary's CSI node plugin (driver granary.dev): publishes dataset and checkpoint volumes
 /// into pods by bind-mounting the node daemon's shared FUSE mounts, and holds the daemon's
@@ -39,7 +39,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    granary_cache::tls::install();
+    granary_store::tls::install();
     let args = Args::parse();
     args.logging.init()?;
     let fd_keeper = if args.no_fd_keeper {
@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
         Some(
             args.fd_keeper
                 .clone()
-                .unwrap_or_else(|| granary_cache::handover::default_keeper_socket(&args.node_daemon)),
+                .unwrap_or_else(|| granary_node_api::handover::default_keeper_socket(&args.node_daemon)),
         )
     };
     let running = granary_csi::start(CsiConfig {
@@ -62,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
     .context("granary-csi could not start")?;
     tokio::select! {
         result = running.wait() => result.context("the CSI server stopped"),
-        _ = granary_cache::shutdown::shutdown_signal() => {
+        _ = granary_process::shutdown::shutdown_signal() => {
             // Bind mounts belong to the kernel and the pods; nothing to undo.
             tracing::info!("stopping; published volumes stay mounted");
             Ok(())

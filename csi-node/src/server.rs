@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use granary_cache::handover::Keeper;
+use granary_node_api::handover::Keeper;
 use prometheus_client::registry::Registry;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
@@ -112,7 +112,7 @@ pub async fn start(config: CsiConfig) -> Result<RunningCsi, CsiStartError> {
     let metrics = Arc::new(CsiMetrics::register(&mut registry));
     let metrics_addr = match config.metrics_listen {
         Some(addr) => Some(
-            granary_cache::metrics::http::serve(
+            granary_process::metrics_http::serve(
                 addr,
                 Arc::new(registry),
                 Arc::new(AtomicBool::new(true)),

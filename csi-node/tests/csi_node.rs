@@ -398,9 +398,9 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     assert!(is_mount_point(&target));
     // Refused before anything was mounted for it.
-    let mut daemon = granary_cache::node::client::connect(&node.path("run/node.sock")).unwrap();
+    let mut daemon = granary_node_api::client::connect(&node.path("run/node.sock")).unwrap();
     let mounts = daemon
-        .list(granary_cache::proto::node::ListMountsRequest {})
+        .list(granary_node_api::proto::ListMountsRequest {})
         .await
         .unwrap()
         .into_inner()
@@ -681,7 +681,7 @@ async fn restarts_of_either_process_never_fail_a_reader() {
         let keeper = node.path("run/fd-keeper.sock");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let held = granary_cache::handover::fetch(&keeper).unwrap();
+            let held = granary_node_api::handover::fetch(&keeper).unwrap();
             if held.len() == 2 && held.iter().all(|h| h.meta["epoch"] == round) {
                 break;
             }

@@ -340,7 +340,7 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
         slots.iter().map(|s| s.grpc.to_string()).collect(),
         &mut registry,
     );
-    let (operator_metrics, _) = granary_cache::metrics::http::serve(
+    let (operator_metrics, _) = granary_process::metrics_http::serve(
         "127.0.0.1:0".parse().expect("addr"),
         Arc::new(registry),
         Arc::new(AtomicBool::new(true)),

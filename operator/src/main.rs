@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use granary_cache::logging::LogArgs;
 use granary_operator::run::{self, RunConfig};
+use granary_process::logging::LogArgs;
 
 #[derive(Parser)]
 #[command(
@@ -85,7 +85,7 @@ struct RunArgs {
 
 fn main() -> ExitCode {
     // Before any TLS: kube's client to the API server and the webhook's listener.
-    granary_cache::tls::install();
+    granary_store::tls::install();
     let cli = Cli::parse();
     if let Err(e) = cli.logging.init() {
         eprintln!("granary-operator: {e}");

@@ -69,7 +69,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
     let registry = Arc::new(registry);
 
     if let Some(listen) = config.metrics_listen {
-        let (addr, _) = granary_cache::metrics::http::serve(
+        let (addr, _) = granary_process::metrics_http::serve(
             listen,
             registry,
             Arc::new(AtomicBool::new(true)),
@@ -145,7 +145,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         tracing::info!(identity = election.identity(), "waiting for the leader Lease");
         tokio::select! {
             () = election.acquire() => {}
-            () = granary_cache::shutdown::shutdown_signal() => {
+            () = granary_process::shutdown::shutdown_signal() => {
                 tracing::info!("stopping before leading");
                 return Ok(());
             }

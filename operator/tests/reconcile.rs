@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use granary_cache::node::volume_spec::{checkpoint_mount, dataset_mount, NodeDefaults};
 use granary_cache::worker::{self, RunningWorker, WorkerConfig};
+use granary_node::volume_spec::{checkpoint_mount, dataset_mount, NodeDefaults};
 use granary_operator::api::{CheckpointPolicy, Dataset};
 use granary_operator::controller::{checkpoint_policy, dataset, Context, WorkerAddressing};
 use granary_operator::metrics::OperatorMetrics;

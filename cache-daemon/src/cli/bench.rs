@@ -16,8 +16,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 use futures::{StreamExt, TryStreamExt};
 use granary_cache::block::block_range;
-use granary_cache::source::{SourceStore, SourceTuning};
-use granary_cache::units::ByteSize;
+use granary_store::source::{SourceStore, SourceTuning};
+use granary_store::units::ByteSize;
 
 use super::{parse_key_value, WorkersArgs};
 

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use granary_cache::checkpoint::{self, CheckpointMount, UploadTuning};
-use granary_cache::metrics::CheckpointMetrics;
-use granary_cache::source::SourceTuning;
-use granary_cache::units::ByteSize;
+use granary_fs::checkpoint::{self, CheckpointMount, UploadTuning};
+use granary_fs::metrics::CheckpointMetrics;
+use granary_store::source::SourceTuning;
+use granary_store::units::ByteSize;
 use prometheus_client::registry::Registry;
 
 use super::exit::config_error;

@@ -1,9 +1,9 @@
 //! Process exit codes, decided in one place.
 
-use granary_cache::checkpoint::CheckpointMountError;
 use granary_cache::client::ClientError;
-use granary_cache::fuse::MountError;
 use granary_cache::worker::StartError;
+use granary_fs::checkpoint::CheckpointMountError;
+use granary_fs::dataset::MountError;
 
 /// The command did its job.
 pub const OK: i32 = 0;

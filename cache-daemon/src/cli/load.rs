@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use futures::StreamExt;
 use granary_cache::proto::LoadProgress;
-use granary_cache::units::ByteSize;
+use granary_store::units::ByteSize;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use super::WorkersArgs;

@@ -42,4 +42,4 @@ pub fn parse_key_value(s: &str) -> Result<(String, String), String> {
     }
 }
 
-pub use granary_cache::shutdown::shutdown_signal;
+pub use granary_process::shutdown::shutdown_signal;

@@ -12,10 +12,10 @@ use anyhow::{bail, Context};
 use super::exit::config_error;
 use clap::Args;
 use granary_cache::client::parse_worker_list;
-use granary_cache::fuse::{self, DatasetMount, MountResources, Ownership};
-use granary_cache::metrics::FuseMetrics;
-use granary_cache::source::SourceTuning;
-use granary_cache::units::{ByteSize, MetadataTtl};
+use granary_fs::dataset::{self, DatasetMount, MountResources, Ownership};
+use granary_fs::metrics::FuseMetrics;
+use granary_store::source::SourceTuning;
+use granary_store::units::{ByteSize, MetadataTtl};
 use prometheus_client::registry::Registry;
 
 use super::parse_key_value;
@@ -151,7 +151,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
     serve_metrics(args.metrics_listen, registry, &ready).await?;
     let runtime = tokio::runtime::Handle::current();
     let mountpoint = args.mountpoint.clone();
-    let mounted = tokio::task::spawn_blocking(move || fuse::mount(&config, &mountpoint, &resources, runtime))
+    let mounted = tokio::task::spawn_blocking(move || dataset::mount(&config, &mountpoint, &resources, runtime))
         .await
         .context("the mount task failed")??;
     ready.store(true, std::sync::atomic::Ordering::Release);
@@ -165,7 +165,7 @@ pub async fn run(args: MountArgs) -> anyhow::Result<()> {
         }
         _ = super::shutdown_signal() => {
             tracing::info!("unmounting");
-            fuse::detach(&args.mountpoint).with_context(|| format!("cannot unmount {}", args.mountpoint.display()))?;
+            dataset::detach(&args.mountpoint).with_context(|| format!("cannot unmount {}", args.mountpoint.display()))?;
             serving.await.context("the mount task failed")?.context("the FUSE session failed")
         }
     }
@@ -179,7 +179,7 @@ pub async fn serve_metrics(
     ready: &Arc<AtomicBool>,
 ) -> anyhow::Result<()> {
     let Some(listen) = listen else { return Ok(()) };
-    let (addr, _) = granary_cache::metrics::http::serve(listen, Arc::new(registry), Arc::clone(ready), async {
+    let (addr, _) = granary_process::metrics_http::serve(listen, Arc::new(registry), Arc::clone(ready), async {
         std::future::pending::<()>().await
     })
     .await

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use granary_cache::node::{self, NodeConfig, NodeDefaults};
-use granary_cache::units::ByteSize;
+use granary_node::{NodeConfig, NodeDefaults};
+use granary_store::units::ByteSize;
 
 use super::mount::{check_max_memory, FuseTuning};
 
@@ -49,9 +49,9 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let fd_keeper = match (args.no_fd_keeper, &args.fd_keeper) {
         (true, _) => None,
         (false, Some(path)) => Some(path.clone()),
-        (false, None) => Some(granary_cache::handover::default_keeper_socket(&args.socket)),
+        (false, None) => Some(granary_node_api::handover::default_keeper_socket(&args.socket)),
     };
-    let running = node::start(NodeConfig {
+    let running = granary_node::start(NodeConfig {
         state_dir: args.state_dir,
         socket: args.socket,
         metrics_listen: args.metrics_listen,

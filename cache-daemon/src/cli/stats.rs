@@ -2,7 +2,7 @@
 
 use anyhow::bail;
 use clap::Args;
-use granary_cache::units::ByteSize;
+use granary_store::units::ByteSize;
 
 use super::WorkersArgs;
 

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use granary_cache::cache::EvictionPolicy;
-use granary_cache::source::SourceTuning;
-use granary_cache::units::{ByteSize, MetadataTtl};
+use granary_cache::tiers::EvictionPolicy;
 use granary_cache::worker::{self, WorkerConfig};
+use granary_store::source::SourceTuning;
+use granary_store::units::{ByteSize, MetadataTtl};
 
 use super::parse_key_value;
 

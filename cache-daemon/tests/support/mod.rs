@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use granary_cache::block::BlockName;
-use granary_cache::cache::EvictionPolicy;
 use granary_cache::client::WorkerPool;
-use granary_cache::source::{SourceStore, SourceTuning};
-use granary_cache::units::MetadataTtl;
+use granary_cache::tiers::EvictionPolicy;
 use granary_cache::worker::{self, RunningWorker, WorkerConfig};
+use granary_store::source::{SourceStore, SourceTuning};
+use granary_store::units::MetadataTtl;
 
 pub const BUCKET: &str = "datasets";
 pub const BLOCK: u64 = 64 << 10;
@@ -206,9 +206,9 @@ pub fn fuse_possible() -> bool {
 /// A dataset mounted in this process; unmounted when dropped.
 pub struct TestMount {
     pub dir: tempfile::TempDir,
-    pub metrics: std::sync::Arc<granary_cache::metrics::FuseMetrics>,
+    pub metrics: std::sync::Arc<granary_fs::metrics::FuseMetrics>,
     pub registry: std::sync::Arc<prometheus_client::registry::Registry>,
-    mounted: Option<granary_cache::fuse::MountedFs>,
+    mounted: Option<granary_fs::dataset::MountedFs>,
 }
 
 impl TestMount {
@@ -243,13 +243,13 @@ impl Drop for TestMount {
 
 /// Mounts `config` on a fresh directory with a `max_memory` budget. Blocking: call it from
 /// a multi-thread runtime with `spawn_blocking` or `block_in_place`.
-pub fn mount(config: granary_cache::fuse::DatasetMount, max_memory: u64) -> TestMount {
+pub fn mount(config: granary_fs::dataset::DatasetMount, max_memory: u64) -> TestMount {
     let dir = tempfile::tempdir().expect("mountpoint");
     let mut registry = prometheus_client::registry::Registry::default();
-    let metrics = std::sync::Arc::new(granary_cache::metrics::FuseMetrics::register(&mut registry));
-    let resources = granary_cache::fuse::MountResources::new(max_memory, std::sync::Arc::clone(&metrics));
+    let metrics = std::sync::Arc::new(granary_fs::metrics::FuseMetrics::register(&mut registry));
+    let resources = granary_fs::dataset::MountResources::new(max_memory, std::sync::Arc::clone(&metrics));
     let mounted =
-        granary_cache::fuse::mount(&config, dir.path(), &resources, tokio::runtime::Handle::current()).expect("mount");
+        granary_fs::dataset::mount(&config, dir.path(), &resources, tokio::runtime::Handle::current()).expect("mount");
     TestMount {
         dir,
         metrics,

@@ -4,8 +4,8 @@
 
 use std::str::FromStr;
 
-use granary_cache::source::build_operator;
-use granary_cache::units::MetadataTtl;
+use granary_store::source::build_operator;
+use granary_store::units::MetadataTtl;
 
 use super::checkpoint_policy::{CheckpointPolicySpec, LocalMedium};
 use super::common::StoreRef;

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use granary_cache::checkpoint::retention::oldest_first;
-use granary_cache::checkpoint::target::TargetStore;
-use granary_cache::source::SourceTuning;
+use granary_store::retention::oldest_first;
+use granary_store::source::SourceTuning;
+use granary_store::target::TargetStore;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use granary_cache::source::{SourceStore, SourceTuning};
+use granary_store::source::{SourceStore, SourceTuning};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 

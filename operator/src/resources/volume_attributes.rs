@@ -1,5 +1,5 @@
 //! The PV `volumeAttributes` granary-csi hands the node daemon: the contract defined by
-//! `granary_cache::node::volume_spec` (README, "Volume attributes"). A test parses what is
+//! `granary_node::volume_spec` (README, "Volume attributes"). A test parses what is
 //! built here with the node daemon's own parser.
 
 use std::collections::BTreeMap;

@@ -136,7 +136,7 @@ async fn answer(fake: FakeApi, request: Request<Incoming>) -> Result<Response<Bo
 
 /// Serves `fake` on 127.0.0.1 over TLS until the test ends.
 pub async fn serve(fake: FakeApi) -> HttpsApi {
-    granary_cache::tls::install();
+    granary_store::tls::install();
     let generated = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
         .expect("a certificate");
     let cert_pem = generated.cert.pem();

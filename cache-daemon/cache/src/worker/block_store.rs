@@ -1,0 +1,204 @@
+//! The worker's read path for one block: memory tier, then disk tier, then the source store
+//! (one fetch per block however many readers miss at once), storing what was fetched in both
+//! tiers. A failing disk never fails a read: it degrades to the source, with a log line and
+//! a metric.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::block::{block_range, BlockKey, BlockName};
+use crate::metrics::WorkerMetrics;
+use crate::metrics::{KindLabel, TierLabel, DISK, MEMORY};
+use crate::proto::Tier;
+use crate::singleflight::SingleFlight;
+use crate::tiers::{DiskRead, DiskTier, DiskWrite, MemoryTier};
+use granary_store::source::{SourceError, SourceStore};
+
+use super::write_behind::WriteBehind;
+
+/// Bytes of fetched blocks that may wait for the disk tier before fetches wait for the disk.
+pub const WRITE_BEHIND_BUDGET: u64 = 256 << 20;
+
+pub struct BlockStore {
+    source: SourceStore,
+    block_size: u64,
+    memory: MemoryTier,
+    disk: Option<DiskTier>,
+    write_behind: WriteBehind,
+    flights: Arc<SingleFlight<BlockName>>,
+    metrics: Arc<WorkerMetrics>,
+}
+
+fn error_kind(e: &SourceError) -> &'static str {
+    match e {
+        SourceError::NotFound { .. } => "not_found",
+        SourceError::Changed { .. } => "changed",
+        SourceError::PermissionDenied { .. } => "permission_denied",
+        SourceError::Unavailable { .. } => "unavailable",
+        SourceError::Failed { .. } => "failed",
+        SourceError::InvalidPath { .. } => "invalid_path",
+    }
+}
+
+impl BlockStore {
+    pub fn new(
+        source: SourceStore,
+        block_size: u64,
+        memory: MemoryTier,
+        disk: Option<DiskTier>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Self {
+        let store = BlockStore {
+            source,
+            block_size,
+            memory,
+            disk,
+            write_behind: WriteBehind::new(WRITE_BEHIND_BUDGET),
+            flights: Arc::new(SingleFlight::default()),
+            metrics,
+        };
+        store.update_usage_gauges();
+        store
+    }
+
+    pub fn source(&self) -> &SourceStore {
+        &self.source
+    }
+
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    pub fn memory_usage(&self) -> (u64, u64, u64) {
+        self.memory.usage()
+    }
+
+    pub fn disk_usage(&self) -> (u64, u64, u64) {
+        self.disk.as_ref().map(DiskTier::usage).unwrap_or((0, 0, 0))
+    }
+
+    fn update_usage_gauges(&self) {
+        for (label, (used, capacity, blocks)) in [(MEMORY, self.memory_usage()), (DISK, self.disk_usage())] {
+            self.metrics.used_bytes.get_or_create(&label).set(used as i64);
+            self.metrics.capacity_bytes.get_or_create(&label).set(capacity as i64);
+            self.metrics.blocks.get_or_create(&label).set(blocks as i64);
+        }
+        self.metrics
+            .disk_write_pending_bytes
+            .set(self.write_behind.pending_bytes() as i64);
+    }
+
+    pub fn pending_write_bytes(&self) -> u64 {
+        self.write_behind.pending_bytes()
+    }
+
+    /// Waits until every fetched block has reached the disk tier (or been refused by it).
+    pub async fn flush(&self) {
+        self.write_behind.flush().await;
+    }
+
+    fn admit_to_memory(&self, name: BlockName, data: Bytes) {
+        if let Some(outcome) = self.memory.insert(name, data) {
+            self.count_admission(MEMORY, outcome.admitted, outcome.evicted);
+        }
+    }
+
+    fn count_admission(&self, tier: TierLabel, admitted: bool, evicted: usize) {
+        if admitted {
+            self.metrics.evictions.get_or_create(&tier).inc_by(evicted as u64);
+        } else {
+            self.metrics.admissions_rejected.get_or_create(&tier).inc();
+        }
+    }
+
+    /// Reads one whole block of a file of `file_size` bytes.
+    pub async fn read(self: &Arc<Self>, key: &BlockKey, file_size: u64) -> Result<(Bytes, Tier), SourceError> {
+        let name = key.name();
+        if let Some(data) = self.memory.get(&name) {
+            self.metrics.hits.get_or_create(&MEMORY).inc();
+            return Ok((data, Tier::Memory));
+        }
+        if let Some(data) = self.write_behind.get(&name) {
+            self.metrics.hits.get_or_create(&MEMORY).inc();
+            return Ok((data, Tier::Memory));
+        }
+        if let Some(disk) = &self.disk {
+            match disk.read(name, key).await {
+                DiskRead::Hit(data) => {
+                    self.metrics.hits.get_or_create(&DISK).inc();
+                    self.admit_to_memory(name, data.clone());
+                    self.update_usage_gauges();
+                    return Ok((data, Tier::Disk));
+                }
+                DiskRead::Miss => {}
+                DiskRead::Corrupt(reason) => {
+                    self.metrics.corrupt_blocks.inc();
+                    tracing::warn!(block = %name, path = %key.path, index = key.index, %reason,
+                        "dropped a corrupt cached block; fetching it again");
+                }
+                DiskRead::Failed(error) => {
+                    self.metrics.disk_errors.inc();
+                    tracing::warn!(block = %name, path = %key.path, %error,
+                        "the disk tier failed to read a block; serving it from the source");
+                }
+            }
+        }
+        self.metrics.misses.inc();
+        let this = Arc::clone(self);
+        let key = key.clone();
+        let (result, shared) = self
+            .flights
+            .run(name, async move { this.fetch(name, key, file_size).await })
+            .await;
+        if shared {
+            self.metrics.singleflight_shared.inc();
+        }
+        result.map(|data| (data, Tier::Source))
+    }
+
+    /// Fetches a block from the source, puts it in memory, and hands it to the disk tier in
+    /// the background; it stays readable (memory or pending) until it is on disk, so a reader
+    /// arriving after the flight ends finds it.
+    async fn fetch(self: Arc<Self>, name: BlockName, key: BlockKey, file_size: u64) -> Result<Bytes, SourceError> {
+        let range = block_range(file_size, self.block_size, key.index);
+        self.metrics.source_reads.inc();
+        let data = match self.source.read_range(&key.path, &key.version, range).await {
+            Ok(data) => data,
+            Err(e) => {
+                self.metrics
+                    .source_errors
+                    .get_or_create(&KindLabel { kind: error_kind(&e) })
+                    .inc();
+                return Err(e);
+            }
+        };
+        self.metrics.source_read_bytes.inc_by(data.len() as u64);
+        self.admit_to_memory(name, data.clone());
+        if self.disk.is_some() {
+            let pending = self.write_behind.begin(name, data.clone()).await;
+            let this = Arc::clone(&self);
+            let block = data.clone();
+            tokio::spawn(async move {
+                this.store_on_disk(name, &key, block).await;
+                this.write_behind.finish(&name, pending);
+                this.update_usage_gauges();
+            });
+        }
+        self.update_usage_gauges();
+        Ok(data)
+    }
+
+    async fn store_on_disk(&self, name: BlockName, key: &BlockKey, data: Bytes) {
+        let Some(disk) = &self.disk else { return };
+        match disk.write(name, key, data).await {
+            DiskWrite::Stored { evicted } => self.count_admission(DISK, true, evicted),
+            DiskWrite::Rejected => self.count_admission(DISK, false, 0),
+            DiskWrite::Failed(error) => {
+                self.metrics.disk_errors.inc();
+                tracing::warn!(block = %name, path = %key.path, %error,
+                    "the disk tier failed to store a block (full or failing disk); it is served from the source");
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! The worker's gRPC service: request validation and translation onto the block store, the
+//! metadata cache and the prewarm coordinator.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::prewarm;
+use super::status::{from_source, invalid, status};
+use super::WorkerState;
+use crate::block::{block_count, block_range, BlockKey};
+use crate::metrics::{MethodLabel, TierLabel};
+use crate::proto::cache_worker_server::CacheWorker;
+use crate::proto::{
+    BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, ReadBlockRequest,
+    StatRequest, StatsRequest, StatsResponse, TierStats, WarmBlockRequest, WarmBlockResponse,
+};
+use granary_store::source::{normalize_path, ListedEntry};
+
+/// Bytes per streamed message: a default 4 MiB block goes as one message, so the client
+/// needs no reassembly copy; larger blocks are split.
+const CHUNK: usize = 8 << 20;
+/// Entries per List message.
+const LIST_BATCH: usize = 1000;
+/// Stats of listed entries made at once when the listing did not carry their versions.
+const LIST_STATS_AT_ONCE: usize = 32;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub struct WorkerService {
+    state: Arc<WorkerState>,
+}
+
+impl WorkerService {
+    pub fn new(state: Arc<WorkerState>) -> Self {
+        WorkerService { state }
+    }
+
+    fn observe(&self, method: &'static str, started: Instant) {
+        self.state
+            .metrics
+            .request_duration
+            .get_or_create(&MethodLabel { method })
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Checks a block reference against this worker and turns it into a key.
+    fn block_key(&self, block: Option<BlockRef>) -> Result<(BlockKey, u64), Status> {
+        let block = block.ok_or_else(|| invalid("the request has no block"))?;
+        let block_size = self.state.store.block_size();
+        if block.block_size != block_size {
+            return Err(status(
+                tonic::Code::FailedPrecondition,
+                format!(
+                    "block size mismatch: this worker cuts files into {block_size}-byte blocks, the request uses {}; \
+                     all workers of a dataset must run with the same --block-size",
+                    block.block_size
+                ),
+            ));
+        }
+        if block.version.is_empty() {
+            return Err(invalid("the block has no file version; stat the file first"));
+        }
+        let count = block_count(block.file_size, block_size);
+        if block.index >= count {
+            return Err(invalid(format!(
+                "block {} is past the end of {:?} ({} bytes, {count} blocks)",
+                block.index, block.path, block.file_size
+            )));
+        }
+        let path = normalize_path(&block.path).map_err(|e| from_source(&e))?;
+        Ok((
+            BlockKey {
+                path,
+                version: block.version,
+                index: block.index,
+            },
+            block.file_size,
+        ))
+    }
+}
+
+fn tier_stats(usage: (u64, u64, u64)) -> TierStats {
+    TierStats {
+        used_bytes: usage.0,
+        capacity_bytes: usage.1,
+        blocks: usage.2,
+        ..Default::default()
+    }
+}
+
+#[tonic::async_trait]
+impl CacheWorker for WorkerService {
+    async fn stat(&self, request: Request<StatRequest>) -> Result<Response<FileInfo>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let result = self.state.metadata.stat(&req.path, req.refresh).await;
+        self.observe("stat", started);
+        let meta = result.map_err(|e| from_source(&e))?;
+        Ok(Response::new(FileInfo::from_meta(&meta, self.state.store.block_size())))
+    }
+
+    type ListStream = BoxStream<ListResponse>;
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<Self::ListStream>, Status> {
+        let req = request.into_inner();
+        let state = Arc::clone(&self.state);
+        let block_size = state.store.block_size();
+        let listing = state
+            .store
+            .source()
+            .list(&req.path, req.recursive)
+            .await
+            .map_err(|e| from_source(&e))?;
+        let entries = listing
+            .map(move |entry| {
+                let state = Arc::clone(&state);
+                async move {
+                    let meta = match entry {
+                        Ok(ListedEntry::Known(meta)) => meta,
+                        Ok(ListedEntry::NeedsStat(path)) => state.metadata.stat(&path, false).await?,
+                        Err(e) => return Err(e),
+                    };
+                    if !meta.is_dir {
+                        state.metadata.insert(meta.clone());
+                    }
+                    Ok(FileInfo::from_meta(&meta, block_size))
+                }
+            })
+            // Stores whose listings lack the version (no ETag) cost a stat per entry; run
+            // them concurrently, in order.
+            .buffered(LIST_STATS_AT_ONCE)
+            .chunks(LIST_BATCH)
+            .map(|batch| {
+                let entries = batch
+                    .into_iter()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| from_source(&e))?;
+                Ok(ListResponse { entries })
+            });
+        Ok(Response::new(Box::pin(entries)))
+    }
+
+    type ReadBlockStream = BoxStream<BlockChunk>;
+
+    async fn read_block(&self, request: Request<ReadBlockRequest>) -> Result<Response<Self::ReadBlockStream>, Status> {
+        let started = Instant::now();
+        let req = request.into_inner();
+        let (key, file_size) = self.block_key(req.block)?;
+        let block_len = {
+            let r = block_range(file_size, self.state.store.block_size(), key.index);
+            r.end - r.start
+        };
+        if req.offset > block_len {
+            return Err(invalid(format!(
+                "offset {} is past the block's {block_len} bytes",
+                req.offset
+            )));
+        }
+        let result = self.state.store.read(&key, file_size).await;
+        self.observe("read_block", started);
+        let (data, tier) = result.map_err(|e| from_source(&e))?;
+        let end = if req.length == 0 {
+            data.len()
+        } else {
+            (req.offset.saturating_add(req.length)).min(data.len() as u64) as usize
+        };
+        let data = data.slice((req.offset as usize).min(end)..end);
+        self.state
+            .metrics
+            .served_bytes
+            .get_or_create(&TierLabel { tier: tier.label() })
+            .inc_by(data.len() as u64);
+        let mut chunks = Vec::with_capacity(data.len() / CHUNK + 1);
+        let mut at = 0;
+        loop {
+            let next = (at + CHUNK).min(data.len());
+            chunks.push(Ok(BlockChunk {
+                data: data.slice(at..next),
+                tier: if at == 0 { tier as i32 } else { 0 },
+            }));
+            at = next;
+            if at >= data.len() {
+                break;
+            }
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+
+    async fn warm_block(&self, request: Request<WarmBlockRequest>) -> Result<Response<WarmBlockResponse>, Status> {
+        let started = Instant::now();
+        let (key, file_size) = self.block_key(request.into_inner().block)?;
+        let result = self.state.store.read(&key, file_size).await;
+        self.observe("warm_block", started);
+        let (data, tier) = result.map_err(|e| from_source(&e))?;
+        Ok(Response::new(WarmBlockResponse {
+            bytes: data.len() as u64,
+            tier: tier as i32,
+        }))
+    }
+
+    type LoadStream = BoxStream<LoadProgress>;
+
+    async fn load(&self, request: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
+        let stream = prewarm::start(Arc::clone(&self.state), request.into_inner())?;
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let state = &self.state;
+        let m = &state.metrics;
+        let mut memory = tier_stats(state.store.memory_usage());
+        let mut disk = tier_stats(state.store.disk_usage());
+        for (stats, label) in [(&mut memory, crate::metrics::MEMORY), (&mut disk, crate::metrics::DISK)] {
+            stats.hits = m.hits.get_or_create(&label).get();
+            stats.bytes_served = m.served_bytes.get_or_create(&label).get();
+            stats.evictions = m.evictions.get_or_create(&label).get();
+            stats.admissions_rejected = m.admissions_rejected.get_or_create(&label).get();
+        }
+        Ok(Response::new(StatsResponse {
+            source: state.store.source().uri().to_string(),
+            block_size: state.store.block_size(),
+            eviction: state.eviction.as_str().to_string(),
+            memory: Some(memory),
+            disk: Some(disk),
+            misses: m.misses.get(),
+            source_reads: m.source_reads.get(),
+            source_bytes_read: m.source_read_bytes.get(),
+            corrupt_blocks: m.corrupt_blocks.get(),
+            disk_errors: m.disk_errors.get(),
+            singleflight_shared: m.singleflight_shared.get(),
+            disk_write_pending_bytes: state.store.pending_write_bytes(),
+        }))
+    }
+}

@@ -1,0 +1,59 @@
+//! Errors of a checkpoint volume's filesystem, and the one place they become an errno.
+
+use fuser::Errno;
+
+use super::tracker::NoSpace;
+use granary_store::source::SourceError;
+use granary_store::target::TransferError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CkptFsError {
+    #[error("{0:?} does not exist")]
+    NotFound(String),
+    #[error("unknown inode or handle {0}")]
+    Stale(u64),
+    #[error("{0:?} is held only in the target store; renaming it would copy it: copy and delete instead")]
+    CrossStore(String),
+    #[error("{0:?} is not empty")]
+    NotEmpty(String),
+    #[error("{0:?} already exists")]
+    Exists(String),
+    #[error("{0}")]
+    NoSpace(#[from] NoSpace),
+    #[error("{0}")]
+    Unsupported(&'static str),
+    #[error("local write-back area: {0}")]
+    Local(#[from] std::io::Error),
+    #[error("target store: {0}")]
+    Store(#[from] SourceError),
+}
+
+impl From<TransferError> for CkptFsError {
+    fn from(e: TransferError) -> Self {
+        match e {
+            TransferError::Local { source, .. } => CkptFsError::Local(source),
+            TransferError::Store(e) => CkptFsError::Store(e),
+        }
+    }
+}
+
+impl CkptFsError {
+    pub fn errno(&self) -> Errno {
+        match self {
+            CkptFsError::NotFound(_) => Errno::ENOENT,
+            CkptFsError::Stale(_) => Errno::ESTALE,
+            CkptFsError::CrossStore(_) => Errno::EXDEV,
+            CkptFsError::NotEmpty(_) => Errno::ENOTEMPTY,
+            CkptFsError::Exists(_) => Errno::EEXIST,
+            CkptFsError::NoSpace(_) => Errno::ENOSPC,
+            CkptFsError::Unsupported(_) => Errno::ENOTSUP,
+            CkptFsError::Local(e) => match e.raw_os_error() {
+                Some(code) if code > 0 => Errno::from_i32(code),
+                _ => Errno::EIO,
+            },
+            CkptFsError::Store(SourceError::NotFound { .. }) => Errno::ENOENT,
+            CkptFsError::Store(SourceError::PermissionDenied { .. }) => Errno::EACCES,
+            CkptFsError::Store(_) => Errno::EIO,
+        }
+    }
+}

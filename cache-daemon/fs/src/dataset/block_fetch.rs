@@ -1,0 +1,160 @@
+//! How the filesystem gets a block: memory, then the node-local file cache, then a
+//! co-located worker's block files (short circuit), then the workers (or the source store
+//! while they are down). Concurrent requests for one block share one fetch. Every block held
+//! in memory holds a lease on the memory budget.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::block_cache::BlockCache;
+use super::error::FsError;
+use super::local_files::LocalFileCache;
+use super::memory_budget::{MemoryBudget, MemoryLease, Reclaim};
+use super::remote::{Origin, Remote};
+use crate::metrics::FuseMetrics;
+use granary_cache::block::{block_range, BlockKey, BlockName};
+use granary_cache::proto::FileInfo;
+use granary_cache::singleflight::SingleFlight;
+use granary_cache::tiers::read_block_file_in;
+
+pub struct BlockFetcher {
+    pub remote: Arc<Remote>,
+    pub cache: BlockCache,
+    pub budget: Arc<MemoryBudget>,
+    pub local: Option<Arc<LocalFileCache>>,
+    /// Cache directories of workers on this node, read directly.
+    pub short_circuit: Arc<[PathBuf]>,
+    flights: Arc<SingleFlight<BlockName, FsError>>,
+    pub metrics: Arc<FuseMetrics>,
+}
+
+fn block_len(file: &FileInfo, index: u64) -> u64 {
+    let r = block_range(file.size, file.block_size.max(1), index);
+    r.end - r.start
+}
+
+impl BlockFetcher {
+    pub fn new(
+        remote: Arc<Remote>,
+        budget: Arc<MemoryBudget>,
+        local: Option<Arc<LocalFileCache>>,
+        short_circuit: Vec<PathBuf>,
+        metrics: Arc<FuseMetrics>,
+    ) -> Self {
+        BlockFetcher {
+            remote,
+            cache: BlockCache::default(),
+            budget,
+            local,
+            short_circuit: short_circuit.into(),
+            flights: Arc::new(SingleFlight::default()),
+            metrics,
+        }
+    }
+
+    /// Block `index` of `file`, waiting for memory if the budget is exhausted.
+    pub async fn block(self: &Arc<Self>, file: &FileInfo, index: u64) -> Result<Bytes, FsError> {
+        let name = BlockName::of(&file.path, &file.version, index);
+        if let Some(data) = self.cache.get(&name) {
+            return Ok(data);
+        }
+        let this = Arc::clone(self);
+        let file = file.clone();
+        let (result, _) = self
+            .flights
+            .run(name, async move {
+                let lease = this.budget.reserve(block_len(&file, index), &this.cache).await;
+                this.fetch(file, index, name, lease).await
+            })
+            .await;
+        result
+    }
+
+    /// Memory for work that may be skipped (readahead, local copies): taken from free memory,
+    /// else from the oldest cached blocks, else not at all. Readers' memory is never taken.
+    fn reserve_without_waiting(&self, len: u64) -> Option<MemoryLease> {
+        self.budget.try_reserve(len).or_else(|| {
+            self.cache.reclaim(len);
+            self.budget.try_reserve(len)
+        })
+    }
+
+    /// Starts fetching block `index` ahead of the reader, if memory is free right now and it
+    /// is not held or on its way already.
+    pub fn prefetch(self: &Arc<Self>, file: &FileInfo, index: u64) {
+        let name = BlockName::of(&file.path, &file.version, index);
+        // Only new work takes memory: a block held or on its way is left alone (asking for
+        // memory first would push out blocks the reader is about to use).
+        if self.cache.contains(&name) || self.flights.in_flight(&name) {
+            return;
+        }
+        // Readahead may push old cached blocks out, but never waits for memory.
+        let Some(lease) = self.reserve_without_waiting(block_len(file, index)) else {
+            return;
+        };
+        self.metrics.prefetched_blocks.inc();
+        let this = Arc::clone(self);
+        let file = file.clone();
+        tokio::spawn(async move {
+            let flights = Arc::clone(&this.flights);
+            let (result, _) = flights.run(name, this.fetch(file, index, name, lease)).await;
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "readahead failed; the reader will fetch the block itself");
+            }
+        });
+    }
+
+    async fn fetch(
+        self: Arc<Self>,
+        file: FileInfo,
+        index: u64,
+        name: BlockName,
+        lease: MemoryLease,
+    ) -> Result<Bytes, FsError> {
+        // A reader may have fetched it between the caller's look and this flight.
+        if let Some(data) = self.cache.get(&name) {
+            return Ok(data);
+        }
+        let (data, origin) = self.fetch_uncached(&file, index).await?;
+        self.metrics
+            .read_bytes
+            .get_or_create(&origin.label())
+            .inc_by(data.len() as u64);
+        if !matches!(origin, Origin::Local) {
+            if let Some(local) = &self.local {
+                // Only with memory to spare: the local copy is an optimisation.
+                if let Some(write_lease) = self.reserve_without_waiting(data.len() as u64) {
+                    local.store(&file, index, data.clone(), write_lease);
+                }
+            }
+        }
+        self.cache.insert(name, data.clone(), lease);
+        Ok(data)
+    }
+
+    async fn fetch_uncached(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
+        if let Some(local) = &self.local {
+            if let Some(data) = local.read_block(file, index).await {
+                return Ok((data, Origin::Local));
+            }
+        }
+        if !self.short_circuit.is_empty() {
+            let key = BlockKey {
+                path: file.path.clone(),
+                version: file.version.clone(),
+                index,
+            };
+            let dirs = Arc::clone(&self.short_circuit);
+            let found = tokio::task::spawn_blocking(move || dirs.iter().find_map(|dir| read_block_file_in(dir, &key)))
+                .await
+                .ok()
+                .flatten();
+            if let Some(data) = found {
+                return Ok((data, Origin::ShortCircuit));
+            }
+        }
+        self.remote.read_block(file, index).await
+    }
+}

@@ -1,0 +1,105 @@
+//! Errors of the filesystem, and the one place they become an errno. Every variant says
+//! which errno it is, so the FUSE layer never invents one.
+
+use fuser::Errno;
+
+use granary_cache::client::ClientError;
+use granary_store::source::SourceError;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FsError {
+    #[error("{0:?} does not exist")]
+    NotFound(String),
+    #[error("{0:?} is not a directory")]
+    NotADirectory(String),
+    #[error("{0:?} is a directory")]
+    IsADirectory(String),
+    #[error("the mount is read-only")]
+    ReadOnly,
+    #[error("unknown inode or file handle {0} (the kernel asked for something this mount never gave out)")]
+    Stale(u64),
+    #[error("no such extended attribute")]
+    NoAttribute,
+    #[error("{0:?} changed in the source store while it was open; open it again")]
+    Changed(String),
+    #[error("access to {path:?} was refused: {detail}")]
+    PermissionDenied { path: String, detail: String },
+    /// The cause is logged where this is created; the reader gets EIO.
+    #[error("reading {path:?} failed: {cause}")]
+    Io { path: String, cause: String },
+}
+
+impl FsError {
+    /// The single mapping from a filesystem error to the errno the application sees.
+    pub fn errno(&self) -> Errno {
+        match self {
+            FsError::NotFound(_) => Errno::ENOENT,
+            FsError::NotADirectory(_) => Errno::ENOTDIR,
+            FsError::IsADirectory(_) => Errno::EISDIR,
+            FsError::ReadOnly => Errno::EROFS,
+            FsError::Stale(_) => Errno::ESTALE,
+            FsError::NoAttribute => Errno::NO_XATTR,
+            // A file replaced under an open handle: the bytes the reader had are gone.
+            FsError::Changed(_) => Errno::ESTALE,
+            FsError::PermissionDenied { .. } => Errno::EACCES,
+            FsError::Io { .. } => Errno::EIO,
+        }
+    }
+
+    pub fn from_client(path: &str, err: ClientError) -> Self {
+        match err {
+            ClientError::NotFound(_) => FsError::NotFound(path.to_string()),
+            ClientError::Changed(_) => FsError::Changed(path.to_string()),
+            ClientError::PermissionDenied(detail) => FsError::PermissionDenied {
+                path: path.to_string(),
+                detail,
+            },
+            other => FsError::Io {
+                path: path.to_string(),
+                cause: other.to_string(),
+            },
+        }
+    }
+
+    pub fn from_source(path: &str, err: SourceError) -> Self {
+        match err {
+            SourceError::NotFound { .. } => FsError::NotFound(path.to_string()),
+            SourceError::Changed { .. } => FsError::Changed(path.to_string()),
+            SourceError::PermissionDenied { detail, .. } => FsError::PermissionDenied {
+                path: path.to_string(),
+                detail,
+            },
+            other => FsError::Io {
+                path: path.to_string(),
+                cause: other.to_string(),
+            },
+        }
+    }
+}
+
+impl granary_cache::singleflight::FlightError for FsError {
+    fn task_failed(detail: String) -> Self {
+        FsError::Io {
+            path: String::new(),
+            cause: detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_and_worker_errors_map_to_the_errno_a_reader_expects() {
+        let missing = FsError::from_source("a", SourceError::NotFound { path: "a".into() });
+        assert_eq!(missing.errno(), Errno::ENOENT);
+        let down = FsError::from_client(
+            "a",
+            ClientError::SourceUnavailable("the source store is unreachable".into()),
+        );
+        assert_eq!(down.errno(), Errno::EIO);
+        assert!(down.to_string().contains("unreachable"), "{down}");
+        assert_eq!(FsError::ReadOnly.errno(), Errno::EROFS);
+    }
+}

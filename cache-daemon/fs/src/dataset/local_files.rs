@@ -1,0 +1,330 @@
+//! The node-local file cache: each cached file is one plain file on local disk holding
+//! exactly the file's bytes, filled block by block (sparse until complete). A complete file
+//! can be handed to the kernel as a FUSE passthrough backing file, so reads of it run at the
+//! local disk's speed without entering this process.
+//!
+//! ```text
+//! <dir>/files/<key>     complete files (indexed again at start: a restart is warm)
+//! <dir>/partial/<key>   files being filled (dropped at start)
+//! ```
+//! `<key>` is the hex xxh3-128 of the file's path and version, so a changed file is a new
+//! entry and the old one ages out.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Semaphore;
+
+use super::memory_budget::MemoryLease;
+use granary_cache::block::{block_count, block_range};
+use granary_cache::proto::FileInfo;
+use granary_cache::tiers::{Admission, BoundedIndex, EvictionPolicy};
+
+/// Background writes in flight at once; more are dropped (the block is still served, and
+/// stored when it is fetched again). Enough to keep up with a sequential reader's readahead.
+const MAX_PENDING_WRITES: usize = 64;
+
+type Key = u128;
+
+struct Entry {
+    complete: bool,
+    /// One bit per block, set when the block is on disk (empty when complete).
+    present: Vec<u64>,
+    missing: u64,
+}
+
+impl Entry {
+    fn has(&self, index: u64) -> bool {
+        self.complete
+            || self
+                .present
+                .get((index / 64) as usize)
+                .is_some_and(|word| word & (1 << (index % 64)) != 0)
+    }
+}
+
+pub struct LocalFileCache {
+    files_dir: PathBuf,
+    partial_dir: PathBuf,
+    index: Mutex<BoundedIndex<Key, Entry>>,
+    writes: Arc<Semaphore>,
+    used: Gauge,
+}
+
+fn key_of(file: &FileInfo) -> Key {
+    let mut buf = Vec::with_capacity(file.path.len() + file.version.len() + 1);
+    buf.extend_from_slice(file.path.as_bytes());
+    buf.push(0);
+    buf.extend_from_slice(file.version.as_bytes());
+    xxhash_rust::xxh3::xxh3_128(&buf)
+}
+
+/// Disk usage of a file of `size` bytes, in whole 4 KiB units.
+fn allocated(size: u64) -> u64 {
+    size.div_ceil(4096).max(1) * 4096
+}
+
+/// Reserves the file's extents up front: blocks arrive out of order, and a sparse file
+/// filled that way reads back sequentially slower (passthrough reads it from disk).
+fn preallocate(f: &File, size: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: posix_fallocate works on a descriptor `f` keeps open for the call.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
+    match rc {
+        0 => Ok(()),
+        // Filesystems without fallocate get a sparse file.
+        libc::EOPNOTSUPP | libc::EINVAL => f.set_len(size),
+        err => Err(io::Error::from_raw_os_error(err)),
+    }
+}
+
+impl LocalFileCache {
+    /// Opens (creating) the cache under `dir` with a bound of `capacity` bytes, indexing the
+    /// complete files already there.
+    pub fn open(dir: &Path, capacity: u64, used: Gauge) -> io::Result<Self> {
+        let files_dir = dir.join("files");
+        let partial_dir = dir.join("partial");
+        std::fs::create_dir_all(&files_dir)?;
+        // Partly filled files are not resumed: their block map lived in memory.
+        if partial_dir.exists() {
+            std::fs::remove_dir_all(&partial_dir)?;
+        }
+        std::fs::create_dir_all(&partial_dir)?;
+        let mut index = BoundedIndex::new(capacity, EvictionPolicy::Lru);
+        for entry in std::fs::read_dir(&files_dir)? {
+            let entry = entry?;
+            let Some(key) = entry.file_name().to_str().and_then(|n| Key::from_str_radix(n, 16).ok()) else {
+                continue;
+            };
+            let size = entry.metadata()?.len();
+            let admitted = index.insert(
+                key,
+                Entry {
+                    complete: true,
+                    present: Vec::new(),
+                    missing: 0,
+                },
+                allocated(size),
+            );
+            if let Admission::Rejected = admitted {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        used.set(index.used() as i64);
+        Ok(LocalFileCache {
+            files_dir,
+            partial_dir,
+            index: Mutex::new(index),
+            writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
+            used,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedIndex<Key, Entry>> {
+        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn complete_path(&self, key: Key) -> PathBuf {
+        self.files_dir.join(format!("{key:032x}"))
+    }
+
+    fn partial_path(&self, key: Key) -> PathBuf {
+        self.partial_dir.join(format!("{key:032x}"))
+    }
+
+    /// The complete local copy of `file`, opened for reading (for passthrough).
+    pub fn open_complete(&self, file: &FileInfo) -> Option<File> {
+        let key = key_of(file);
+        if !self.lock().get(&key).is_some_and(|e| e.complete) {
+            return None;
+        }
+        File::open(self.complete_path(key)).ok()
+    }
+
+    /// Reads block `index` of `file` when it is on local disk.
+    pub async fn read_block(&self, file: &FileInfo, index: u64) -> Option<Bytes> {
+        let key = key_of(file);
+        let path = match self.lock().get(&key) {
+            Some(e) if e.complete => self.complete_path(key),
+            Some(e) if e.has(index) => self.partial_path(key),
+            _ => return None,
+        };
+        let range = block_range(file.size, file.block_size.max(1), index);
+        let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
+            let f = File::open(path)?;
+            let mut buf = vec![0u8; (range.end - range.start) as usize];
+            f.read_exact_at(&mut buf, range.start)?;
+            Ok(Bytes::from(buf))
+        })
+        .await;
+        match read {
+            Ok(Ok(data)) => Some(data),
+            Ok(Err(e)) => {
+                tracing::warn!(path = %file.path, error = %e, "a local cache file could not be read; dropping it");
+                self.forget(key);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn forget(&self, key: Key) {
+        if self.lock().remove(&key).is_some() {
+            let _ = std::fs::remove_file(self.complete_path(key));
+            let _ = std::fs::remove_file(self.partial_path(key));
+        }
+        self.used.set(self.lock().used() as i64);
+    }
+
+    /// Stores block `index` of `file` in the background; dropped when too many writes are
+    /// pending or the file does not fit.
+    /// `lease` holds the block's memory until it is written: a block evicted from memory
+    /// meanwhile is still counted against the budget.
+    pub fn store(self: &Arc<Self>, file: &FileInfo, index: u64, data: Bytes, lease: MemoryLease) {
+        if file.size == 0 {
+            return;
+        }
+        let Ok(permit) = Arc::clone(&self.writes).try_acquire_owned() else {
+            return;
+        };
+        let this = Arc::clone(self);
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            let _held = (permit, lease);
+            if let Err(e) = this.write_block(&file, index, &data) {
+                tracing::warn!(path = %file.path, error = %e, "writing to the local file cache failed; the block is served from elsewhere");
+                this.forget(key_of(&file));
+            }
+        });
+    }
+
+    fn write_block(&self, file: &FileInfo, index: u64, data: &[u8]) -> io::Result<()> {
+        let key = key_of(file);
+        let blocks = block_count(file.size, file.block_size.max(1));
+        let partial = self.partial_path(key);
+        // Only the index is touched under the lock; files are created and written outside it.
+        let (new_file, evicted) = {
+            let mut index_lock = self.lock();
+            match index_lock.get(&key) {
+                Some(e) if e.has(index) => return Ok(()),
+                Some(_) => (false, Vec::new()),
+                None => {
+                    // A new file: its whole size is reserved in the index.
+                    let entry = Entry {
+                        complete: false,
+                        present: vec![0; blocks.div_ceil(64) as usize],
+                        missing: blocks,
+                    };
+                    match index_lock.insert(key, entry, allocated(file.size)) {
+                        Admission::Admitted { evicted } => (true, evicted),
+                        Admission::Rejected => return Ok(()),
+                    }
+                }
+            }
+        };
+        for (old, _, _) in evicted {
+            let _ = std::fs::remove_file(self.complete_path(old));
+            let _ = std::fs::remove_file(self.partial_path(old));
+        }
+        let range = block_range(file.size, file.block_size.max(1), index);
+        if data.len() as u64 != range.end - range.start {
+            return Ok(());
+        }
+        // Writers of other blocks of a new file may get here first: each may create it, and
+        // preallocation keeps what was written.
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&partial)?;
+        if new_file {
+            preallocate(&f, file.size)?;
+        }
+        f.write_all_at(data, range.start)?;
+        let now_complete = {
+            let mut index_lock = self.lock();
+            let Some(entry) = index_lock.get(&key) else {
+                // Evicted meanwhile: leave no stray file behind.
+                drop(index_lock);
+                let _ = std::fs::remove_file(&partial);
+                return Ok(());
+            };
+            if entry.has(index) {
+                false
+            } else {
+                entry.present[(index / 64) as usize] |= 1 << (index % 64);
+                entry.missing -= 1;
+                entry.missing == 0
+            }
+        };
+        if now_complete {
+            std::fs::rename(&partial, self.complete_path(key))?;
+            if let Some(entry) = self.lock().get(&key) {
+                entry.complete = true;
+                entry.present = Vec::new();
+            }
+        }
+        self.used.set(self.lock().used() as i64);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(path: &str, size: u64, block_size: u64) -> FileInfo {
+        FileInfo {
+            path: path.into(),
+            is_dir: false,
+            size,
+            version: "v1".into(),
+            mtime_unix_nanos: 0,
+            block_size,
+        }
+    }
+
+    #[tokio::test]
+    async fn blocks_fill_a_file_that_becomes_complete_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(LocalFileCache::open(dir.path(), 1 << 20, Gauge::default()).unwrap());
+        let file = info("a/b.bin", 10, 4);
+        assert!(cache.read_block(&file, 0).await.is_none());
+        cache.write_block(&file, 1, b"4567").unwrap();
+        assert_eq!(&cache.read_block(&file, 1).await.unwrap()[..], b"4567");
+        assert!(cache.read_block(&file, 0).await.is_none(), "block 0 was never written");
+        assert!(cache.open_complete(&file).is_none());
+        cache.write_block(&file, 0, b"0123").unwrap();
+        cache.write_block(&file, 2, b"89").unwrap();
+        let complete = cache.open_complete(&file).expect("all blocks are there");
+        assert_eq!(complete.metadata().unwrap().len(), 10);
+        drop(cache);
+
+        let reopened = LocalFileCache::open(dir.path(), 1 << 20, Gauge::default()).unwrap();
+        assert_eq!(&reopened.read_block(&file, 2).await.unwrap()[..], b"89");
+        let mut other_version = file.clone();
+        other_version.version = "v2".into();
+        assert!(reopened.read_block(&other_version, 0).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_cache_stays_within_its_size_by_evicting_old_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LocalFileCache::open(dir.path(), 3 * 4096, Gauge::default()).unwrap();
+        for i in 0..5 {
+            cache
+                .write_block(&info(&format!("f{i}"), 100, 4096), 0, &[i as u8; 100])
+                .unwrap();
+        }
+        assert!(cache.lock().used() <= 3 * 4096);
+        let on_disk = std::fs::read_dir(dir.path().join("files")).unwrap().count();
+        assert_eq!(on_disk, 3, "evicted files are deleted");
+        assert!(cache.read_block(&info("f0", 100, 4096), 0).await.is_none());
+        assert_eq!(cache.read_block(&info("f4", 100, 4096), 0).await.unwrap()[0], 4);
+    }
+}
