@@ -1,13 +1,13 @@
 //! The node daemon's record of its mounts, in `<state-dir>/mounts.json`: what a restarted
-//! daemon mounts again, at the same paths. Written whole to a temporary file and renamed,
-//! so a crash leaves the old record or the new one. It holds the volumes' credentials, so it
-//! is readable by its owner only.
+//! daemon mounts again, at the same paths. An `AppendLog` of one record per mount, written
+//! whole aside and renamed (fsynced), so a crash leaves the old records or the new ones. It
+//! holds the volumes' credentials, so it is readable by its owner only.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 
+use granary_fs::fs_core::{AppendLog, Durability, LogOptions};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,40 +20,28 @@ pub struct MountRecord {
     pub secrets: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct RecordFile {
+/// What daemons before the one-record-per-line format wrote: one JSON object.
+#[derive(Debug, Default, Deserialize)]
+struct LegacyRecordFile {
     mounts: Vec<MountRecord>,
 }
 
+/// Survives the machine, readable by its owner only: it holds the volumes' secrets.
+const OPTIONS: LogOptions = LogOptions::new(Durability::Machine).mode(0o600);
+
 pub fn load(path: &Path) -> io::Result<Vec<MountRecord>> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice::<RecordFile>(&bytes)
-            .map(|f| f.mounts)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))),
+        Ok(bytes) => match serde_json::from_slice::<LegacyRecordFile>(&bytes) {
+            Ok(legacy) => Ok(legacy.mounts),
+            Err(_) => AppendLog::read(path),
+        },
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(e) => Err(e),
     }
 }
 
 pub fn save(path: &Path, mounts: &[MountRecord]) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let body = serde_json::to_vec_pretty(&RecordFile {
-        mounts: mounts.to_vec(),
-    })
-    .map_err(io::Error::other)?;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    AppendLog::replace(path, OPTIONS, mounts).map(drop)
 }
 
 #[cfg(test)]
@@ -76,5 +64,22 @@ mod tests {
         assert_eq!(load(&path).unwrap(), vec![record]);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn records_of_an_older_daemon_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mounts.json");
+        let legacy = r#"{
+  "mounts": [
+    { "volume_id": "v", "path": "/mnt/v", "publishers": ["/pods/a"], "attributes": {} }
+  ]
+}"#;
+        std::fs::write(&path, legacy).unwrap();
+        let mounts = load(&path).unwrap();
+        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts[0].volume_id, "v");
+        save(&path, &mounts).unwrap();
+        assert_eq!(load(&path).unwrap(), mounts);
     }
 }

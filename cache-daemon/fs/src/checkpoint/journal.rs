@@ -1,14 +1,15 @@
-//! The write-back journal: one JSON record per line, appended for every change the target
+//! The write-back journal: an [`AppendLog`] of [`Durability::Machine`], one record per line, appended for every change the target
 //! store must eventually see. Appends are plain writes (they survive the daemon's death in the
 //! page cache); `sync` makes them survive the machine's, and runs on every fsync of a file.
 //! Replay applies the same records in the same order, so state after a restart equals state
 //! before it. At open the journal is rewritten to the records that still matter.
 
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+
+use crate::fs_core::{AppendLog, Durability, LogOptions};
 
 /// One change. `seq` numbers every version of every file, increasing across restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,93 +58,52 @@ impl Record {
     }
 }
 
+/// Survives the machine: a version the journal forgets would never be uploaded.
+const OPTIONS: LogOptions = LogOptions::new(Durability::Machine);
+
 pub struct Journal {
-    file: File,
-    path: PathBuf,
-    appended: u64,
+    log: AppendLog<Record>,
 }
 
 impl Journal {
     /// Reads every record of the journal at `path` (none if it does not exist). A torn last
     /// line (the daemon died mid-append) is dropped; a bad line elsewhere is an error.
     pub fn read(path: &Path) -> io::Result<Vec<Record>> {
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(e),
-        };
-        let lines: Vec<String> = BufReader::new(file).lines().collect::<io::Result<_>>()?;
-        let mut records = Vec::with_capacity(lines.len());
-        for (i, line) in lines.iter().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str(line) {
-                Ok(r) => records.push(r),
-                Err(_) if i + 1 == lines.len() => {
-                    tracing::warn!(journal = %path.display(), "dropping a torn last journal record");
-                }
-                Err(e) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{} line {}: {e}", path.display(), i + 1),
-                    ))
-                }
-            }
-        }
-        Ok(records)
+        AppendLog::read(path)
     }
 
     /// Replaces the journal at `path` with `records` atomically (write, fsync, rename) and
     /// opens it for appending.
     pub fn rewrite(path: &Path, records: &[Record]) -> io::Result<Journal> {
-        let tmp = path.with_extension("rewrite");
-        {
-            let mut out = io::BufWriter::new(File::create(&tmp)?);
-            for r in records {
-                serde_json::to_writer(&mut out, r)?;
-                out.write_all(b"\n")?;
-            }
-            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        }
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        let file = OpenOptions::new().append(true).open(path)?;
         Ok(Journal {
-            file,
-            path: path.to_path_buf(),
-            appended: 0,
+            log: AppendLog::replace(path, OPTIONS, records)?,
         })
     }
 
     /// Appends one record with a single write, so a crash leaves whole records or a torn last one.
     pub fn append(&mut self, record: &Record) -> io::Result<()> {
-        let mut line = serde_json::to_vec(record)?;
-        line.push(b'\n');
-        self.file.write_all(&line)?;
-        self.appended += 1;
-        Ok(())
+        self.log.append(record)
     }
 
     /// Records appended since the journal was last rewritten.
     pub fn appended(&self) -> u64 {
-        self.appended
+        self.log.appended()
     }
 
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        self.log.sync()
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.log.path()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::OpenOptions;
+    use std::io::Write;
 
     #[test]
     fn records_survive_a_rewrite_and_a_torn_tail_is_dropped() {

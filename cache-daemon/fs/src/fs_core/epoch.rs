@@ -9,15 +9,16 @@
 use std::io;
 use std::path::Path;
 
+use super::append_log::{AppendLog, Durability, LogOptions};
+
+/// Only the process has to die, not the machine: after a reboot there is no mount to take over.
+const OPTIONS: LogOptions = LogOptions::new(Durability::Process);
+
 /// The epoch for a process taking over a mount whose keeper recorded `handed`: one past
-/// both that and the one recorded at `path`, which it then records (no fsync: only the
-/// process has to die, not the machine).
+/// both that and the one recorded at `path`, which it then records. An unreadable record is
+/// an error, not epoch 0: reusing a predecessor's handle numbers would answer for other files.
 pub fn next_epoch(path: &Path, handed: u64) -> io::Result<u64> {
-    let recorded = match std::fs::read_to_string(path) {
-        Ok(text) => text.trim().parse::<u64>().unwrap_or(0),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
-        Err(e) => return Err(e),
-    };
+    let recorded = AppendLog::<u64>::read(path)?.last().copied().unwrap_or(0);
     let epoch = recorded.max(handed) + 1;
     record(path, epoch)?;
     Ok(epoch)
@@ -25,12 +26,7 @@ pub fn next_epoch(path: &Path, handed: u64) -> io::Result<u64> {
 
 /// Records `epoch` at `path` (written aside and renamed, so a reader sees one or the other).
 pub fn record(path: &Path, epoch: u64) -> io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("epoch-tmp");
-    std::fs::write(&tmp, epoch.to_string())?;
-    std::fs::rename(&tmp, path)
+    AppendLog::replace(path, OPTIONS, &[epoch]).map(drop)
 }
 
 #[cfg(test)]
@@ -49,5 +45,16 @@ mod tests {
         // A keeper ahead of the record wins too.
         assert_eq!(next_epoch(&path, 7).unwrap(), 8);
         assert_eq!(next_epoch(&dir.path().join("missing"), 3).unwrap(), 4);
+    }
+
+    #[test]
+    fn an_epoch_written_by_an_older_daemon_is_read_and_a_corrupt_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v.epoch");
+        // Older daemons wrote the number alone, without a newline.
+        std::fs::write(&path, "5").unwrap();
+        assert_eq!(next_epoch(&path, 0).unwrap(), 6);
+        std::fs::write(&path, "garbage\n").unwrap();
+        assert!(next_epoch(&path, 0).is_err());
     }
 }
