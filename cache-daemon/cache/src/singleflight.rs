@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
-use granary_store::source::SourceError;
+use granary_store::StoreError;
 
 type Flight<E> = Shared<BoxFuture<'static, Result<Bytes, E>>>;
 
@@ -18,17 +18,13 @@ pub trait FlightError: Clone + Send + Sync + 'static {
     fn task_failed(detail: String) -> Self;
 }
 
-impl FlightError for SourceError {
+impl FlightError for StoreError {
     fn task_failed(detail: String) -> Self {
-        SourceError::Failed {
-            op: "fetch",
-            path: String::new(),
-            detail,
-        }
+        StoreError::failed("fetch", "", detail)
     }
 }
 
-pub struct SingleFlight<K, E = SourceError> {
+pub struct SingleFlight<K, E = StoreError> {
     inflight: Mutex<HashMap<K, Flight<E>>>,
 }
 
@@ -93,7 +89,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_callers_share_one_fetch() {
-        let flights = Arc::new(SingleFlight::<u32, SourceError>::default());
+        let flights = Arc::new(SingleFlight::<u32, StoreError>::default());
         let fetches = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..32 {

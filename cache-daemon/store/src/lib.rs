@@ -6,8 +6,11 @@
 //!
 //! Not here: caching of any kind (granary-cache), filesystems (granary-fs).
 
+pub mod error;
 pub mod retention;
 pub mod source;
 pub mod target;
 pub mod tls;
 pub mod units;
+
+pub use error::{ErrorKind, Retry, StoreError};

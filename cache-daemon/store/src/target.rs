@@ -12,7 +12,9 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use opendal::{EntryMode, Operator};
 
-use crate::source::{SourceConfigError, SourceError, SourceStore, SourceTuning};
+use crate::source::{SourceConfigError, SourceStore, SourceTuning};
+
+use crate::StoreError;
 
 /// A file or directory the store has under some directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +37,7 @@ pub enum TransferError {
     #[error("local file {path:?}: {source}")]
     Local { path: String, source: std::io::Error },
     #[error(transparent)]
-    Store(#[from] SourceError),
+    Store(#[from] StoreError),
 }
 
 #[derive(Clone)]
@@ -63,7 +65,7 @@ impl TargetStore {
 
     /// Writes and deletes a small object, so a target that is read-only, missing or
     /// unreachable is reported when mounting rather than after a checkpoint was written.
-    pub async fn probe_writable(&self) -> Result<(), SourceError> {
+    pub async fn probe_writable(&self) -> Result<(), StoreError> {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -72,11 +74,11 @@ impl TargetStore {
         self.op
             .write(&key, Bytes::from_static(b"granary write probe"))
             .await
-            .map_err(|e| SourceError::from_opendal("write", &key, e))?;
+            .map_err(|e| StoreError::from_opendal("write", &key, e))?;
         self.op
             .delete(&key)
             .await
-            .map_err(|e| SourceError::from_opendal("delete", &key, e))
+            .map_err(|e| StoreError::from_opendal("delete", &key, e))
     }
 
     /// Uploads the local file at `local` as `key` with `concurrency` parts of `part_size` in
@@ -95,7 +97,7 @@ impl TargetStore {
         };
         let file = Arc::new(std::fs::File::open(local).map_err(local_err)?);
         let size = file.metadata().map_err(local_err)?.len();
-        let store_err = |e| TransferError::Store(SourceError::from_opendal("upload", key, e));
+        let store_err = |e| TransferError::Store(StoreError::from_opendal("upload", key, e));
         let mut writer = self
             .op
             .writer_with(key)
@@ -131,15 +133,15 @@ impl TargetStore {
         Ok(size)
     }
 
-    pub async fn delete(&self, key: &str) -> Result<(), SourceError> {
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.op
             .delete(key)
             .await
-            .map_err(|e| SourceError::from_opendal("delete", key, e))
+            .map_err(|e| StoreError::from_opendal("delete", key, e))
     }
 
     /// Deletes every object under `dir`.
-    pub async fn delete_dir(&self, dir: &str) -> Result<(), SourceError> {
+    pub async fn delete_dir(&self, dir: &str) -> Result<(), StoreError> {
         for key in self.keys_under(dir).await? {
             self.delete(&key).await?;
         }
@@ -147,18 +149,18 @@ impl TargetStore {
     }
 
     /// Every object key under `dir`, at any depth.
-    pub async fn keys_under(&self, dir: &str) -> Result<Vec<String>, SourceError> {
+    pub async fn keys_under(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         let prefix = format!("{}/", dir.trim_end_matches('/'));
         let keys: Vec<String> = self
             .op
             .lister_with(&prefix)
             .recursive(true)
             .await
-            .map_err(|e| SourceError::from_opendal("list", &prefix, e))?
+            .map_err(|e| StoreError::from_opendal("list", &prefix, e))?
             .map_ok(|entry| entry.path().to_string())
             .try_collect()
             .await
-            .map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
+            .map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
         Ok(keys
             .into_iter()
             .map(|k| k.trim_start_matches('/').to_string())
@@ -167,7 +169,7 @@ impl TargetStore {
     }
 
     /// The entries directly under `dir` ("" is the root).
-    pub async fn list_dir(&self, dir: &str) -> Result<Vec<StoreEntry>, SourceError> {
+    pub async fn list_dir(&self, dir: &str) -> Result<Vec<StoreEntry>, StoreError> {
         let prefix = if dir.is_empty() {
             String::new()
         } else {
@@ -178,10 +180,10 @@ impl TargetStore {
             .op
             .lister_with(list_path)
             .await
-            .map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
+            .map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
         let mut out = Vec::new();
         while let Some(entry) = lister.next().await {
-            let entry = entry.map_err(|e| SourceError::from_opendal("list", &prefix, e))?;
+            let entry = entry.map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
             let path = entry.path().trim_start_matches('/');
             let Some(name) = path.strip_prefix(prefix.as_str()) else {
                 continue;
@@ -202,16 +204,16 @@ impl TargetStore {
     }
 
     /// Every directory holding a `marker` object, anywhere under the root.
-    pub async fn committed(&self, marker: &str) -> Result<Vec<Committed>, SourceError> {
+    pub async fn committed(&self, marker: &str) -> Result<Vec<Committed>, StoreError> {
         let mut lister = self
             .op
             .lister_with("/")
             .recursive(true)
             .await
-            .map_err(|e| SourceError::from_opendal("list", "", e))?;
+            .map_err(|e| StoreError::from_opendal("list", "", e))?;
         let mut out = Vec::new();
         while let Some(entry) = lister.next().await {
-            let entry = entry.map_err(|e| SourceError::from_opendal("list", "", e))?;
+            let entry = entry.map_err(|e| StoreError::from_opendal("list", "", e))?;
             let path = entry.path().trim_start_matches('/');
             let Some((dir, name)) = path.rsplit_once('/') else {
                 continue;
@@ -227,12 +229,12 @@ impl TargetStore {
     }
 
     /// Size of `key`, or NotFound.
-    pub async fn size_of(&self, key: &str) -> Result<u64, SourceError> {
+    pub async fn size_of(&self, key: &str) -> Result<u64, StoreError> {
         let md = self
             .op
             .stat(key)
             .await
-            .map_err(|e| SourceError::from_opendal("stat", key, e))?;
+            .map_err(|e| StoreError::from_opendal("stat", key, e))?;
         Ok(md.content_length())
     }
 
@@ -264,8 +266,8 @@ impl TargetStore {
                         .read_with(key)
                         .range(start..end)
                         .await
-                        .map_err(|e| SourceError::from_opendal("read", key, e))?;
-                    Ok::<_, SourceError>((start, data.to_bytes()))
+                        .map_err(|e| StoreError::from_opendal("read", key, e))?;
+                    Ok::<_, StoreError>((start, data.to_bytes()))
                 }
             })
             .buffer_unordered(concurrency.max(1));

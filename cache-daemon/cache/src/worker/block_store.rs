@@ -13,7 +13,8 @@ use crate::metrics::{KindLabel, TierLabel, DISK, MEMORY};
 use crate::proto::Tier;
 use crate::singleflight::SingleFlight;
 use crate::tiers::{DiskRead, DiskTier, DiskWrite, MemoryTier};
-use granary_store::source::{SourceError, SourceStore};
+use granary_store::source::SourceStore;
+use granary_store::StoreError;
 
 use super::write_behind::WriteBehind;
 
@@ -30,15 +31,8 @@ pub struct BlockStore {
     metrics: Arc<WorkerMetrics>,
 }
 
-fn error_kind(e: &SourceError) -> &'static str {
-    match e {
-        SourceError::NotFound { .. } => "not_found",
-        SourceError::Changed { .. } => "changed",
-        SourceError::PermissionDenied { .. } => "permission_denied",
-        SourceError::Unavailable { .. } => "unavailable",
-        SourceError::Failed { .. } => "failed",
-        SourceError::InvalidPath { .. } => "invalid_path",
-    }
+fn error_kind(e: &StoreError) -> &'static str {
+    e.kind().label()
 }
 
 impl BlockStore {
@@ -113,7 +107,7 @@ impl BlockStore {
     }
 
     /// Reads one whole block of a file of `file_size` bytes.
-    pub async fn read(self: &Arc<Self>, key: &BlockKey, file_size: u64) -> Result<(Bytes, Tier), SourceError> {
+    pub async fn read(self: &Arc<Self>, key: &BlockKey, file_size: u64) -> Result<(Bytes, Tier), StoreError> {
         let name = key.name();
         if let Some(data) = self.memory.get(&name) {
             self.metrics.hits.get_or_create(&MEMORY).inc();
@@ -160,7 +154,7 @@ impl BlockStore {
     /// Fetches a block from the source, puts it in memory, and hands it to the disk tier in
     /// the background; it stays readable (memory or pending) until it is on disk, so a reader
     /// arriving after the flight ends finds it.
-    async fn fetch(self: Arc<Self>, name: BlockName, key: BlockKey, file_size: u64) -> Result<Bytes, SourceError> {
+    async fn fetch(self: Arc<Self>, name: BlockName, key: BlockKey, file_size: u64) -> Result<Bytes, StoreError> {
         let range = block_range(file_size, self.block_size, key.index);
         self.metrics.source_reads.inc();
         let data = match self.source.read_range(&key.path, &key.version, range).await {

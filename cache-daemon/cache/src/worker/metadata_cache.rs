@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use crate::metrics::StateLabel;
 use crate::metrics::WorkerMetrics;
-use granary_store::source::{normalize_path, FileMeta, SourceError, SourceStore};
+use granary_store::source::{normalize_path, FileMeta, SourceStore};
 use granary_store::units::MetadataTtl;
+use granary_store::StoreError;
 
 pub struct MetadataCache {
     source: SourceStore,
@@ -38,7 +39,7 @@ impl MetadataCache {
     }
 
     /// Metadata of `path`, from the cache while fresh; `refresh` goes to the source.
-    pub async fn stat(&self, path: &str, refresh: bool) -> Result<FileMeta, SourceError> {
+    pub async fn stat(&self, path: &str, refresh: bool) -> Result<FileMeta, StoreError> {
         let path = normalize_path(path)?;
         if !refresh {
             if let Some((meta, at)) = self.lock().get(&path) {

@@ -6,7 +6,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 
 use crate::client::ORIGIN_KEY;
-use granary_store::source::SourceError;
+use granary_store::{ErrorKind, StoreError};
 
 pub fn status(code: Code, message: impl Into<String>) -> Status {
     let mut status = Status::new(code, message);
@@ -20,14 +20,14 @@ pub fn invalid(message: impl Into<String>) -> Status {
     status(Code::InvalidArgument, message)
 }
 
-pub fn from_source(err: &SourceError) -> Status {
-    let code = match err {
-        SourceError::NotFound { .. } => Code::NotFound,
-        SourceError::Changed { .. } => Code::FailedPrecondition,
-        SourceError::PermissionDenied { .. } => Code::PermissionDenied,
-        SourceError::Unavailable { .. } => Code::Unavailable,
-        SourceError::Failed { .. } => Code::Internal,
-        SourceError::InvalidPath { .. } => Code::InvalidArgument,
+pub fn from_source(err: &StoreError) -> Status {
+    let code = match err.kind() {
+        ErrorKind::NotFound => Code::NotFound,
+        ErrorKind::Changed => Code::FailedPrecondition,
+        ErrorKind::PermissionDenied => Code::PermissionDenied,
+        ErrorKind::Unavailable => Code::Unavailable,
+        ErrorKind::Failed => Code::Internal,
+        ErrorKind::InvalidPath => Code::InvalidArgument,
     };
     status(code, err.to_string())
 }

@@ -3,8 +3,8 @@
 use fuser::Errno;
 
 use super::tracker::NoSpace;
-use granary_store::source::SourceError;
 use granary_store::target::TransferError;
+use granary_store::{ErrorKind, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CkptFsError {
@@ -25,7 +25,7 @@ pub enum CkptFsError {
     #[error("local write-back area: {0}")]
     Local(#[from] std::io::Error),
     #[error("target store: {0}")]
-    Store(#[from] SourceError),
+    Store(#[from] StoreError),
 }
 
 impl From<TransferError> for CkptFsError {
@@ -51,9 +51,11 @@ impl CkptFsError {
                 Some(code) if code > 0 => Errno::from_i32(code),
                 _ => Errno::EIO,
             },
-            CkptFsError::Store(SourceError::NotFound { .. }) => Errno::ENOENT,
-            CkptFsError::Store(SourceError::PermissionDenied { .. }) => Errno::EACCES,
-            CkptFsError::Store(_) => Errno::EIO,
+            CkptFsError::Store(e) => match e.kind() {
+                ErrorKind::NotFound => Errno::ENOENT,
+                ErrorKind::PermissionDenied => Errno::EACCES,
+                _ => Errno::EIO,
+            },
         }
     }
 }

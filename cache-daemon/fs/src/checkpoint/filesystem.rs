@@ -278,7 +278,7 @@ impl Ctx {
         // A stat, not the (possibly stale) listing: the copy needs the object's size now.
         let size = match self.target.size_of(path).await {
             Ok(size) => size,
-            Err(granary_store::source::SourceError::NotFound { .. }) => return Ok(false),
+            Err(e) if e.kind() == granary_store::ErrorKind::NotFound => return Ok(false),
             Err(e) => return Err(e.into()),
         };
         if size > self.tracker.limit() {

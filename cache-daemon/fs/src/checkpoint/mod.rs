@@ -32,7 +32,8 @@ pub use uploader::UploadTuning;
 use crate::dataset::clear_dead_mount;
 use crate::fs_core::op_log::OpLog;
 use crate::metrics::CheckpointMetrics;
-use granary_store::source::{SourceConfigError, SourceError, SourceTuning};
+use granary_store::source::{SourceConfigError, SourceTuning};
+use granary_store::{ErrorKind, StoreError};
 use inodes::PathInodes;
 
 /// What one checkpoint volume writes where.
@@ -92,7 +93,7 @@ pub enum CheckpointMountError {
     #[error(transparent)]
     Target(#[from] SourceConfigError),
     #[error("the target store cannot be written: {0}; check the URI, that the bucket exists, and that the credentials may write")]
-    TargetNotWritable(SourceError),
+    TargetNotWritable(StoreError),
     #[error("the target store did not answer a test write within 30s; check the endpoint and the network")]
     TargetTimeout,
     #[error("cannot use the write-back directory {path:?}: {source}; give a writable local directory")]
@@ -117,13 +118,13 @@ impl CheckpointMountError {
     /// Whether the configuration is at fault (fix the input) rather than the machine or the
     /// store (retry later).
     pub fn is_config(&self) -> bool {
-        !matches!(
-            self,
+        match self {
             CheckpointMountError::Mount { .. }
-                | CheckpointMountError::TargetTimeout
-                | CheckpointMountError::Journal { .. }
-                | CheckpointMountError::TargetNotWritable(SourceError::Unavailable { .. })
-        )
+            | CheckpointMountError::TargetTimeout
+            | CheckpointMountError::Journal { .. } => false,
+            CheckpointMountError::TargetNotWritable(e) => e.kind() != ErrorKind::Unavailable,
+            _ => true,
+        }
     }
 }
 

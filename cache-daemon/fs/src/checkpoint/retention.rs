@@ -4,8 +4,8 @@
 
 use super::tracker::Tracker;
 use granary_store::retention::{oldest_first, to_delete};
-use granary_store::source::SourceError;
 use granary_store::target::TargetStore;
+use granary_store::StoreError;
 
 /// Lists the committed checkpoints and deletes all but the newest `keep_last`, in the store
 /// and locally. Returns the directories deleted.
@@ -14,7 +14,7 @@ pub async fn enforce(
     tracker: &Tracker,
     marker: &str,
     keep_last: usize,
-) -> Result<Vec<String>, SourceError> {
+) -> Result<Vec<String>, StoreError> {
     let committed = target.committed(marker).await?;
     if let Some(newest) = oldest_first(committed.clone()).pop() {
         tracker.set_latest_commit(Some(newest.dir));

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::tracker::{is_under, parent_of};
-use granary_store::source::SourceError;
 use granary_store::target::{StoreEntry, TargetStore};
+use granary_store::StoreError;
 
 pub type Listing = Arc<BTreeMap<String, StoreEntry>>;
 
@@ -31,7 +31,7 @@ impl StoreView {
         self.listings.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub async fn listing(&self, dir: &str) -> Result<Listing, SourceError> {
+    pub async fn listing(&self, dir: &str) -> Result<Listing, StoreError> {
         if let Some((at, listing)) = self.cache().get(dir) {
             if at.elapsed() < self.ttl {
                 return Ok(Arc::clone(listing));
@@ -45,7 +45,7 @@ impl StoreView {
     }
 
     /// The store's entry for `path`, if any.
-    pub async fn lookup(&self, path: &str) -> Result<Option<StoreEntry>, SourceError> {
+    pub async fn lookup(&self, path: &str) -> Result<Option<StoreEntry>, StoreError> {
         if path.is_empty() {
             return Ok(Some(StoreEntry {
                 name: String::new(),

@@ -4,7 +4,7 @@
 use fuser::Errno;
 
 use granary_cache::client::ClientError;
-use granary_store::source::SourceError;
+use granary_store::{ErrorKind, StoreError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum FsError {
@@ -61,17 +61,17 @@ impl FsError {
         }
     }
 
-    pub fn from_source(path: &str, err: SourceError) -> Self {
-        match err {
-            SourceError::NotFound { .. } => FsError::NotFound(path.to_string()),
-            SourceError::Changed { .. } => FsError::Changed(path.to_string()),
-            SourceError::PermissionDenied { detail, .. } => FsError::PermissionDenied {
+    pub fn from_source(path: &str, err: StoreError) -> Self {
+        match err.kind() {
+            ErrorKind::NotFound => FsError::NotFound(path.to_string()),
+            ErrorKind::Changed => FsError::Changed(path.to_string()),
+            ErrorKind::PermissionDenied => FsError::PermissionDenied {
                 path: path.to_string(),
-                detail,
+                detail: err.detail().to_string(),
             },
-            other => FsError::Io {
+            _ => FsError::Io {
                 path: path.to_string(),
-                cause: other.to_string(),
+                cause: err.to_string(),
             },
         }
     }
@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn store_and_worker_errors_map_to_the_errno_a_reader_expects() {
-        let missing = FsError::from_source("a", SourceError::NotFound { path: "a".into() });
+        let missing = FsError::from_source("a", StoreError::not_found("a"));
         assert_eq!(missing.errno(), Errno::ENOENT);
         let down = FsError::from_client(
             "a",

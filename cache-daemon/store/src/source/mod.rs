@@ -2,7 +2,6 @@
 //! opendal. Everything above this module sees paths relative to the dataset root, file
 //! metadata with a version, and byte ranges.
 
-mod error;
 mod uri;
 
 use std::collections::BTreeMap;
@@ -14,8 +13,9 @@ use futures::{Stream, StreamExt};
 use opendal::layers::{RetryLayer, TimeoutLayer};
 use opendal::{Metadata, Operator};
 
-pub use error::SourceError;
 pub use uri::{build_operator, SourceConfigError, SourceUri, VersionScheme};
+
+use crate::{ErrorKind, StoreError};
 
 /// Metadata of one file or directory of the source, relative to its root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,17 +70,12 @@ impl std::fmt::Debug for SourceStore {
 
 /// Normalises a client path ("/train//a.jpg", "train/a.jpg/") to the store's relative form
 /// ("train/a.jpg"); "" is the root.
-pub fn normalize_path(path: &str) -> Result<String, SourceError> {
+pub fn normalize_path(path: &str) -> Result<String, StoreError> {
     let mut parts = Vec::new();
     for part in path.split('/') {
         match part {
             "" | "." => {}
-            ".." => {
-                return Err(SourceError::InvalidPath {
-                    path: path.to_string(),
-                    reason: "`..` is not allowed",
-                })
-            }
+            ".." => return Err(StoreError::invalid_path(path, "`..` is not allowed")),
             p => parts.push(p),
         }
     }
@@ -158,7 +153,7 @@ impl SourceStore {
 
     /// Metadata of a file or directory. Object stores have no real directories: a path that is
     /// no object but a prefix of some is a directory.
-    pub async fn stat(&self, path: &str) -> Result<FileMeta, SourceError> {
+    pub async fn stat(&self, path: &str) -> Result<FileMeta, StoreError> {
         let path = normalize_path(path)?;
         if path.is_empty() {
             return Ok(FileMeta {
@@ -171,20 +166,19 @@ impl SourceStore {
         }
         let file_err = match self.op.stat(&path).await {
             Ok(md) if md.is_file() => {
-                return self.meta_from(&path, &md).ok_or_else(|| SourceError::Failed {
-                    op: "stat",
-                    path: path.clone(),
-                    detail: "the store gave no ETag or modification time, so the file cannot be versioned".into(),
+                return self.meta_from(&path, &md).ok_or_else(|| {
+                    StoreError::failed(
+                        "stat",
+                        path.clone(),
+                        "the store gave no ETag or modification time, so the file cannot be versioned",
+                    )
                 })
             }
-            Ok(md) => return self.meta_from(&path, &md).ok_or(SourceError::NotFound { path }),
-            Err(e) => SourceError::from_opendal("stat", &path, e),
+            Ok(md) => return self.meta_from(&path, &md).ok_or_else(|| StoreError::not_found(path)),
+            Err(e) => StoreError::from_opendal("stat", &path, e),
         };
         // Some S3 servers answer a HEAD of a "directory" key with an error rather than 404.
-        if matches!(
-            file_err,
-            SourceError::Unavailable { .. } | SourceError::PermissionDenied { .. }
-        ) {
+        if matches!(file_err.kind(), ErrorKind::Unavailable | ErrorKind::PermissionDenied) {
             return Err(file_err);
         }
         let dir = format!("{path}/");
@@ -193,7 +187,7 @@ impl SourceStore {
             .lister_with(&dir)
             .limit(1)
             .await
-            .map_err(|e| SourceError::from_opendal("list", &dir, e))?;
+            .map_err(|e| StoreError::from_opendal("list", &dir, e))?;
         match lister.next().await {
             Some(Ok(_)) => Ok(FileMeta {
                 path,
@@ -202,7 +196,7 @@ impl SourceStore {
                 version: String::new(),
                 mtime: None,
             }),
-            Some(Err(e)) => Err(SourceError::from_opendal("list", &dir, e)),
+            Some(Err(e)) => Err(StoreError::from_opendal("list", &dir, e)),
             None => Err(file_err),
         }
     }
@@ -214,7 +208,7 @@ impl SourceStore {
         &self,
         path: &str,
         recursive: bool,
-    ) -> Result<impl Stream<Item = Result<ListedEntry, SourceError>> + Send + 'static, SourceError> {
+    ) -> Result<impl Stream<Item = Result<ListedEntry, StoreError>> + Send + 'static, StoreError> {
         let path = normalize_path(path)?;
         let dir = if path.is_empty() {
             "/".to_string()
@@ -226,14 +220,14 @@ impl SourceStore {
             .lister_with(&dir)
             .recursive(recursive)
             .await
-            .map_err(|e| SourceError::from_opendal("list", &dir, e))?;
+            .map_err(|e| StoreError::from_opendal("list", &dir, e))?;
         let store = self.clone();
         Ok(lister.filter_map(move |entry| {
             let store = store.clone();
             let dir = dir.clone();
             async move {
                 match entry {
-                    Err(e) => Some(Err(SourceError::from_opendal("list", &dir, e))),
+                    Err(e) => Some(Err(StoreError::from_opendal("list", &dir, e))),
                     Ok(entry) => {
                         let entry_path = entry.path().trim_end_matches('/');
                         // The directory itself is listed by some stores.
@@ -253,7 +247,7 @@ impl SourceStore {
 
     /// Reads `range` of a file at exactly `version`: an ETag version is checked by the store
     /// (If-Match); a size+mtime version is checked by a fresh stat before and after the read.
-    pub async fn read_range(&self, path: &str, version: &str, range: Range<u64>) -> Result<Bytes, SourceError> {
+    pub async fn read_range(&self, path: &str, version: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let expected_len = range.end - range.start;
         let data = if let Some(etag) = version.strip_prefix("etag:") {
             self.op
@@ -261,7 +255,7 @@ impl SourceStore {
                 .range(range)
                 .if_match(&format!("\"{etag}\""))
                 .await
-                .map_err(|e| SourceError::from_opendal("read", path, e))?
+                .map_err(|e| StoreError::from_opendal("read", path, e))?
         } else {
             self.check_version(path, version).await?;
             let data = self
@@ -269,25 +263,25 @@ impl SourceStore {
                 .read_with(path)
                 .range(range)
                 .await
-                .map_err(|e| SourceError::from_opendal("read", path, e))?;
+                .map_err(|e| StoreError::from_opendal("read", path, e))?;
             self.check_version(path, version).await?;
             data
         };
         if data.len() as u64 != expected_len {
-            return Err(SourceError::Changed { path: path.to_string() });
+            return Err(StoreError::changed(path));
         }
         Ok(data.to_bytes())
     }
 
-    async fn check_version(&self, path: &str, version: &str) -> Result<(), SourceError> {
+    async fn check_version(&self, path: &str, version: &str) -> Result<(), StoreError> {
         let md = self
             .op
             .stat(path)
             .await
-            .map_err(|e| SourceError::from_opendal("stat", path, e))?;
+            .map_err(|e| StoreError::from_opendal("stat", path, e))?;
         match self.meta_from(path, &md) {
             Some(meta) if meta.version == version => Ok(()),
-            _ => Err(SourceError::Changed { path: path.to_string() }),
+            _ => Err(StoreError::changed(path)),
         }
     }
 }
@@ -325,8 +319,8 @@ mod tests {
         assert!(meta.version.starts_with("mtime:11-"), "{}", meta.version);
         assert!(store.stat("train").await.unwrap().is_dir);
         assert!(matches!(
-            store.stat("train/nope").await,
-            Err(SourceError::NotFound { .. })
+            store.stat("train/nope").await.map_err(|e| e.kind()),
+            Err(ErrorKind::NotFound)
         ));
 
         let got = store.read_range("train/a.bin", &meta.version, 6..11).await.unwrap();
@@ -346,8 +340,11 @@ mod tests {
         std::thread::sleep(Duration::from_millis(10));
         std::fs::write(dir.path().join("train/a.bin"), b"HELLO WORLD!").unwrap();
         assert!(matches!(
-            store.read_range("train/a.bin", &meta.version, 0..5).await,
-            Err(SourceError::Changed { .. })
+            store
+                .read_range("train/a.bin", &meta.version, 0..5)
+                .await
+                .map_err(|e| e.kind()),
+            Err(ErrorKind::Changed)
         ));
         assert_ne!(store.stat("train/a.bin").await.unwrap().version, meta.version);
     }
