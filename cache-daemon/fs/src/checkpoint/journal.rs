@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs_core::{AppendLog, Durability, LogOptions};
 
-/// One change. `seq` numbers every version of every file, increasing across restarts.
+/// One change. `seq` numbers every version of every file, increasing over the versions the
+/// journal refers to (after a compaction, numbers no record holds any more may be reused).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Record {

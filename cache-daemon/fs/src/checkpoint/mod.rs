@@ -15,6 +15,7 @@ pub mod retention;
 mod store_view;
 pub mod tracker;
 mod uploader;
+pub mod writeback_state;
 
 use std::collections::BTreeMap;
 use std::io;

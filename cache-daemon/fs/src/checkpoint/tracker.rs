@@ -1,10 +1,9 @@
-//! What the write-back area holds and what the target store still needs. Per file: the
-//! version the store should have (or none, while it is being written), the version it has,
-//! the local size, and who has it open. Every change is a journal [`Record`] applied by one
-//! function, live and at replay alike, so a restarted daemon continues where the dead one
-//! stopped. Space in the area is accounted here too: writes reserve what they add.
+//! The write-back area of a checkpoint volume, shared by the filesystem and the uploader:
+//! the [`WritebackState`] behind one lock, the journal every change goes through first, and
+//! the wake-ups of those waiting on it. Every change is a journal [`Record`] applied by
+//! [`WritebackState::apply`], live and at replay alike, so a restarted daemon continues where
+//! the dead one stopped. Space in the area is accounted here too: writes reserve what they add.
 
-use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,249 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::journal::{Journal, Record};
-
-/// What the store should get of a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Want {
-    /// Open for writing (or left so by a crash): nothing yet.
-    Writing,
-    /// Version `want_seq` once nobody writes it.
-    Upload,
-    /// Never this version: a write failed.
-    Broken,
-}
-
-#[derive(Debug, Clone)]
-pub struct FileEntry {
-    pub want: Want,
-    pub want_seq: u64,
-    /// The version the store has (0: none of ours).
-    pub done_seq: u64,
-    /// The store holds some version of this path (ours or an older one).
-    pub in_store: bool,
-    /// Bytes of the local copy.
-    pub size: u64,
-    pub writers: u32,
-    pub failures: u32,
-    pub retry_at: Option<Instant>,
-    /// When the version to upload was closed (for the pending age and commit latency).
-    pub closed_at: Option<Instant>,
-    /// Last open or close, for choosing what to evict.
-    pub last_used: Instant,
-}
-
-impl FileEntry {
-    fn new(seq: u64) -> Self {
-        FileEntry {
-            want: Want::Writing,
-            want_seq: seq,
-            done_seq: 0,
-            in_store: false,
-            size: 0,
-            writers: 0,
-            failures: 0,
-            retry_at: None,
-            closed_at: None,
-            last_used: Instant::now(),
-        }
-    }
-
-    pub fn upload_pending(&self) -> bool {
-        self.want == Want::Upload && self.done_seq < self.want_seq
-    }
-
-    /// The local copy equals what the store has, so dropping it loses nothing.
-    pub fn is_clean(&self) -> bool {
-        self.want == Want::Upload && self.done_seq == self.want_seq
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct State {
-    pub files: HashMap<String, FileEntry>,
-    /// Store objects to delete, by path, with the version of the removal.
-    pub deletes: HashMap<String, DeleteEntry>,
-    pub next_seq: u64,
-    /// Bytes of local copies.
-    pub used: u64,
-    /// Paths whose upload is running. Kept apart from the entries: a rename moves an entry
-    /// while its old path's upload still runs.
-    pub uploading: std::collections::HashSet<String>,
-}
-
-#[derive(Debug, Clone)]
-pub struct DeleteEntry {
-    pub seq: u64,
-    pub busy: bool,
-    pub retry_at: Option<Instant>,
-    pub failures: u32,
-}
-
-impl DeleteEntry {
-    fn new(seq: u64) -> Self {
-        DeleteEntry {
-            seq,
-            busy: false,
-            retry_at: None,
-            failures: 0,
-        }
-    }
-}
-
-/// `path` is `dir` or lies under it ("" is the root, holding everything).
-pub fn is_under(path: &str, dir: &str) -> bool {
-    dir.is_empty() || path == dir || (path.starts_with(dir) && path.as_bytes().get(dir.len()) == Some(&b'/'))
-}
-
-/// The directory holding `path` ("" for the root); a marker's checkpoint directory.
-pub fn parent_of(path: &str) -> &str {
-    path.rsplit_once('/').map(|(dir, _)| dir).unwrap_or("")
-}
-
-/// `path` with its leading `from` replaced by `to`.
-fn moved_path(path: &str, from: &str, to: &str) -> String {
-    format!("{to}{}", &path[from.len()..])
-}
-
-impl State {
-    fn entry(&mut self, path: &str, seq: u64) -> &mut FileEntry {
-        self.files
-            .entry(path.to_string())
-            .or_insert_with(|| FileEntry::new(seq))
-    }
-
-    fn drop_entry(&mut self, path: &str) -> Option<FileEntry> {
-        let gone = self.files.remove(path);
-        if let Some(e) = &gone {
-            self.used = self.used.saturating_sub(e.size);
-        }
-        gone
-    }
-
-    /// The single place a record changes the state.
-    pub fn apply(&mut self, record: &Record) {
-        self.next_seq = self.next_seq.max(record.seq() + 1);
-        match record {
-            Record::Writing { path, seq } => {
-                let e = self.entry(path, *seq);
-                e.want = Want::Writing;
-                e.want_seq = *seq;
-            }
-            Record::Closed { path, seq } => {
-                let e = self.entry(path, *seq);
-                e.want = Want::Upload;
-                e.want_seq = *seq;
-                e.closed_at = Some(Instant::now());
-                e.failures = 0;
-                e.retry_at = None;
-                // The upload overwrites whatever the store has at this path.
-                self.deletes.remove(path);
-            }
-            Record::Uploaded { path, seq } => {
-                if let Some(e) = self.files.get_mut(path) {
-                    e.in_store = true;
-                    if e.want_seq == *seq {
-                        e.done_seq = *seq;
-                    }
-                }
-            }
-            Record::Broken { path, seq } => {
-                let e = self.entry(path, *seq);
-                e.want = Want::Broken;
-                e.want_seq = *seq;
-            }
-            Record::Removed { path, seq, store } => {
-                self.drop_entry(path);
-                if *store {
-                    self.deletes.insert(path.clone(), DeleteEntry::new(*seq));
-                }
-            }
-            Record::StoreDeleted { path, seq } => {
-                if self.deletes.get(path).is_some_and(|d| d.seq == *seq) {
-                    self.deletes.remove(path);
-                }
-            }
-            Record::Moved { from, to, seq, store } => {
-                // A directory moves with everything under it.
-                let moving: Vec<String> = self.files.keys().filter(|p| is_under(p, from)).cloned().collect();
-                for old in moving {
-                    let new = moved_path(&old, from, to);
-                    let Some(mut e) = self.files.remove(&old) else { continue };
-                    if *store || e.in_store {
-                        self.deletes.insert(old.clone(), DeleteEntry::new(*seq));
-                    }
-                    e.in_store = false;
-                    e.done_seq = 0;
-                    if e.want == Want::Upload {
-                        e.want_seq = *seq;
-                        e.closed_at.get_or_insert_with(Instant::now);
-                    }
-                    self.deletes.remove(&new);
-                    if let Some(replaced) = self.files.insert(new, e) {
-                        self.used = self.used.saturating_sub(replaced.size);
-                    }
-                }
-            }
-            Record::Evicted { path } => {
-                self.drop_entry(path);
-            }
-            Record::Fetched { path, seq } => {
-                let e = self.entry(path, *seq);
-                e.want = Want::Upload;
-                e.want_seq = *seq;
-                e.done_seq = *seq;
-                e.in_store = true;
-                e.closed_at = None;
-            }
-        }
-    }
-
-    /// Records that rebuild this state from nothing (for rewriting the journal).
-    pub fn snapshot(&self) -> Vec<Record> {
-        let mut out = Vec::new();
-        // Deletes first: a removal record drops any entry at its path, and a file written
-        // there since (still open) must survive the replay.
-        let mut deletes: Vec<(&String, &DeleteEntry)> = self.deletes.iter().collect();
-        deletes.sort_by_key(|(p, _)| *p);
-        for (path, d) in deletes {
-            out.push(Record::Removed {
-                path: path.clone(),
-                seq: d.seq,
-                store: true,
-            });
-        }
-        let mut paths: Vec<&String> = self.files.keys().collect();
-        paths.sort();
-        for path in paths {
-            let e = &self.files[path];
-            let path = path.clone();
-            let seq = e.want_seq;
-            match e.want {
-                Want::Writing => out.push(Record::Writing { path, seq }),
-                Want::Broken => out.push(Record::Broken { path, seq }),
-                Want::Upload if e.is_clean() => out.push(Record::Fetched { path, seq }),
-                Want::Upload => {
-                    out.push(Record::Closed {
-                        path: path.clone(),
-                        seq,
-                    });
-                    if e.in_store && e.done_seq != 0 {
-                        // Keep "the store has an older version" so a later rename deletes it.
-                        out.push(Record::Uploaded { path, seq: e.done_seq });
-                    }
-                }
-            }
-        }
-        out
-    }
-}
-
-/// Work for the uploader.
-#[derive(Debug, Clone)]
-pub enum Work {
-    Upload { path: String, seq: u64, size: u64 },
-    Delete { path: String, seq: u64 },
-}
+pub use super::writeback_state::{is_under, parent_of, DeleteEntry, Effects, FileEntry, Want, Work, WritebackState};
 
 /// Totals for the metrics.
 #[derive(Debug, Default, Clone, Copy)]
@@ -279,7 +36,7 @@ pub enum NoSpace {
 }
 
 pub struct Tracker {
-    state: Mutex<(State, Journal)>,
+    state: Mutex<(WritebackState, Journal)>,
     files_root: PathBuf,
     limit: u64,
     marker: Option<String>,
@@ -303,6 +60,11 @@ pub struct Recovery {
     pub untracked: Vec<String>,
 }
 
+const BOTH: Effects = Effects {
+    work_ready: true,
+    space_freed: true,
+};
+
 impl Tracker {
     /// Replays the journal at `journal_path`, reconciles it with the files under
     /// `files_root`, and rewrites the journal compactly.
@@ -312,12 +74,10 @@ impl Tracker {
         limit: u64,
         marker: Option<String>,
     ) -> io::Result<(Tracker, Recovery)> {
-        let mut state = State {
-            next_seq: 1,
-            ..Default::default()
-        };
+        let now = Instant::now();
+        let mut state = WritebackState::new(marker.clone());
         for record in Journal::read(journal_path)? {
-            state.apply(&record);
+            let _ = state.apply(&record, now);
         }
         let mut recovery = Recovery::default();
         // Local sizes, and files the journal does not know: a crash between a rename and
@@ -327,37 +87,40 @@ impl Tracker {
         let mut seen = std::collections::HashSet::new();
         for (path, size) in local {
             seen.insert(path.clone());
-            match state.files.get_mut(&path) {
-                Some(e) => e.size = size,
-                None => {
-                    let seq = state.next_seq;
-                    state.apply(&Record::Closed {
+            if state.file(&path).is_none() {
+                let seq = state.next_seq();
+                let _ = state.apply(
+                    &Record::Closed {
                         path: path.clone(),
                         seq,
-                    });
-                    if let Some(e) = state.files.get_mut(&path) {
-                        e.size = size;
-                    }
-                    recovery.untracked.push(path);
-                }
+                    },
+                    now,
+                );
+                recovery.untracked.push(path.clone());
             }
+            state.set_found_size(&path, size);
         }
-        let missing: Vec<String> = state.files.keys().filter(|p| !seen.contains(*p)).cloned().collect();
+        let missing: Vec<String> = state
+            .files()
+            .map(|(p, _)| p)
+            .filter(|p| !seen.contains(*p))
+            .cloned()
+            .collect();
         for path in missing {
-            if state.files.get(&path).is_some_and(|e| e.upload_pending()) {
+            if state.file(&path).is_some_and(|e| e.upload_pending()) {
                 recovery.lost.push(path.clone());
             }
-            state.files.remove(&path);
+            state.forget_missing(&path);
         }
-        state.used = state.files.values().map(|e| e.size).sum();
-        for (path, e) in &state.files {
+        for (path, e) in state.files() {
             match e.want {
                 Want::Writing => recovery.unfinished_writes.push(path.clone()),
                 Want::Upload if e.upload_pending() => recovery.pending_uploads += 1,
                 _ => {}
             }
         }
-        recovery.pending_deletes = state.deletes.len();
+        recovery.unfinished_writes.sort();
+        recovery.pending_deletes = state.deletes().count();
         let journal = Journal::rewrite(journal_path, &state.snapshot())?;
         Ok((
             Tracker {
@@ -374,8 +137,18 @@ impl Tracker {
         ))
     }
 
-    fn lock(&self) -> MutexGuard<'_, (State, Journal)> {
+    fn lock(&self) -> MutexGuard<'_, (WritebackState, Journal)> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes whoever `effects` concern.
+    fn wake(&self, effects: Effects) {
+        if effects.space_freed {
+            self.space_freed.notify_waiters();
+        }
+        if effects.work_ready {
+            self.work_ready.notify_one();
+        }
     }
 
     pub fn files_root(&self) -> &Path {
@@ -395,20 +168,19 @@ impl Tracker {
     }
 
     pub fn used(&self) -> u64 {
-        self.lock().0.used
+        self.lock().0.used()
     }
 
     pub fn marker(&self) -> Option<&str> {
         self.marker.as_deref()
     }
 
-    /// Applies `make(seq)` with a fresh version number and journals it.
-    fn record(&self, make: impl FnOnce(u64) -> Record) -> io::Result<()> {
+    /// Journals `make(seq)` with a fresh version number and applies it.
+    fn record(&self, make: impl FnOnce(u64) -> Record) -> io::Result<Effects> {
         let mut guard = self.lock();
         let (state, journal) = &mut *guard;
-        let record = make(state.next_seq);
-        commit_record(state, journal, &record)?;
-        Ok(())
+        let record = make(state.next_seq());
+        commit_record(state, journal, &record)
     }
 
     pub fn sync_journal(&self) -> io::Result<()> {
@@ -419,58 +191,53 @@ impl Tracker {
     pub fn begin_write(&self, path: &str) -> io::Result<()> {
         let mut guard = self.lock();
         let (state, journal) = &mut *guard;
-        let seq = state.next_seq;
-        let needs_record = state.files.get(path).is_none_or(|e| e.want != Want::Writing);
-        if needs_record {
+        if state.file(path).is_none_or(|e| e.want != Want::Writing) {
             let record = Record::Writing {
                 path: path.to_string(),
-                seq,
+                seq: state.next_seq(),
             };
-            commit_record(state, journal, &record)?;
+            let _ = commit_record(state, journal, &record)?;
         }
-        let e = state.entry(path, seq);
-        e.writers += 1;
-        e.last_used = Instant::now();
+        state.writer_opened(path, Instant::now());
         Ok(())
     }
 
     /// A writing handle of `path` was closed: the bytes written so far are a version for
     /// the store. `size` is the local file's size now.
     pub fn closed(&self, path: &str, size: u64) -> io::Result<()> {
-        {
+        let effects = {
             let mut guard = self.lock();
             let (state, journal) = &mut *guard;
-            let Some(e) = state.files.get(path) else { return Ok(()) };
+            let Some(e) = state.file(path) else { return Ok(()) };
+            let mut effects = Effects::default();
             if e.want == Want::Writing {
                 let record = Record::Closed {
                     path: path.to_string(),
-                    seq: state.next_seq,
+                    seq: state.next_seq(),
                 };
-                commit_record(state, journal, &record)?;
+                effects = commit_record(state, journal, &record)?;
             }
-            Self::set_size_locked(state, path, size);
-        }
-        self.work_ready.notify_one();
+            let _ = state.set_size(path, size);
+            effects
+        };
+        self.wake(Effects {
+            work_ready: true,
+            ..effects
+        });
         Ok(())
     }
 
     /// A writing handle of `path` was released (the last reference to its open file).
     pub fn end_write(&self, path: &str) {
-        {
-            let mut guard = self.lock();
-            if let Some(e) = guard.0.files.get_mut(path) {
-                e.writers = e.writers.saturating_sub(1);
-                e.last_used = Instant::now();
-            }
-        }
-        self.work_ready.notify_one();
+        let effects = self.lock().0.writer_released(path, Instant::now());
+        self.wake(effects);
     }
 
     /// A write to `path` failed: this version must never reach the store.
     pub fn broken(&self, path: &str) -> io::Result<()> {
-        let known = self.lock().0.files.get(path).is_some_and(|e| e.want != Want::Broken);
+        let known = self.lock().0.file(path).is_some_and(|e| e.want != Want::Broken);
         if known {
-            self.record(|seq| Record::Broken {
+            let _ = self.record(|seq| Record::Broken {
                 path: path.to_string(),
                 seq,
             })?;
@@ -480,12 +247,14 @@ impl Tracker {
 
     /// A file that exists only in the store was copied into the area.
     pub fn fetched(&self, path: &str, size: u64) -> io::Result<()> {
-        self.record(|seq| Record::Fetched {
-            path: path.to_string(),
-            seq,
-        })?;
         let mut guard = self.lock();
-        Self::set_size_locked(&mut guard.0, path, size);
+        let (state, journal) = &mut *guard;
+        let record = Record::Fetched {
+            path: path.to_string(),
+            seq: state.next_seq(),
+        };
+        let _ = commit_record(state, journal, &record)?;
+        let _ = state.set_size(path, size);
         Ok(())
     }
 
@@ -493,15 +262,17 @@ impl Tracker {
     pub fn removed(&self, path: &str, in_store: bool) -> io::Result<()> {
         let store = {
             let guard = self.lock();
-            in_store || guard.0.uploading.contains(path) || guard.0.files.get(path).is_some_and(|e| e.in_store)
+            in_store || guard.0.is_uploading(path) || guard.0.file(path).is_some_and(|e| e.in_store)
         };
-        self.record(|seq| Record::Removed {
+        let effects = self.record(|seq| Record::Removed {
             path: path.to_string(),
             seq,
             store,
         })?;
-        self.space_freed.notify_waiters();
-        self.work_ready.notify_one();
+        self.wake(Effects {
+            space_freed: true,
+            ..effects
+        });
         Ok(())
     }
 
@@ -510,63 +281,39 @@ impl Tracker {
         let store = {
             let guard = self.lock();
             let state = &guard.0;
-            state.uploading.iter().any(|p| is_under(p, from))
-                || state.files.iter().any(|(p, e)| is_under(p, from) && e.in_store)
+            state.uploading_under(from) || state.files().any(|(p, e)| is_under(p, from) && e.in_store)
         };
-        self.record(|seq| Record::Moved {
+        let effects = self.record(|seq| Record::Moved {
             from: from.to_string(),
             to: to.to_string(),
             seq,
             store,
         })?;
-        self.work_ready.notify_one();
+        self.wake(effects);
         Ok(())
-    }
-
-    fn set_size_locked(state: &mut State, path: &str, size: u64) {
-        if let Some(e) = state.files.get_mut(path) {
-            state.used = state.used.saturating_sub(e.size) + size;
-            e.size = size;
-        }
     }
 
     /// Sets the accounted size of `path` (after a truncate, or from the file itself).
     pub fn set_size(&self, path: &str, size: u64) {
-        let shrank = {
-            let mut guard = self.lock();
-            let before = guard.0.used;
-            Self::set_size_locked(&mut guard.0, path, size);
-            guard.0.used < before
-        };
-        if shrank {
-            self.space_freed.notify_waiters();
-        }
+        let effects = self.lock().0.set_size(path, size);
+        self.wake(effects);
     }
 
     /// Reserves room for `path` to grow to `end` bytes; false when the area is full.
     pub fn try_grow(&self, path: &str, end: u64) -> Result<bool, NoSpace> {
         let mut guard = self.lock();
         let state = &mut guard.0;
-        let Some(e) = state.files.get_mut(path) else {
+        let Some(e) = state.file(path) else {
             return Ok(true);
         };
-        if end <= e.size {
-            return Ok(true);
-        }
-        if end > self.limit {
+        if end > e.size && end > self.limit {
             return Err(NoSpace::TooLarge {
                 path: path.to_string(),
                 needed: end,
                 limit: self.limit,
             });
         }
-        let delta = end - e.size;
-        if state.used + delta > self.limit {
-            return Ok(false);
-        }
-        e.size = end;
-        state.used += delta;
-        Ok(true)
+        Ok(state.try_grow(path, end, self.limit))
     }
 
     /// Files whose local copies can be dropped (uploaded, not open for writing), least
@@ -576,9 +323,8 @@ impl Tracker {
         let guard = self.lock();
         let state = &guard.0;
         let mut candidates: Vec<(bool, Instant, String, u64)> = state
-            .files
-            .iter()
-            .filter(|(p, e)| e.is_clean() && e.writers == 0 && !state.uploading.contains(*p))
+            .files()
+            .filter(|(p, e)| e.is_clean() && e.writers == 0 && !state.is_uploading(p))
             .map(|(p, e)| {
                 let protected = latest.as_deref().is_some_and(|dir| is_under(p, dir));
                 (protected, e.last_used, p.clone(), e.size)
@@ -592,8 +338,8 @@ impl Tracker {
     pub fn evict(&self, path: &str) -> io::Result<u64> {
         let mut guard = self.lock();
         let (state, journal) = &mut *guard;
-        let Some(e) = state.files.get(path) else { return Ok(0) };
-        if !(e.is_clean() && e.writers == 0 && !state.uploading.contains(path)) {
+        let Some(e) = state.file(path) else { return Ok(0) };
+        if !(e.is_clean() && e.writers == 0 && !state.is_uploading(path)) {
             return Ok(0);
         }
         let size = e.size;
@@ -603,20 +349,23 @@ impl Tracker {
             Err(err) => return Err(err),
         }
         let record = Record::Evicted { path: path.to_string() };
-        commit_record(state, journal, &record)?;
+        let effects = commit_record(state, journal, &record)?;
         drop(guard);
-        self.space_freed.notify_waiters();
+        self.wake(Effects {
+            space_freed: true,
+            ..effects
+        });
         Ok(size)
     }
 
     /// Whether the store's object at `path` is being deleted (so the mount must not show it).
     pub fn deleting(&self, path: &str) -> bool {
-        self.lock().0.deletes.contains_key(path)
+        self.lock().0.deleting(path)
     }
 
     /// The local state of `path`, if it has any.
     pub fn entry(&self, path: &str) -> Option<FileEntry> {
-        self.lock().0.files.get(path).cloned()
+        self.lock().0.file(path).cloned()
     }
 
     pub fn set_latest_commit(&self, dir: Option<String>) {
@@ -631,10 +380,9 @@ impl Tracker {
     pub fn settled_under(&self, dir: &str) -> bool {
         let guard = self.lock();
         let state = &guard.0;
-        !state.uploading.iter().any(|p| is_under(p, dir))
+        !state.uploading_under(dir)
             && state
-                .files
-                .iter()
+                .files()
                 .filter(|(p, _)| is_under(p, dir))
                 .all(|(_, e)| e.is_clean() && e.writers == 0)
     }
@@ -643,10 +391,16 @@ impl Tracker {
     pub fn forget_under(&self, dir: &str) -> io::Result<()> {
         let paths: Vec<String> = {
             let guard = self.lock();
-            guard.0.files.keys().filter(|p| is_under(p, dir)).cloned().collect()
+            guard
+                .0
+                .files()
+                .map(|(p, _)| p)
+                .filter(|p| is_under(p, dir))
+                .cloned()
+                .collect()
         };
         for path in paths {
-            self.record(|seq| Record::Removed {
+            let _ = self.record(|seq| Record::Removed {
                 path,
                 seq,
                 store: false,
@@ -658,135 +412,68 @@ impl Tracker {
 
     /// Whether `path` is a commit marker, and so a checkpoint's last file.
     pub fn marks_commit(&self, path: &str) -> bool {
-        let name = path.rsplit('/').next().unwrap_or(path);
-        self.marker.as_deref() == Some(name)
+        self.lock().0.marks_commit(path)
     }
 
     /// Up to `max` pieces of work that may start now, marking them busy. A marker is
     /// uploadable only when everything else under its directory is in the store.
     pub fn take_work(&self, max: usize) -> Vec<Work> {
-        let now = Instant::now();
-        let mut guard = self.lock();
-        let state = &mut guard.0;
-        let mut work = Vec::new();
-        let ready = |retry_at: Option<Instant>| retry_at.is_none_or(|t| t <= now);
-        for (path, d) in state.deletes.iter_mut() {
-            if work.len() >= max {
-                break;
-            }
-            if !d.busy && ready(d.retry_at) {
-                // Not while an upload of the same key runs: the delete would remove it.
-                if state.uploading.contains(path) {
-                    continue;
-                }
-                d.busy = true;
-                work.push(Work::Delete {
-                    path: path.clone(),
-                    seq: d.seq,
-                });
-            }
-        }
-        let mut candidates: Vec<(String, u64, u64)> = state
-            .files
-            .iter()
-            .filter(|(p, e)| {
-                e.upload_pending()
-                    && e.writers == 0
-                    && !state.uploading.contains(*p)
-                    && ready(e.retry_at)
-                    && !state.deletes.contains_key(*p)
-            })
-            .map(|(p, e)| (p.clone(), e.want_seq, e.size))
-            .collect();
-        // Oldest versions first: checkpoints reach the store in the order they were written.
-        candidates.sort_by_key(|(_, seq, _)| *seq);
-        for (path, seq, size) in candidates {
-            if work.len() >= max {
-                break;
-            }
-            if self.marks_commit(&path) {
-                let dir = parent_of(&path);
-                let others_done = state
-                    .files
-                    .iter()
-                    .filter(|(p, _)| **p != path && is_under(p, dir))
-                    .all(|(p, e)| e.is_clean() && !state.uploading.contains(p))
-                    && !state.uploading.iter().any(|p| is_under(p, dir))
-                    && !state.deletes.keys().any(|p| is_under(p, dir) && p != &path);
-                if !others_done {
-                    continue;
-                }
-            }
-            state.uploading.insert(path.clone());
-            work.push(Work::Upload { path, seq, size });
-        }
-        work
+        self.lock().0.take_work(max, Instant::now())
     }
 
     /// An upload finished (`ok`) or failed; failures retry after a growing pause.
     pub fn upload_finished(&self, path: &str, seq: u64, ok: bool) -> io::Result<()> {
-        if ok {
+        {
             let mut guard = self.lock();
             let (state, journal) = &mut *guard;
-            state.uploading.remove(path);
-            let record = Record::Uploaded {
-                path: path.to_string(),
-                seq,
-            };
-            commit_record(state, journal, &record)?;
-            if let Some(e) = state.files.get_mut(path) {
-                e.failures = 0;
-                e.retry_at = None;
-            }
-        } else {
-            let mut guard = self.lock();
-            guard.0.uploading.remove(path);
-            if let Some(e) = guard.0.files.get_mut(path) {
-                e.failures += 1;
-                e.retry_at = Some(Instant::now() + backoff(e.failures));
+            if ok {
+                state.upload_ended(path);
+                let record = Record::Uploaded {
+                    path: path.to_string(),
+                    seq,
+                };
+                let _ = commit_record(state, journal, &record)?;
+            } else {
+                let _ = state.upload_failed(path, Instant::now(), backoff);
             }
         }
-        self.space_freed.notify_waiters();
-        self.work_ready.notify_one();
+        // Either way: a writer waiting for room re-checks whether uploads can still free it.
+        self.wake(BOTH);
         Ok(())
     }
 
     /// A delete finished (`ok`) or failed.
     pub fn delete_finished(&self, path: &str, seq: u64, ok: bool) -> io::Result<()> {
-        let mut guard = self.lock();
-        let (state, journal) = &mut *guard;
-        if ok {
-            let record = Record::StoreDeleted {
-                path: path.to_string(),
-                seq,
-            };
-            commit_record(state, journal, &record)?;
-        }
-        if let Some(d) = state.deletes.get_mut(path) {
-            d.busy = false;
-            if !ok {
-                d.failures += 1;
-                d.retry_at = Some(Instant::now() + backoff(d.failures));
+        {
+            let mut guard = self.lock();
+            let (state, journal) = &mut *guard;
+            if ok {
+                let record = Record::StoreDeleted {
+                    path: path.to_string(),
+                    seq,
+                };
+                let _ = commit_record(state, journal, &record)?;
             }
+            state.delete_ended(path, ok, Instant::now(), backoff);
         }
-        drop(guard);
         self.work_ready.notify_one();
         Ok(())
     }
 
     /// When the version of `path` being uploaded was closed.
     pub fn closed_at(&self, path: &str) -> Option<Instant> {
-        self.lock().0.files.get(path).and_then(|e| e.closed_at)
+        self.lock().0.file(path).and_then(|e| e.closed_at)
     }
 
+    /// Totals for the metrics (a scan: the metrics are read every few seconds, not per write).
     pub fn pending(&self) -> Pending {
         let now = Instant::now();
         let guard = self.lock();
         let mut p = Pending {
-            deletes: guard.0.deletes.len() as u64,
+            deletes: guard.0.deletes().count() as u64,
             ..Default::default()
         };
-        for e in guard.0.files.values().filter(|e| e.upload_pending()) {
+        for (_, e) in guard.0.files().filter(|(_, e)| e.upload_pending()) {
             p.files += 1;
             p.bytes += e.size;
             if let Some(t) = e.closed_at {
@@ -813,16 +500,12 @@ impl Tracker {
         if self.committing.load(std::sync::atomic::Ordering::Acquire) > 0 {
             return false;
         }
-        let guard = self.lock();
-        guard.0.deletes.is_empty()
-            && guard.0.uploading.is_empty()
-            && !guard.0.files.values().any(|e| e.upload_pending())
+        self.lock().0.idle()
     }
 
     /// Whether any upload could still free space (so a waiting writer should keep waiting).
     pub fn uploads_outstanding(&self) -> bool {
-        let guard = self.lock();
-        !guard.0.uploading.is_empty() || guard.0.files.values().any(|e| e.upload_pending())
+        self.lock().0.uploads_outstanding()
     }
 }
 
@@ -831,14 +514,14 @@ impl Tracker {
 const COMPACT_AFTER: u64 = 100_000;
 
 /// Journals `record` and applies it; compacts the journal when it has grown long.
-fn commit_record(state: &mut State, journal: &mut Journal, record: &Record) -> io::Result<()> {
+fn commit_record(state: &mut WritebackState, journal: &mut Journal, record: &Record) -> io::Result<Effects> {
     journal.append(record)?;
-    state.apply(record);
+    let effects = state.apply(record, Instant::now());
     if journal.appended() > COMPACT_AFTER {
         let path = journal.path().to_path_buf();
         *journal = Journal::rewrite(&path, &state.snapshot())?;
     }
-    Ok(())
+    Ok(effects)
 }
 
 /// 1 s, 2 s, 4 s … up to 30 s between attempts: a store outage costs few requests, and its
@@ -991,10 +674,8 @@ mod tests {
     #[test]
     fn a_compacted_journal_replays_to_the_same_state() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut state = State {
-            next_seq: 1,
-            ..Default::default()
-        };
+        let now = Instant::now();
+        let mut state = WritebackState::new(None);
         let records = [
             Record::Closed {
                 path: "a".into(),
@@ -1032,26 +713,23 @@ mod tests {
             },
         ];
         for r in &records {
-            state.apply(r);
+            let _ = state.apply(r, now);
         }
         let path = dir.path().join("j");
         drop(Journal::rewrite(&path, &state.snapshot()).expect("rewrite"));
-        let mut replayed = State::default();
+        let mut replayed = WritebackState::new(None);
         for r in Journal::read(&path).expect("read") {
-            replayed.apply(&r);
+            let _ = replayed.apply(&r, now);
         }
-        assert!(
-            replayed.deletes.contains_key("a"),
-            "the old object of a is still to be deleted"
-        );
-        assert_eq!(replayed.files["a"].want, Want::Writing);
-        let b = &replayed.files["b"];
+        assert!(replayed.deleting("a"), "the old object of a is still to be deleted");
+        assert_eq!(replayed.file("a").expect("a").want, Want::Writing);
+        let b = replayed.file("b").expect("b");
         assert!(
             b.upload_pending() && b.in_store,
             "b: a newer version to upload over an older one"
         );
-        assert_eq!(replayed.files["c"].want, Want::Broken);
-        assert_eq!(replayed.next_seq, state.next_seq);
+        assert_eq!(replayed.file("c").expect("c").want, Want::Broken);
+        assert_eq!(replayed.next_seq(), state.next_seq());
     }
 
     #[test]
