@@ -18,6 +18,8 @@ pub enum FsError {
     ReadOnly,
     #[error("unknown inode or file handle {0} (the kernel asked for something this mount never gave out)")]
     Stale(u64),
+    #[error("unknown file handle {0} (not open, or already released)")]
+    BadHandle(u64),
     #[error("no such extended attribute")]
     NoAttribute,
     #[error("{0:?} changed in the source store while it was open; open it again")]
@@ -38,6 +40,7 @@ impl FsError {
             FsError::IsADirectory(_) => Errno::EISDIR,
             FsError::ReadOnly => Errno::EROFS,
             FsError::Stale(_) => Errno::ESTALE,
+            FsError::BadHandle(_) => Errno::EBADF,
             FsError::NoAttribute => Errno::NO_XATTR,
             // A file replaced under an open handle: the bytes the reader had are gone.
             FsError::Changed(_) => Errno::ESTALE,

@@ -1,19 +1,16 @@
-//! The FUSE filesystem of a dataset: kernel requests in, answers out. Each request is
-//! answered from memory when it can be, and otherwise on the async runtime, so a slow
-//! fetch never holds a FUSE thread and many reads run at once.
+//! The dataset filesystem's logic: what each request means, as async functions returning
+//! `Result<_, FsError>`, with no FUSE reply in sight, so every line of it runs in a unit test
+//! without root or a mount. [`super::fuse_adapter`] turns kernel requests into these calls
+//! and their results into replies.
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
-};
-use tokio::runtime::Handle;
+use fuser::{BackingId, FileAttr, FileType, INodeNo};
 
 use super::block_fetch::BlockFetcher;
 use super::error::FsError;
@@ -23,7 +20,6 @@ use super::io_modes::{IoModes, Opened};
 use super::metadata::{name_of, parent_of, DirListing, Metadata};
 use super::readahead::Readahead;
 use super::warm_ahead::WarmAhead;
-use crate::metrics::dataset::{ErrnoLabel, OpLabel, OriginLabel};
 use granary_cache::block::block_range;
 use granary_cache::proto::FileInfo;
 
@@ -41,12 +37,6 @@ struct OpenFile {
     info: FileInfo,
     readahead: Mutex<Readahead>,
     ino: u64,
-}
-
-/// What the request tasks need of the filesystem besides its data: attributes and metrics.
-struct Shared {
-    ownership: Ownership,
-    metrics: Arc<crate::metrics::FuseMetrics>,
 }
 
 struct OpenDir {
@@ -75,17 +65,49 @@ impl Incarnation {
     }
 }
 
+/// An inode with the attributes the kernel is told, for the attribute TTL.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub attr: FileAttr,
+    pub ttl: Duration,
+}
+
+/// How an open file is read.
+#[derive(Debug)]
+pub enum OpenedFile {
+    /// Through the daemon; blocks of a version never change, so the page cache may stay.
+    Cached { fh: u64 },
+    /// By the kernel from a complete local file.
+    Passthrough { fh: u64, backing: Arc<BackingId> },
+}
+
+/// One entry of a directory walk, with the kernel offset that comes after it.
+#[derive(Debug)]
+pub struct DirItem<'a> {
+    pub ino: u64,
+    pub next: u64,
+    pub name: &'a str,
+    pub kind: FileType,
+    /// The attributes, for readdirplus.
+    pub attr: Option<FileAttr>,
+}
+
+/// A dataset mount's state and logic. Cheap to clone: the adapter hands a clone to each
+/// request's task.
+#[derive(Clone)]
 pub struct DatasetFs {
-    pub(super) runtime: Handle,
-    pub(super) metadata: Arc<Metadata>,
-    pub(super) fetcher: Arc<BlockFetcher>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    metadata: Arc<Metadata>,
+    fetcher: Arc<BlockFetcher>,
     warm_ahead: Arc<WarmAhead>,
-    inodes: Arc<Inodes>,
-    files: Arc<Handles<OpenFile>>,
-    dirs: Arc<Handles<OpenDir>>,
-    io_modes: Arc<IoModes>,
-    shared: Arc<Shared>,
-    want_passthrough: bool,
+    inodes: Inodes,
+    files: Handles<OpenFile>,
+    dirs: Handles<OpenDir>,
+    io_modes: IoModes,
+    ownership: Ownership,
     /// Passthrough was asked for, and the kernel agreed at init.
     passthrough: Arc<AtomicBool>,
     max_readahead: u64,
@@ -110,116 +132,59 @@ fn child_path(parent: &str, name: &OsStr) -> Result<String, FsError> {
     })
 }
 
+fn file_type(info: &FileInfo) -> FileType {
+    if info.is_dir {
+        FileType::Directory
+    } else {
+        FileType::RegularFile
+    }
+}
+
+/// An inode number for an entry the kernel holds no reference to, outside the range the
+/// inode table hands out.
+fn stand_in_ino(path: &str) -> u64 {
+    (1 << 63) | (xxhash_rust::xxh3::xxh3_64(path.as_bytes()) >> 1)
+}
+
 impl DatasetFs {
-    // The parts build_fs assembles, one argument each; a struct would only rename them.
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        runtime: Handle,
         metadata: Arc<Metadata>,
         fetcher: Arc<BlockFetcher>,
         warm_ahead: Arc<WarmAhead>,
         ownership: Ownership,
-        passthrough: bool,
         max_readahead: u64,
         incarnation: Incarnation,
     ) -> Self {
-        let shared = Arc::new(Shared {
-            ownership,
-            metrics: Arc::clone(&fetcher.metrics),
-        });
         DatasetFs {
-            runtime,
-            metadata,
-            fetcher,
-            warm_ahead,
-            inodes: Arc::new(incarnation.inodes),
-            files: Arc::new(Handles::with_epoch(incarnation.epoch)),
-            dirs: Arc::new(Handles::with_epoch(incarnation.epoch)),
-            io_modes: Arc::new(IoModes::default()),
-            shared,
-            want_passthrough: passthrough,
-            passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
-            max_readahead,
+            inner: Arc::new(Inner {
+                metadata,
+                fetcher,
+                warm_ahead,
+                inodes: incarnation.inodes,
+                files: Handles::with_epoch(incarnation.epoch),
+                dirs: Handles::with_epoch(incarnation.epoch),
+                io_modes: IoModes::default(),
+                ownership,
+                passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
+                max_readahead,
+            }),
         }
     }
 
     /// Whether the kernel agreed to passthrough (shared with the mount, which hands it on).
     pub fn passthrough_flag(&self) -> Arc<AtomicBool> {
-        Arc::clone(&self.passthrough)
+        Arc::clone(&self.inner.passthrough)
     }
 
-    fn observer(&self) -> Arc<Shared> {
-        Arc::clone(&self.shared)
+    /// How long the kernel may keep attributes and entries.
+    pub fn kernel_ttl(&self) -> Duration {
+        self.inner.metadata.kernel_ttl()
     }
 
-    fn observe(&self, op: &'static str, started: Instant, result: Result<(), &FsError>) {
-        self.shared.observe(op, started, result)
+    pub(super) fn metrics(&self) -> &Arc<crate::metrics::FuseMetrics> {
+        &self.inner.fetcher.metrics
     }
 
-    /// What the kernel's inode `ino` is, with attributes refreshed when they are stale.
-    async fn fresh_info(metadata: &Metadata, inodes: &Inodes, ino: u64) -> Result<Arc<FileInfo>, FsError> {
-        let known = inodes.get(ino).ok_or(FsError::Stale(ino))?;
-        let info = metadata.stat(&known.path).await?;
-        if !Arc::ptr_eq(&info, &known) {
-            inodes.update(ino, Arc::clone(&info));
-        }
-        Ok(info)
-    }
-}
-
-/// The open file behind `fh`; a handle the previous daemon gave out (before a restart) is
-/// taken over from its inode.
-async fn open_file_of(
-    files: &Handles<OpenFile>,
-    metadata: &Metadata,
-    inodes: &Inodes,
-    fh: u64,
-    ino: u64,
-    max_readahead: u64,
-) -> Result<Arc<OpenFile>, FsError> {
-    if let Some(file) = files.get(fh) {
-        return Ok(file);
-    }
-    if !files.is_inherited(fh) {
-        return Err(FsError::Stale(fh));
-    }
-    let info = DatasetFs::fresh_info(metadata, inodes, ino).await?;
-    Ok(files.adopt(
-        fh,
-        OpenFile {
-            info: (*info).clone(),
-            readahead: Mutex::new(Readahead::new(info.block_size, max_readahead)),
-            ino,
-        },
-    ))
-}
-
-/// The open directory behind `fh`, taken over like [`open_file_of`].
-async fn open_dir_of(
-    dirs: &Handles<OpenDir>,
-    metadata: &Metadata,
-    inodes: &Inodes,
-    fh: u64,
-    ino: u64,
-) -> Result<Arc<OpenDir>, FsError> {
-    if let Some(dir) = dirs.get(fh) {
-        return Ok(dir);
-    }
-    if !dirs.is_inherited(fh) {
-        return Err(FsError::Stale(fh));
-    }
-    let info = DatasetFs::fresh_info(metadata, inodes, ino).await?;
-    Ok(dirs.adopt(
-        fh,
-        OpenDir {
-            listing: metadata.listing(&info.path),
-            path: info.path.clone(),
-            ino,
-        },
-    ))
-}
-
-impl Shared {
     fn attr(&self, ino: u64, info: &FileInfo) -> FileAttr {
         let mtime = UNIX_EPOCH + Duration::from_nanos(info.mtime_unix_nanos.max(0) as u64);
         let (kind, perm, nlink) = if info.is_dir {
@@ -238,32 +203,330 @@ impl Shared {
             kind,
             perm,
             nlink,
-            uid: self.ownership.uid,
-            gid: self.ownership.gid,
+            uid: self.inner.ownership.uid,
+            gid: self.inner.ownership.gid,
             rdev: 0,
             blksize: 1 << 20,
             flags: 0,
         }
     }
 
-    fn observe(&self, op: &'static str, started: Instant, result: Result<(), &FsError>) {
-        let m = &self.metrics;
-        m.ops.get_or_create(&OpLabel { op }).inc();
-        m.op_duration
-            .get_or_create(&OpLabel { op })
-            .observe(started.elapsed().as_secs_f64());
-        if let Err(e) = result {
-            if let FsError::Io { .. } | FsError::PermissionDenied { .. } = e {
-                tracing::warn!(op, error = %e, "answering with an error");
+    /// What the kernel's inode `ino` is, with attributes refreshed when they are stale.
+    async fn fresh_info(&self, ino: u64) -> Result<Arc<FileInfo>, FsError> {
+        let inner = &self.inner;
+        let known = inner.inodes.get(ino).ok_or(FsError::Stale(ino))?;
+        let info = inner.metadata.stat(&known.path).await?;
+        if !Arc::ptr_eq(&info, &known) {
+            inner.inodes.update(ino, Arc::clone(&info));
+        }
+        Ok(info)
+    }
+
+    /// `name` in the directory `parent`, with one more kernel reference on its inode.
+    pub async fn lookup(&self, parent: u64, name: &OsStr) -> Result<Entry, FsError> {
+        let inner = &self.inner;
+        let parent_info = inner.inodes.get(parent).ok_or(FsError::Stale(parent))?;
+        let path = child_path(&parent_info.path, name)?;
+        let info = inner.metadata.stat(&path).await?;
+        let ino = inner.inodes.remember(Arc::clone(&info));
+        Ok(Entry {
+            attr: self.attr(ino, &info),
+            ttl: inner.metadata.kernel_ttl(),
+        })
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        self.inner.inodes.forget(ino, nlookup);
+    }
+
+    pub async fn getattr(&self, ino: u64) -> Result<Entry, FsError> {
+        let info = self.fresh_info(ino).await?;
+        Ok(Entry {
+            attr: self.attr(ino, &info),
+            ttl: self.inner.metadata.kernel_ttl(),
+        })
+    }
+
+    /// Opens `ino` for reading. A file wholly in the node-local cache is handed to the kernel
+    /// to read itself when `backing` registers it (passthrough); `write` is refused.
+    pub async fn open(
+        &self,
+        ino: u64,
+        write: bool,
+        backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
+    ) -> Result<OpenedFile, FsError> {
+        if write {
+            return Err(FsError::ReadOnly);
+        }
+        let inner = &self.inner;
+        let info = self.fresh_info(ino).await?;
+        if info.is_dir {
+            return Err(FsError::IsADirectory(info.path.clone()));
+        }
+        if info.size <= info.block_size {
+            let dir = parent_of(&info.path);
+            inner.warm_ahead.opened(dir, || inner.metadata.listing(dir));
+        }
+        let local_file = if inner.passthrough.load(Ordering::Acquire) {
+            inner.fetcher.local.as_ref().and_then(|l| l.open_complete(&info))
+        } else {
+            None
+        };
+        let opened = inner.io_modes.open(ino, || {
+            let file = local_file?;
+            match backing(&file) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(path = %info.path, error = %e, "the kernel refused a passthrough backing file; reading through the daemon");
+                    None
+                }
             }
-            m.op_errors
-                .get_or_create(&ErrnoLabel {
-                    op,
-                    errno: e.errno().code(),
-                })
-                .inc();
+        });
+        let fh = inner.files.insert(OpenFile {
+            info: (*info).clone(),
+            readahead: Mutex::new(Readahead::new(info.block_size, inner.max_readahead)),
+            ino,
+        });
+        Ok(match opened {
+            Opened::Passthrough(backing) => OpenedFile::Passthrough { fh, backing },
+            Opened::Cached => OpenedFile::Cached { fh },
+        })
+    }
+
+    /// The open file behind `fh`; a handle the previous daemon gave out (before a restart)
+    /// is taken over from its inode.
+    async fn open_file(&self, fh: u64, ino: u64) -> Result<Arc<OpenFile>, FsError> {
+        let inner = &self.inner;
+        if let Some(file) = inner.files.get(fh) {
+            return Ok(file);
+        }
+        if !inner.files.is_inherited(fh) {
+            return Err(FsError::BadHandle(fh));
+        }
+        let info = self.fresh_info(ino).await?;
+        Ok(inner.files.adopt(
+            fh,
+            OpenFile {
+                info: (*info).clone(),
+                readahead: Mutex::new(Readahead::new(info.block_size, inner.max_readahead)),
+                ino,
+            },
+        ))
+    }
+
+    /// Reads `size` bytes at `offset` of the open file `fh`. The readahead decision is made
+    /// when this is called, in the kernel's order, before the reads run concurrently; the
+    /// returned future fetches. Call it on the thread that received the request.
+    pub fn read(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> impl std::future::Future<Output = Result<Bytes, FsError>> + Send + 'static {
+        let fs = self.clone();
+        let known = self.inner.files.get(fh);
+        let ahead = known.as_ref().map(|file| plan_read(file, offset, size));
+        async move {
+            let (file, ahead) = match (known, ahead) {
+                (Some(file), Some(ahead)) => (file, ahead),
+                // Opened before this daemon took the mount over: rebuild the handle first.
+                _ => {
+                    let file = fs.open_file(fh, ino).await?;
+                    let ahead = plan_read(&file, offset, size);
+                    (file, ahead)
+                }
+            };
+            let Some(ahead) = ahead else { return Ok(Bytes::new()) };
+            fs.serve_read(&file, offset, size, ahead).await
         }
     }
+
+    async fn serve_read(
+        &self,
+        file: &OpenFile,
+        offset: u64,
+        size: u32,
+        ahead: super::readahead::Ahead,
+    ) -> Result<Bytes, FsError> {
+        let fetcher = &self.inner.fetcher;
+        let info = &file.info;
+        let end = offset.saturating_add(size as u64).min(info.size);
+        let fetch = ahead.fetch.start..ahead.fetch.end.min(info.size);
+        if !fetch.is_empty() {
+            let bs = info.block_size.max(1);
+            for index in (fetch.start / bs)..=((fetch.end - 1) / bs) {
+                fetcher.prefetch(info, index);
+            }
+        }
+        let data = read_range(fetcher, info, offset, end).await.inspect_err(|e| {
+            tracing::warn!(path = %info.path, offset, error = %e, "read failed");
+        })?;
+        if ahead.streaming {
+            drop_behind(fetcher, info, end);
+        }
+        fetcher.metrics.reply_bytes.inc_by(data.len() as u64);
+        Ok(data)
+    }
+
+    pub fn release(&self, fh: u64) {
+        if let Some(file) = self.inner.files.remove(fh) {
+            self.inner.io_modes.release(file.ino);
+        }
+    }
+
+    pub async fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        let info = self.fresh_info(ino).await?;
+        if !info.is_dir {
+            return Err(FsError::NotADirectory(info.path.clone()));
+        }
+        let listing = self.inner.metadata.listing(&info.path);
+        Ok(self.inner.dirs.insert(OpenDir {
+            listing,
+            path: info.path.clone(),
+            ino,
+        }))
+    }
+
+    /// The open directory behind `fh`, taken over like [`Self::open_file`].
+    async fn open_dir(&self, fh: u64, ino: u64) -> Result<Arc<OpenDir>, FsError> {
+        let inner = &self.inner;
+        if let Some(dir) = inner.dirs.get(fh) {
+            return Ok(dir);
+        }
+        if !inner.dirs.is_inherited(fh) {
+            return Err(FsError::Stale(fh));
+        }
+        let info = self.fresh_info(ino).await?;
+        Ok(inner.dirs.adopt(
+            fh,
+            OpenDir {
+                listing: inner.metadata.listing(&info.path),
+                path: info.path.clone(),
+                ino,
+            },
+        ))
+    }
+
+    /// Walks the open directory `fh` from the kernel's `offset`, giving `add` each entry until
+    /// it says the reply is full. Offsets: 1 is ".", 2 is "..", 3 + i is entry i of the
+    /// listing, which is waited for while it streams in. With `plus`, entries carry their
+    /// attributes and take a kernel reference (one that did not fit is given back).
+    pub async fn readdir(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        plus: bool,
+        mut add: impl FnMut(DirItem<'_>) -> bool,
+    ) -> Result<(), FsError> {
+        let inodes = &self.inner.inodes;
+        let dir = self.open_dir(fh, ino).await?;
+        let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
+        // "." and ".." carry attributes but take no reference.
+        if offset == 0 {
+            // With readdirplus, "." is left out if its inode is gone.
+            let attr = match plus {
+                true => inodes.get(dir.ino).map(|info| Some(self.attr(dir.ino, &info))),
+                false => Some(None),
+            };
+            if let Some(attr) = attr {
+                let item = DirItem {
+                    ino: dir.ino,
+                    next: 1,
+                    name: ".",
+                    kind: FileType::Directory,
+                    attr,
+                };
+                if add(item) {
+                    return Ok(());
+                }
+            }
+        }
+        if offset <= 1 {
+            let attr = plus.then(|| {
+                let info = inodes.get(parent).unwrap_or_else(|| Arc::new(root_info()));
+                self.attr(parent, &info)
+            });
+            let item = DirItem {
+                ino: parent,
+                next: 2,
+                name: "..",
+                kind: FileType::Directory,
+                attr,
+            };
+            if add(item) {
+                return Ok(());
+            }
+        }
+        let mut index = offset.saturating_sub(2) as usize;
+        loop {
+            let batch = dir.listing.entries_from(index, READDIR_BATCH).await?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for info in batch {
+                index += 1;
+                let (ino, attr) = if plus {
+                    let ino = inodes.remember(Arc::clone(&info));
+                    (ino, Some(self.attr(ino, &info)))
+                } else {
+                    // Plain readdir takes no inode reference: known inodes keep their number,
+                    // others get a stand-in from the path's hash.
+                    (
+                        inodes.peek(&info.path).unwrap_or_else(|| stand_in_ino(&info.path)),
+                        None,
+                    )
+                };
+                let item = DirItem {
+                    ino,
+                    next: index as u64 + 2,
+                    name: name_of(&info.path),
+                    kind: file_type(&info),
+                    attr,
+                };
+                if add(item) {
+                    if plus {
+                        // It did not fit: the kernel got no reference to it.
+                        inodes.forget(ino, 1);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.inner.dirs.remove(fh);
+    }
+
+    /// Inodes the kernel holds (for statfs).
+    pub fn inode_count(&self) -> u64 {
+        self.inner.inodes.len() as u64
+    }
+
+    /// `access`: everything may be read, nothing written.
+    pub fn access(&self, write: bool) -> Result<(), FsError> {
+        if write {
+            Err(FsError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// The readahead decision for one read, or none when it is past the end.
+fn plan_read(file: &OpenFile, offset: u64, size: u32) -> Option<super::readahead::Ahead> {
+    let end = offset.saturating_add(size as u64).min(file.info.size);
+    if offset >= end {
+        return None;
+    }
+    Some(
+        file.readahead
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .on_read(offset, end - offset),
+    )
 }
 
 /// A sequential reader that has read a block to its end will not read it again (and the
@@ -277,58 +540,6 @@ fn drop_behind(fetcher: &BlockFetcher, info: &FileInfo, end: u64) {
             .cache
             .remove(&granary_cache::block::BlockName::of(&info.path, &info.version, index));
     }
-}
-
-/// Answers one read of an open file: decides readahead in the kernel's order, then fetches on
-/// the runtime.
-#[allow(clippy::too_many_arguments)]
-fn serve_read(
-    file: Arc<OpenFile>,
-    offset: u64,
-    size: u32,
-    fetcher: Arc<BlockFetcher>,
-    this: Arc<Shared>,
-    runtime: &Handle,
-    reply: ReplyData,
-    started: Instant,
-) {
-    let info = &file.info;
-    let end = offset.saturating_add(size as u64).min(info.size);
-    if offset >= end {
-        reply.data(&[]);
-        return;
-    }
-    // Decided here, in the kernel's order, before the requests run concurrently.
-    let ahead = file
-        .readahead
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .on_read(offset, end - offset);
-    runtime.spawn(async move {
-        let info = &file.info;
-        let fetch = ahead.fetch.start..ahead.fetch.end.min(info.size);
-        if !fetch.is_empty() {
-            let bs = info.block_size.max(1);
-            for index in (fetch.start / bs)..=((fetch.end - 1) / bs) {
-                fetcher.prefetch(info, index);
-            }
-        }
-        match read_range(&fetcher, info, offset, end).await {
-            Ok(data) => {
-                reply.data(&data);
-                if ahead.streaming {
-                    drop_behind(&fetcher, info, end);
-                }
-                this.metrics.reply_bytes.inc_by(data.len() as u64);
-                this.observe("read", started, Ok(()));
-            }
-            Err(e) => {
-                tracing::warn!(path = %info.path, offset, error = %e, "read failed");
-                reply.error(e.errno());
-                this.observe("read", started, Err(&e));
-            }
-        }
-    });
 }
 
 /// Copies `range` of a file out of its blocks, fetching them concurrently.
@@ -363,441 +574,4 @@ async fn read_range(fetcher: &Arc<BlockFetcher>, info: &FileInfo, start: u64, en
         out.extend_from_slice(&block[from as usize..to as usize]);
     }
     Ok(Bytes::from(out))
-}
-
-impl Filesystem for DatasetFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        for flag in [
-            InitFlags::FUSE_DO_READDIRPLUS,
-            InitFlags::FUSE_READDIRPLUS_AUTO,
-            InitFlags::FUSE_PARALLEL_DIROPS,
-            InitFlags::FUSE_AUTO_INVAL_DATA,
-        ] {
-            if let Err(missing) = config.add_capabilities(flag) {
-                tracing::debug!(?missing, "the kernel does not offer a FUSE capability");
-            }
-        }
-        let _ = config.set_max_readahead(1 << 20);
-        let _ = config.set_max_background(64);
-        if self.want_passthrough {
-            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-                Ok(()) => {
-                    let _ = config.set_max_stack_depth(1);
-                    self.passthrough.store(true, Ordering::Release);
-                }
-                Err(_) => tracing::info!(
-                    "this kernel does not offer FUSE passthrough (Linux 6.9+); locally cached files are read through the daemon"
-                ),
-            }
-        }
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let started = Instant::now();
-        let Some(parent_info) = self.inodes.get(parent.0) else {
-            reply.error(Errno::ESTALE);
-            return;
-        };
-        let path = match child_path(&parent_info.path, name) {
-            Ok(p) => p,
-            Err(e) => {
-                reply.error(e.errno());
-                return;
-            }
-        };
-        let metadata = Arc::clone(&self.metadata);
-        let inodes = Arc::clone(&self.inodes);
-        let this = self.observer();
-        let ttl = metadata.kernel_ttl();
-        self.runtime.spawn(async move {
-            match metadata.stat(&path).await {
-                Ok(info) => {
-                    let ino = inodes.remember(Arc::clone(&info));
-                    reply.entry(&ttl, &this.attr(ino, &info), Generation(0));
-                    this.observe("lookup", started, Ok(()));
-                }
-                Err(e) => {
-                    reply.error(e.errno());
-                    this.observe("lookup", started, Err(&e));
-                }
-            }
-        });
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.inodes.forget(ino.0, nlookup);
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let started = Instant::now();
-        let metadata = Arc::clone(&self.metadata);
-        let inodes = Arc::clone(&self.inodes);
-        let this = self.observer();
-        self.runtime.spawn(async move {
-            match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
-                Ok(info) => {
-                    reply.attr(&metadata.kernel_ttl(), &this.attr(ino.0, &info));
-                    this.observe("getattr", started, Ok(()));
-                }
-                Err(e) => {
-                    reply.error(e.errno());
-                    this.observe("getattr", started, Err(&e));
-                }
-            }
-        });
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let started = Instant::now();
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            reply.error(FsError::ReadOnly.errno());
-            self.observe("open", started, Err(&FsError::ReadOnly));
-            return;
-        }
-        let metadata = Arc::clone(&self.metadata);
-        let inodes = Arc::clone(&self.inodes);
-        let files = Arc::clone(&self.files);
-        let io_modes = Arc::clone(&self.io_modes);
-        let this = self.observer();
-        let passthrough = self.passthrough.load(Ordering::Acquire);
-        let max_ra = self.max_readahead;
-        let local = self.fetcher.local.clone();
-        let warm_ahead = Arc::clone(&self.warm_ahead);
-        self.runtime.spawn(async move {
-            let info = match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
-                Ok(info) if info.is_dir => Err(FsError::IsADirectory(info.path.clone())),
-                other => other,
-            };
-            let info = match info {
-                Ok(info) => info,
-                Err(e) => {
-                    reply.error(e.errno());
-                    this.observe("open", started, Err(&e));
-                    return;
-                }
-            };
-            if info.size <= info.block_size {
-                let dir = parent_of(&info.path);
-                warm_ahead.opened(dir, || metadata.listing(dir));
-            }
-            // A file wholly in the node-local cache is read by the kernel from that file.
-            let local_file = if passthrough {
-                local.as_ref().and_then(|l| l.open_complete(&info))
-            } else {
-                None
-            };
-            let opened = io_modes.open(ino.0, || {
-                let file = local_file?;
-                match reply.open_backing(&file) {
-                    Ok(id) => Some(id),
-                    Err(e) => {
-                        tracing::warn!(path = %info.path, error = %e, "the kernel refused a passthrough backing file; reading through the daemon");
-                        None
-                    }
-                }
-            });
-            let fh = files.insert(OpenFile {
-                info: (*info).clone(),
-                readahead: Mutex::new(Readahead::new(info.block_size, max_ra)),
-                ino: ino.0,
-            });
-            let how = match opened {
-                Opened::Passthrough(id) => {
-                    // No FOPEN_KEEP_CACHE: the kernel refuses it on a passthrough open.
-                    reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                    "passthrough"
-                }
-                Opened::Cached => {
-                    // Blocks of a version never change, so the page cache may outlive this open.
-                    reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                    "fuse"
-                }
-            };
-            this.metrics.opens.get_or_create(&OriginLabel { origin: how }).inc();
-            this.observe("open", started, Ok(()));
-        });
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let started = Instant::now();
-        let Some(file) = self.files.get(fh.0) else {
-            if !self.files.is_inherited(fh.0) {
-                reply.error(Errno::EBADF);
-                return;
-            }
-            // Opened before this daemon took the mount over: rebuild the handle first.
-            let (files, metadata, inodes) = (
-                Arc::clone(&self.files),
-                Arc::clone(&self.metadata),
-                Arc::clone(&self.inodes),
-            );
-            let (fetcher, this, max_ra) = (Arc::clone(&self.fetcher), self.observer(), self.max_readahead);
-            let runtime = self.runtime.clone();
-            self.runtime.spawn(async move {
-                match open_file_of(&files, &metadata, &inodes, fh.0, ino.0, max_ra).await {
-                    Ok(file) => serve_read(file, offset, size, fetcher, this, &runtime, reply, started),
-                    Err(e) => {
-                        reply.error(e.errno());
-                        this.observe("read", started, Err(&e));
-                    }
-                }
-            });
-            return;
-        };
-        serve_read(
-            file,
-            offset,
-            size,
-            Arc::clone(&self.fetcher),
-            self.observer(),
-            &self.runtime,
-            reply,
-            started,
-        );
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        if let Some(file) = self.files.remove(fh.0) {
-            self.io_modes.release(file.ino);
-        }
-        reply.ok();
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let started = Instant::now();
-        let metadata = Arc::clone(&self.metadata);
-        let inodes = Arc::clone(&self.inodes);
-        let dirs = Arc::clone(&self.dirs);
-        let this = self.observer();
-        self.runtime.spawn(async move {
-            let info = match DatasetFs::fresh_info(&metadata, &inodes, ino.0).await {
-                Ok(info) if !info.is_dir => Err(FsError::NotADirectory(info.path.clone())),
-                other => other,
-            };
-            match info {
-                Ok(info) => {
-                    let listing = metadata.listing(&info.path);
-                    let fh = dirs.insert(OpenDir {
-                        listing,
-                        path: info.path.clone(),
-                        ino: ino.0,
-                    });
-                    reply.opened(
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                    );
-                    this.observe("opendir", started, Ok(()));
-                }
-                Err(e) => {
-                    reply.error(e.errno());
-                    this.observe("opendir", started, Err(&e));
-                }
-            }
-        });
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let started = Instant::now();
-        let (dirs, metadata) = (Arc::clone(&self.dirs), Arc::clone(&self.metadata));
-        let inodes = Arc::clone(&self.inodes);
-        let this = self.observer();
-        self.runtime.spawn(async move {
-            let dir = match open_dir_of(&dirs, &metadata, &inodes, fh.0, ino.0).await {
-                Ok(dir) => dir,
-                Err(e) => {
-                    reply.error(e.errno());
-                    return;
-                }
-            };
-            let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
-            let walked = walk_dir(&dir, offset, |entry, next| match entry {
-                DirEntry::Dot => reply.add(INodeNo(dir.ino), next, FileType::Directory, "."),
-                DirEntry::DotDot => reply.add(INodeNo(parent), next, FileType::Directory, ".."),
-                DirEntry::Listed(info) => {
-                    // Plain readdir takes no inode reference: known inodes keep their number,
-                    // others get a stand-in from the path's hash.
-                    let ino = inodes.peek(&info.path).unwrap_or_else(|| stand_in_ino(&info.path));
-                    reply.add(INodeNo(ino), next, file_type(&info), name_of(&info.path))
-                }
-            })
-            .await;
-            match walked {
-                Ok(()) => {
-                    reply.ok();
-                    this.observe("readdir", started, Ok(()));
-                }
-                Err(e) => {
-                    reply.error(e.errno());
-                    this.observe("readdir", started, Err(&e));
-                }
-            }
-        });
-    }
-
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let started = Instant::now();
-        let (dirs, metadata) = (Arc::clone(&self.dirs), Arc::clone(&self.metadata));
-        let inodes = Arc::clone(&self.inodes);
-        let ttl = self.metadata.kernel_ttl();
-        let this = self.observer();
-        self.runtime.spawn(async move {
-            let dir = match open_dir_of(&dirs, &metadata, &inodes, fh.0, ino.0).await {
-                Ok(dir) => dir,
-                Err(e) => {
-                    reply.error(e.errno());
-                    return;
-                }
-            };
-            let parent = inodes.peek(parent_of(&dir.path)).unwrap_or(ROOT);
-            let walked = walk_dir(&dir, offset, |entry, next| match entry {
-                // "." and ".." carry attributes but take no reference.
-                DirEntry::Dot => match inodes.get(dir.ino) {
-                    Some(info) => reply.add(
-                        INodeNo(dir.ino),
-                        next,
-                        ".",
-                        &ttl,
-                        &this.attr(dir.ino, &info),
-                        Generation(0),
-                    ),
-                    None => false,
-                },
-                DirEntry::DotDot => {
-                    let info = inodes.get(parent).unwrap_or_else(|| Arc::new(root_info()));
-                    reply.add(
-                        INodeNo(parent),
-                        next,
-                        "..",
-                        &ttl,
-                        &this.attr(parent, &info),
-                        Generation(0),
-                    )
-                }
-                DirEntry::Listed(info) => {
-                    let ino = inodes.remember(Arc::clone(&info));
-                    let full = reply.add(
-                        INodeNo(ino),
-                        next,
-                        name_of(&info.path),
-                        &ttl,
-                        &this.attr(ino, &info),
-                        Generation(0),
-                    );
-                    if full {
-                        // It did not fit: the kernel got no reference to it.
-                        inodes.forget(ino, 1);
-                    }
-                    full
-                }
-            })
-            .await;
-            match walked {
-                Ok(()) => {
-                    reply.ok();
-                    this.observe("readdirplus", started, Ok(()));
-                }
-                Err(e) => {
-                    reply.error(e.errno());
-                    this.observe("readdirplus", started, Err(&e));
-                }
-            }
-        });
-    }
-
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.dirs.remove(fh.0);
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // A dataset has no free space (it is read-only); the sizes are nominal so `df` shows it.
-        let bsize = 4096u32;
-        reply.statfs(1 << 38, 0, 0, self.inodes.len() as u64, 0, bsize, 255, bsize);
-    }
-
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(FsError::NoAttribute.errno());
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
-    }
-
-    fn access(&self, _req: &Request, _ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) {
-            reply.error(FsError::ReadOnly.errno());
-        } else {
-            reply.ok();
-        }
-    }
-}
-
-/// An entry as readdir hands it out.
-enum DirEntry {
-    Dot,
-    DotDot,
-    Listed(Arc<FileInfo>),
-}
-
-fn file_type(info: &FileInfo) -> FileType {
-    if info.is_dir {
-        FileType::Directory
-    } else {
-        FileType::RegularFile
-    }
-}
-
-/// Walks an open directory from the kernel's `offset`, giving `add` each entry with the
-/// offset that comes after it, until `add` says the reply is full. Offsets: 1 is ".", 2 is
-/// "..", 3 + i is entry i of the listing, which is waited for while it streams in.
-async fn walk_dir(dir: &OpenDir, offset: u64, mut add: impl FnMut(DirEntry, u64) -> bool) -> Result<(), FsError> {
-    if offset == 0 && add(DirEntry::Dot, 1) {
-        return Ok(());
-    }
-    if offset <= 1 && add(DirEntry::DotDot, 2) {
-        return Ok(());
-    }
-    let mut index = offset.saturating_sub(2) as usize;
-    loop {
-        let batch = dir.listing.entries_from(index, READDIR_BATCH).await?;
-        if batch.is_empty() {
-            return Ok(());
-        }
-        for info in batch {
-            index += 1;
-            if add(DirEntry::Listed(info), index as u64 + 2) {
-                return Ok(());
-            }
-        }
-    }
-}
-
-/// An inode number for an entry the kernel holds no reference to, outside the range the
-/// inode table hands out.
-fn stand_in_ino(path: &str) -> u64 {
-    (1 << 63) | (xxhash_rust::xxh3::xxh3_64(path.as_bytes()) >> 1)
 }

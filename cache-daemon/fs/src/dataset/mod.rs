@@ -1,6 +1,7 @@
 //! A dataset as a read-only POSIX directory over FUSE.
 //!
-//! A read's way: [`filesystem`] takes the kernel's request; [`metadata`] answers lookups and
+//! A read's way: [`fuse_adapter`] takes the kernel's request and calls [`filesystem`], the
+//! logic (unit-tested without FUSE in `tests.rs`); [`metadata`] answers lookups and
 //! listings (cached for the dataset's TTL); [`block_fetch`] finds the block in memory
 //! ([`block_cache`]), the node-local file cache ([`local_files`], whose complete files the
 //! kernel reads directly through passthrough), a co-located worker's files (short circuit),
@@ -11,6 +12,7 @@ mod block_cache;
 mod block_fetch;
 pub mod error;
 mod filesystem;
+mod fuse_adapter;
 pub(crate) mod handles;
 mod inode_log;
 mod inodes;
@@ -20,6 +22,8 @@ pub mod memory_budget;
 mod metadata;
 mod readahead;
 mod remote;
+#[cfg(test)]
+mod tests;
 mod warm_ahead;
 
 use std::collections::BTreeMap;
@@ -359,12 +363,10 @@ fn build_fs(
         metrics,
     ));
     Ok(filesystem::DatasetFs::new(
-        runtime,
         metadata,
         fetcher,
         warm_ahead,
         config.ownership,
-        config.passthrough,
         config.max_readahead,
         incarnation,
     ))
@@ -395,10 +397,10 @@ pub fn mount(
         }
         None => Inodes::new(filesystem::root_info()),
     };
-    let fs = build_fs(config, resources, runtime, Incarnation::first(inodes))?;
+    let fs = build_fs(config, resources, runtime.clone(), Incarnation::first(inodes))?;
     let passthrough = fs.passthrough_flag();
     let (session, device) = start_session(
-        fs,
+        fuse_adapter::DatasetFuse::new(fs, runtime, config.passthrough),
         mountpoint,
         session_config(config),
         config.restart_log.is_some(),
@@ -512,10 +514,11 @@ pub fn resume(
         epoch,
         passthrough: Some(takeover.passthrough),
     };
-    let fs = build_fs(config, resources, runtime, incarnation)?;
+    let fs = build_fs(config, resources, runtime.clone(), incarnation)?;
     let passthrough = fs.passthrough_flag();
+    let fuse = fuse_adapter::DatasetFuse::new(fs, runtime, config.passthrough);
     let (session, device) =
-        start_session(fs, mountpoint, session_config(config), true, Some(takeover.fd)).map_err(|source| {
+        start_session(fuse, mountpoint, session_config(config), true, Some(takeover.fd)).map_err(|source| {
             MountError::Takeover {
                 path: mountpoint.to_path_buf(),
                 source,
