@@ -12,6 +12,10 @@ pub enum CkptFsError {
     NotFound(String),
     #[error("unknown inode or handle {0}")]
     Stale(u64),
+    #[error("unknown file handle {0} (not open, or already released)")]
+    BadHandle(u64),
+    #[error("an earlier write to this file failed (errno {0}); this version will not be uploaded")]
+    WriteFailed(i32),
     #[error("{0:?} is held only in the target store; renaming it would copy it: copy and delete instead")]
     CrossStore(String),
     #[error("{0:?} is not empty")]
@@ -42,6 +46,8 @@ impl CkptFsError {
         match self {
             CkptFsError::NotFound(_) => Errno::ENOENT,
             CkptFsError::Stale(_) => Errno::ESTALE,
+            CkptFsError::BadHandle(_) => Errno::EBADF,
+            CkptFsError::WriteFailed(code) => Errno::from_i32(*code),
             CkptFsError::CrossStore(_) => Errno::EXDEV,
             CkptFsError::NotEmpty(_) => Errno::ENOTEMPTY,
             CkptFsError::Exists(_) => Errno::EEXIST,

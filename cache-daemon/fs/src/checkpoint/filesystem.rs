@@ -1,4 +1,5 @@
-//! The FUSE filesystem of a checkpoint volume. Files written through it are plain files in
+//! The logic of a checkpoint volume's filesystem, apart from FUSE (the adapter is
+//! [`super::fuse_adapter`]; unit tests without a mount are in `tests.rs`). Files written through it are plain files in
 //! the write-back area (`<writeback-dir>/files/<path>`): writes, truncates and renames are
 //! local operations, journaled by the [`Tracker`] so the [`super::uploader`] brings the store
 //! along. Listings merge the local files with the store's; a file only the store has is
@@ -14,12 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
-};
-use tokio::runtime::Handle;
+use std::future::Future;
+use std::pin::Pin;
+
+use fuser::{BackingId, FileAttr, FileType, INodeNo, TimeOrNow};
 
 use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
@@ -32,7 +31,7 @@ use granary_store::target::{StoreEntry, TargetStore};
 
 /// How long the kernel may keep attributes and entries. Short: the uploader and other nodes
 /// change what the store shows.
-const ATTR_TTL: Duration = Duration::from_secs(1);
+pub const ATTR_TTL: Duration = Duration::from_secs(1);
 
 struct OpenFile {
     file: Arc<File>,
@@ -42,13 +41,13 @@ struct OpenFile {
     failed: AtomicI32,
 }
 
-struct OpenDir {
+/// An open directory: its merged listing as of the open.
+pub struct OpenDir {
     entries: Vec<(String, FileType)>,
 }
 
 /// Everything a request needs, shared with the tasks that answer it.
 pub struct Ctx {
-    pub runtime: Handle,
     pub tracker: Arc<Tracker>,
     pub view: Arc<StoreView>,
     pub target: TargetStore,
@@ -65,10 +64,73 @@ pub struct Ctx {
     adopting: std::sync::Mutex<()>,
 }
 
+/// A checkpoint volume's state and logic. Cheap to clone: the adapter hands a clone to each
+/// request's task.
+#[derive(Clone)]
 pub struct CheckpointFs {
     ctx: Arc<Ctx>,
-    want_passthrough: bool,
+    /// Passthrough was asked for, and the kernel agreed at init.
     passthrough: Arc<AtomicBool>,
+}
+
+/// An answer: ready now (from local state, on the thread that asked), or a future to run on
+/// the runtime (it waits for the store or for room).
+pub enum Step<T> {
+    Ready(Result<T, CkptFsError>),
+    Pending(Pin<Box<dyn Future<Output = Result<T, CkptFsError>> + Send>>),
+}
+
+impl<T> Step<T> {
+    fn later(f: impl Future<Output = Result<T, CkptFsError>> + Send + 'static) -> Self {
+        Step::Pending(Box::pin(f))
+    }
+
+    /// The answer, however it comes (the adapter matches instead, to answer ready ones on
+    /// the FUSE thread).
+    #[cfg(test)]
+    pub async fn wait(self) -> Result<T, CkptFsError> {
+        match self {
+            Step::Ready(r) => r,
+            Step::Pending(f) => f.await,
+        }
+    }
+}
+
+/// What a setattr changes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+}
+
+impl SetAttr {
+    fn changes_anything(&self) -> bool {
+        self.size.is_some()
+            || self.mode.is_some()
+            || self.uid.is_some()
+            || self.gid.is_some()
+            || self.atime.is_some()
+            || self.mtime.is_some()
+    }
+}
+
+/// Who asks: the owner of what a request creates.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The sizes `statfs` reports, in blocks of `bsize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Statfs {
+    pub blocks: u64,
+    pub free: u64,
+    pub bsize: u32,
 }
 
 /// What a path is, and where.
@@ -363,16 +425,15 @@ impl Ctx {
 }
 
 impl CheckpointFs {
-    pub fn new(ctx: CtxParts, want_passthrough: bool) -> Self {
-        let incarnation = ctx.incarnation;
+    pub fn new(parts: CtxParts) -> Self {
+        let incarnation = parts.incarnation;
         let ctx = Arc::new(Ctx {
-            runtime: ctx.runtime,
-            tracker: ctx.tracker,
-            view: ctx.view,
-            target: ctx.target,
-            metrics: ctx.metrics,
-            part_size: ctx.part_size,
-            concurrency: ctx.concurrency,
+            tracker: parts.tracker,
+            view: parts.view,
+            target: parts.target,
+            metrics: parts.metrics,
+            part_size: parts.part_size,
+            concurrency: parts.concurrency,
             inodes: incarnation.inodes,
             files: Handles::with_epoch(incarnation.epoch),
             dirs: Handles::with_epoch(incarnation.epoch),
@@ -382,7 +443,6 @@ impl CheckpointFs {
         });
         CheckpointFs {
             ctx,
-            want_passthrough,
             passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
         }
     }
@@ -392,20 +452,500 @@ impl CheckpointFs {
         Arc::clone(&self.passthrough)
     }
 
-    /// Answers `reply` with success or the error's errno (logged unless expected).
-    fn reply_empty(op: &'static str, path: &str, reply: ReplyEmpty, result: Result<(), CkptFsError>) {
-        match result {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(Self::fail(op, path, &e)),
+    /// `name` in `parent`: answered at once for a local file, after a store lookup otherwise.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Step<FileAttr> {
+        let ctx = Arc::clone(&self.ctx);
+        let path = match ctx.child_of(INodeNo(parent), name) {
+            Ok(p) => p,
+            Err(e) => return Step::Ready(Err(e)),
+        };
+        if let Some(md) = ctx.local_md(&path) {
+            let ino = ctx.inodes.remember(&path);
+            return Step::Ready(Ok(local_attr(ino, &md)));
+        }
+        Step::later(async move {
+            let found = ctx.find(&path).await?;
+            let ino = ctx.inodes.remember(&path);
+            Ok(attr_of(ino, &found))
+        })
+    }
+
+    pub fn forget(&self, ino: u64, nlookup: u64) {
+        self.ctx.inodes.forget(ino, nlookup);
+    }
+
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> Step<FileAttr> {
+        let ctx = Arc::clone(&self.ctx);
+        // An open file answers for itself, even after an unlink.
+        if let Some(open) = fh.and_then(|fh| ctx.open_file(fh, ino, None)) {
+            return Step::Ready(
+                open.file
+                    .metadata()
+                    .map(|md| local_attr(ino, &md))
+                    .map_err(CkptFsError::Local),
+            );
+        }
+        let path = match ctx.path_of(INodeNo(ino)) {
+            Ok(p) => p,
+            Err(e) => return Step::Ready(Err(e)),
+        };
+        if let Some(md) = ctx.local_md(&path) {
+            return Step::Ready(Ok(local_attr(ino, &md)));
+        }
+        Step::later(async move { Ok(attr_of(ino, &ctx.find(&path).await?)) })
+    }
+
+    pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Step<FileAttr> {
+        let ctx = Arc::clone(&self.ctx);
+        let open = fh.and_then(|fh| ctx.open_file(fh, ino, None));
+        Step::later(async move {
+            let path = ctx.path_of(INodeNo(ino))?;
+            if set.changes_anything() && !ctx.ensure_local(&path).await? {
+                return Err(CkptFsError::NotFound(path.clone()));
+            }
+            let local = ctx.tracker.local_path(&path);
+            if let Some(size) = set.size {
+                let writer = open.as_ref().filter(|o| o.writable);
+                if writer.is_none() {
+                    ctx.tracker.begin_write(&path)?;
+                }
+                let tracker = Arc::clone(&ctx.tracker);
+                let grown = ctx.make_room(|| Ok(tracker.try_grow(&path, size)?)).await;
+                let truncated = grown.and_then(|()| {
+                    let file = match writer {
+                        Some(o) => Arc::clone(&o.file),
+                        None => Arc::new(OpenOptions::new().write(true).open(&local)?),
+                    };
+                    file.set_len(size)?;
+                    Ok(())
+                });
+                ctx.tracker.set_size(&path, size);
+                if writer.is_none() {
+                    // A truncate by path is a whole change: upload it as one version.
+                    match &truncated {
+                        Ok(()) => ctx.tracker.closed(&path, size)?,
+                        Err(_) => ctx.tracker.broken(&path)?,
+                    }
+                    ctx.tracker.end_write(&path);
+                }
+                truncated?;
+            }
+            if let Some(mode) = set.mode {
+                std::fs::set_permissions(&local, std::fs::Permissions::from_mode(mode & 0o7777))?;
+            }
+            if set.uid.is_some() || set.gid.is_some() {
+                std::os::unix::fs::lchown(&local, set.uid, set.gid)?;
+            }
+            if set.atime.is_some() || set.mtime.is_some() {
+                let file = File::open(&local)?;
+                let mut times = std::fs::FileTimes::new();
+                if let Some(t) = set.atime {
+                    times = times.set_accessed(system_time(t));
+                }
+                if let Some(t) = set.mtime {
+                    times = times.set_modified(system_time(t));
+                }
+                file.set_times(times)?;
+            }
+            match ctx.local_md(&path) {
+                Some(md) => Ok(local_attr(ino, &md)),
+                None => Ok(attr_of(ino, &ctx.find(&path).await?)),
+            }
+        })
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        caller: Caller,
+    ) -> Result<FileAttr, CkptFsError> {
+        let ctx = &self.ctx;
+        let path = ctx.child_of(INodeNo(parent), name)?;
+        ctx.local_parents(&path)?;
+        let local = ctx.tracker.local_path(&path);
+        std::fs::create_dir(&local)?;
+        std::fs::set_permissions(&local, std::fs::Permissions::from_mode(mode & !umask & 0o7777))?;
+        std::os::unix::fs::lchown(&local, Some(caller.uid), Some(caller.gid))?;
+        // The kernel asked because the name was not found, so the store has nothing there.
+        ctx.view.known_empty(&path);
+        let md = std::fs::symlink_metadata(&local)?;
+        Ok(local_attr(ctx.inodes.remember(&path), &md))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> Step<()> {
+        let ctx = Arc::clone(&self.ctx);
+        let path = match ctx.child_of(INodeNo(parent), name) {
+            Ok(p) => p,
+            Err(e) => return Step::Ready(Err(e)),
+        };
+        Step::later(async move {
+            let in_store = ctx.in_store(&path).await && !ctx.tracker.deleting(&path);
+            let local_removed = match std::fs::remove_file(ctx.tracker.local_path(&path)) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => return Err(e.into()),
+            };
+            if !local_removed && !in_store {
+                return Err(CkptFsError::NotFound(path.clone()));
+            }
+            ctx.tracker.removed(&path, in_store)?;
+            ctx.inodes.unlinked(&path);
+            Ok(())
+        })
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> Step<()> {
+        let ctx = Arc::clone(&self.ctx);
+        let path = match ctx.child_of(INodeNo(parent), name) {
+            Ok(p) => p,
+            Err(e) => return Step::Ready(Err(e)),
+        };
+        Step::later(async move {
+            if !ctx.list(&path).await?.is_empty() {
+                return Err(CkptFsError::NotEmpty(path.clone()));
+            }
+            match std::fs::remove_dir(ctx.tracker.local_path(&path)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+            ctx.inodes.unlinked(&path);
+            ctx.view.invalidate_tree(&path);
+            Ok(())
+        })
+    }
+
+    /// Renames `name` in `parent` to `newname` in `newparent`; with `noreplace`, an existing
+    /// target is an error (RENAME_NOREPLACE).
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, noreplace: bool) -> Step<()> {
+        let ctx = Arc::clone(&self.ctx);
+        let paths = ctx
+            .child_of(INodeNo(parent), name)
+            .and_then(|from| Ok((from, ctx.child_of(INodeNo(newparent), newname)?)));
+        let (from, to) = match paths {
+            Ok(p) => p,
+            Err(e) => return Step::Ready(Err(e)),
+        };
+        Step::later(async move {
+            let local_from = ctx.tracker.local_path(&from);
+            let Some(md) = ctx.local_md(&from) else {
+                // Only the store has it: an object store cannot rename, and copying a
+                // checkpoint silently inside rename() would not be atomic.
+                ctx.find(&from).await?;
+                return Err(CkptFsError::CrossStore(from.clone()));
+            };
+            if md.is_dir() {
+                // Objects this mount uploaded from the directory move with it (the new
+                // names are uploaded, the old deleted); objects only the store has cannot.
+                let keys = ctx.target.keys_under(&from).await?;
+                let store_only = keys
+                    .iter()
+                    .any(|k| ctx.local_md(k).is_none() && !ctx.tracker.deleting(k));
+                if store_only {
+                    return Err(CkptFsError::CrossStore(from.clone()));
+                }
+            }
+            if noreplace && ctx.find(&to).await.is_ok() {
+                return Err(CkptFsError::Exists(to.clone()));
+            }
+            ctx.local_parents(&to)?;
+            std::fs::rename(&local_from, ctx.tracker.local_path(&to))?;
+            ctx.tracker.moved(&from, &to)?;
+            ctx.inodes.renamed(&from, &to);
+            ctx.view.invalidate_parent(&from);
+            ctx.view.invalidate_parent(&to);
+            Ok(())
+        })
+    }
+
+    /// Creates and opens `name` in `parent` for writing (`flags`: the open's O_EXCL, O_TRUNC).
+    /// Returns the attributes and the handle.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        caller: Caller,
+    ) -> Result<(FileAttr, u64), CkptFsError> {
+        let ctx = &self.ctx;
+        let path = ctx.child_of(INodeNo(parent), name)?;
+        ctx.local_parents(&path)?;
+        let local = ctx.tracker.local_path(&path);
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).mode(mode & !umask & 0o7777);
+        if flags & libc::O_EXCL != 0 {
+            options.create_new(true);
+        }
+        if flags & libc::O_TRUNC != 0 {
+            options.truncate(true);
+        }
+        let file = options.open(&local)?;
+        std::os::unix::fs::lchown(&local, Some(caller.uid), Some(caller.gid))?;
+        ctx.tracker.begin_write(&path)?;
+        let md = file.metadata()?;
+        ctx.tracker.set_size(&path, md.len());
+        let ino = ctx.inodes.remember(&path);
+        ctx.io_modes.open(ino, || None);
+        let fh = ctx.files.insert(OpenFile {
+            file: Arc::new(file),
+            ino,
+            writable: true,
+            failed: AtomicI32::new(0),
+        });
+        Ok((local_attr(ino, &md), fh))
+    }
+
+    /// Opens `ino` (copying it from the store when only the store has it). A file nobody
+    /// writes is handed to the kernel to read itself when `backing` registers it.
+    pub async fn open(
+        &self,
+        ino: u64,
+        writable: bool,
+        truncate: bool,
+        backing: impl FnOnce(&File) -> std::io::Result<BackingId>,
+    ) -> Result<(u64, Opened), CkptFsError> {
+        let ctx = &self.ctx;
+        let passthrough = self.passthrough.load(Ordering::Acquire);
+        let path = ctx.path_of(INodeNo(ino))?;
+        if truncate && ctx.local_md(&path).is_none() {
+            // Replacing a store-only file: nothing to copy.
+            ctx.find(&path).await?;
+            ctx.local_parents(&path)?;
+        } else if !ctx.ensure_local(&path).await? {
+            return Err(CkptFsError::NotFound(path.clone()));
+        }
+        let local = ctx.tracker.local_path(&path);
+        // Read-write even for readers: a passthrough backing file is shared by
+        // every open of the inode, writers included.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(truncate)
+            .truncate(truncate)
+            .open(&local)?;
+        if writable {
+            ctx.tracker.begin_write(&path)?;
+            if truncate {
+                ctx.tracker.set_size(&path, 0);
+            }
+        }
+        let busy_writing = ctx.tracker.entry(&path).is_some_and(|e| e.writers > 0);
+        let mode = ctx.io_modes.open(ino, || {
+            if !passthrough || writable || busy_writing {
+                return None;
+            }
+            match backing(&file) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::warn!(path, error = %e, "the kernel refused a passthrough backing file");
+                    None
+                }
+            }
+        });
+        let fh = ctx.files.insert(OpenFile {
+            file: Arc::new(file),
+            ino,
+            writable,
+            failed: AtomicI32::new(0),
+        });
+        Ok((fh, mode))
+    }
+
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, CkptFsError> {
+        let open = self.ctx.open_file(fh, ino, None).ok_or(CkptFsError::BadHandle(fh))?;
+        let mut buf = vec![0u8; size as usize];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match open.file.read_at(&mut buf[filled..], offset + filled as u64) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(CkptFsError::Local(e)),
+            }
+        }
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    /// Writes `data` at `offset`: at once when the area has room, else after uploads or
+    /// evictions free it (backpressure, off the thread that asked).
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Step<u32> {
+        let ctx = &self.ctx;
+        let Some(open) = ctx.open_file(fh, ino, Some(true)) else {
+            return Step::Ready(Err(CkptFsError::BadHandle(fh)));
+        };
+        let failed = open.failed.load(Ordering::Relaxed);
+        if failed != 0 {
+            return Step::Ready(Err(CkptFsError::WriteFailed(failed)));
+        }
+        let end = offset + data.len() as u64;
+        // An unlinked file has no path: its bytes go nowhere, so they need no room.
+        let path = ctx.inodes.path(ino);
+        let room = match &path {
+            Some(path) => ctx.tracker.try_grow(path, end),
+            None => Ok(true),
+        };
+        match room {
+            Ok(true) => Step::Ready(match open.file.write_all_at(data, offset) {
+                Ok(()) => Ok(data.len() as u32),
+                Err(e) => {
+                    let e = CkptFsError::Local(e);
+                    write_failed(ctx, &open, path.as_deref(), &e);
+                    Err(e)
+                }
+            }),
+            Err(e) => {
+                let e = CkptFsError::from(e);
+                write_failed(ctx, &open, path.as_deref(), &e);
+                Step::Ready(Err(e))
+            }
+            Ok(false) => {
+                let data = data.to_vec();
+                let ctx = Arc::clone(&self.ctx);
+                let path = path.unwrap_or_default();
+                Step::later(async move {
+                    let tracker = Arc::clone(&ctx.tracker);
+                    let written = ctx
+                        .make_room(|| Ok(tracker.try_grow(&path, end)?))
+                        .await
+                        .and_then(|()| Ok(open.file.write_all_at(&data, offset)?));
+                    match written {
+                        Ok(()) => Ok(data.len() as u32),
+                        Err(e) => {
+                            write_failed(&ctx, &open, Some(&path), &e);
+                            Err(e)
+                        }
+                    }
+                })
+            }
         }
     }
 
-    fn fail(op: &'static str, path: &str, e: &CkptFsError) -> Errno {
-        match e {
-            CkptFsError::NotFound(_) | CkptFsError::Exists(_) | CkptFsError::NotEmpty(_) => {}
-            _ => tracing::warn!(op, path, error = %e, "checkpoint volume operation failed"),
+    /// A close of a file descriptor: a written file's bytes so far are a version to upload.
+    pub fn flush(&self, ino: u64, fh: u64) -> Result<(), CkptFsError> {
+        let ctx = &self.ctx;
+        let open = ctx.open_file(fh, ino, None).ok_or(CkptFsError::BadHandle(fh))?;
+        if !open.writable {
+            return Ok(());
         }
-        e.errno()
+        let failed = open.failed.load(Ordering::Relaxed);
+        if failed != 0 {
+            // The application learns at close() too that this file is not whole.
+            return Err(CkptFsError::WriteFailed(failed));
+        }
+        let Some(path) = ctx.inodes.path(ino) else {
+            return Ok(());
+        };
+        let md = open.file.metadata()?;
+        Ok(ctx.tracker.closed(&path, md.len())?)
+    }
+
+    pub fn release(&self, ino: u64, fh: u64) {
+        let ctx = &self.ctx;
+        if let Some(open) = ctx.files.remove(fh) {
+            if open.writable {
+                if let Some(path) = ctx.inodes.path(open.ino) {
+                    ctx.tracker.end_write(&path);
+                }
+            }
+            ctx.io_modes.release(ino);
+        }
+    }
+
+    pub fn fsync(&self, ino: u64, fh: u64, datasync: bool) -> Result<(), CkptFsError> {
+        let open = self.ctx.open_file(fh, ino, None).ok_or(CkptFsError::BadHandle(fh))?;
+        if datasync {
+            open.file.sync_data()?;
+        } else {
+            open.file.sync_all()?;
+        }
+        Ok(self.ctx.tracker.sync_journal()?)
+    }
+
+    /// Opens the directory `ino`: its merged listing, local and store, as of now.
+    pub fn opendir(&self, ino: u64) -> Step<u64> {
+        let ctx = Arc::clone(&self.ctx);
+        let path = match ctx.path_of(INodeNo(ino)) {
+            Ok(p) => p,
+            Err(e) => return Step::Ready(Err(e)),
+        };
+        Step::later(async move {
+            let entries = ctx.list(&path).await?;
+            Ok(ctx.dirs.insert(OpenDir { entries }))
+        })
+    }
+
+    /// The open directory `fh`; one opened before this daemon took the mount over is listed again.
+    pub fn dir(&self, ino: u64, fh: u64) -> Step<Arc<OpenDir>> {
+        let ctx = Arc::clone(&self.ctx);
+        if let Some(dir) = ctx.dirs.get(fh) {
+            return Step::Ready(Ok(dir));
+        }
+        if !ctx.dirs.is_inherited(fh) {
+            return Step::Ready(Err(CkptFsError::BadHandle(fh)));
+        }
+        Step::later(async move {
+            let path = ctx.path_of(INodeNo(ino))?;
+            let entries = ctx.list(&path).await?;
+            Ok(ctx.dirs.adopt(fh, OpenDir { entries }))
+        })
+    }
+
+    /// Gives `add` the entries of an open directory from the kernel's `offset` (inode, the
+    /// offset after it, kind, name) until it says the reply is full.
+    pub fn fill_dir(
+        &self,
+        dir: &OpenDir,
+        ino: u64,
+        offset: u64,
+        mut add: impl FnMut(u64, u64, FileType, &str) -> bool,
+    ) {
+        let ctx = &self.ctx;
+        let dir_path = ctx.inodes.path(ino).unwrap_or_default();
+        let dots = [
+            (".".to_string(), FileType::Directory),
+            ("..".to_string(), FileType::Directory),
+        ];
+        for (i, (name, kind)) in dots.iter().chain(dir.entries.iter()).enumerate().skip(offset as usize) {
+            let child = if dir_path.is_empty() {
+                name.clone()
+            } else {
+                format!("{dir_path}/{name}")
+            };
+            // Numbers here are informational; lookups assign the real ones.
+            let child_ino = match name.as_str() {
+                "." => ino,
+                ".." => ROOT,
+                _ => ctx
+                    .inodes
+                    .peek(&child)
+                    .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(child.as_bytes()) | (1 << 63)),
+            };
+            if add(child_ino, (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.ctx.dirs.remove(fh);
+    }
+
+    /// The write-back area's size and free room.
+    pub fn statfs(&self) -> Statfs {
+        let bsize = 4096u64;
+        let limit = self.ctx.tracker.limit();
+        let free = limit.saturating_sub(self.ctx.tracker.used());
+        Statfs {
+            blocks: limit / bsize,
+            free: free / bsize,
+            bsize: bsize as u32,
+        }
     }
 }
 
@@ -422,7 +962,6 @@ pub struct Incarnation {
 /// What [`CheckpointFs::new`] is built from.
 pub struct CtxParts {
     pub incarnation: Incarnation,
-    pub runtime: Handle,
     pub tracker: Arc<Tracker>,
     pub view: Arc<StoreView>,
     pub target: TargetStore,
@@ -436,669 +975,6 @@ fn system_time(t: TimeOrNow) -> SystemTime {
         TimeOrNow::SpecificTime(t) => t,
         TimeOrNow::Now => SystemTime::now(),
     }
-}
-
-impl Filesystem for CheckpointFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        for flag in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_BIG_WRITES] {
-            let _ = config.add_capabilities(flag);
-        }
-        // The kernel's write-back cache turns many small writes into 1 MiB requests sent
-        // behind the writer: close() of a 2 GiB checkpoint went from 4.5 s to 2.0 s. The
-        // kernel never combines it with passthrough, so with it, reads go through the daemon
-        // (measured at local-disk speed for restores).
-        let writeback_cache = config.add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE).is_ok();
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
-        let _ = config.set_max_background(64);
-        if self.want_passthrough && !writeback_cache {
-            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-                Ok(()) => {
-                    let _ = config.set_max_stack_depth(1);
-                    self.passthrough.store(true, Ordering::Release);
-                }
-                Err(_) => tracing::info!(
-                    "this kernel does not offer FUSE passthrough (Linux 6.9+); restores are read through the daemon"
-                ),
-            }
-        }
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.child_of(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        if let Some(md) = ctx.local_md(&path) {
-            let ino = ctx.inodes.remember(&path);
-            return reply.entry(&ATTR_TTL, &local_attr(ino, &md), Generation(0));
-        }
-        self.ctx.runtime.spawn(async move {
-            match ctx.find(&path).await {
-                Ok(found) => {
-                    let ino = ctx.inodes.remember(&path);
-                    reply.entry(&ATTR_TTL, &attr_of(ino, &found), Generation(0));
-                }
-                Err(e) => reply.error(Self::fail("lookup", &path, &e)),
-            }
-        });
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.ctx.inodes.forget(ino.0, nlookup);
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        let ctx = Arc::clone(&self.ctx);
-        // An open file answers for itself, even after an unlink.
-        if let Some(open) = fh.and_then(|fh| ctx.open_file(fh.0, ino.0, None)) {
-            return match open.file.metadata() {
-                Ok(md) => reply.attr(&ATTR_TTL, &local_attr(ino.0, &md)),
-                Err(e) => reply.error(CkptFsError::Local(e).errno()),
-            };
-        }
-        let path = match ctx.path_of(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        if let Some(md) = ctx.local_md(&path) {
-            return reply.attr(&ATTR_TTL, &local_attr(ino.0, &md));
-        }
-        self.ctx.runtime.spawn(async move {
-            match ctx.find(&path).await {
-                Ok(found) => reply.attr(&ATTR_TTL, &attr_of(ino.0, &found)),
-                Err(e) => reply.error(Self::fail("getattr", &path, &e)),
-            }
-        });
-    }
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let ctx = Arc::clone(&self.ctx);
-        let open = fh.and_then(|fh| ctx.open_file(fh.0, ino.0, None));
-        self.ctx.runtime.spawn(async move {
-            let path = match ctx.path_of(ino) {
-                Ok(p) => p,
-                Err(e) => return reply.error(e.errno()),
-            };
-            let result: Result<FileAttr, CkptFsError> = async {
-                let changes_content = size.is_some();
-                if (changes_content
-                    || mode.is_some()
-                    || uid.is_some()
-                    || gid.is_some()
-                    || atime.is_some()
-                    || mtime.is_some())
-                    && !ctx.ensure_local(&path).await?
-                {
-                    return Err(CkptFsError::NotFound(path.clone()));
-                }
-                let local = ctx.tracker.local_path(&path);
-                if let Some(size) = size {
-                    let writer = open.as_ref().filter(|o| o.writable);
-                    if writer.is_none() {
-                        ctx.tracker.begin_write(&path)?;
-                    }
-                    let tracker = Arc::clone(&ctx.tracker);
-                    let grown = ctx.make_room(|| Ok(tracker.try_grow(&path, size)?)).await;
-                    let truncated = grown.and_then(|()| {
-                        let file = match writer {
-                            Some(o) => Arc::clone(&o.file),
-                            None => Arc::new(OpenOptions::new().write(true).open(&local)?),
-                        };
-                        file.set_len(size)?;
-                        Ok(())
-                    });
-                    ctx.tracker.set_size(&path, size);
-                    if writer.is_none() {
-                        // A truncate by path is a whole change: upload it as one version.
-                        match &truncated {
-                            Ok(()) => ctx.tracker.closed(&path, size)?,
-                            Err(_) => ctx.tracker.broken(&path)?,
-                        }
-                        ctx.tracker.end_write(&path);
-                    }
-                    truncated?;
-                }
-                if let Some(mode) = mode {
-                    std::fs::set_permissions(&local, std::fs::Permissions::from_mode(mode & 0o7777))?;
-                }
-                if uid.is_some() || gid.is_some() {
-                    std::os::unix::fs::lchown(&local, uid, gid)?;
-                }
-                if atime.is_some() || mtime.is_some() {
-                    let file = File::open(&local)?;
-                    let mut times = std::fs::FileTimes::new();
-                    if let Some(t) = atime {
-                        times = times.set_accessed(system_time(t));
-                    }
-                    if let Some(t) = mtime {
-                        times = times.set_modified(system_time(t));
-                    }
-                    file.set_times(times)?;
-                }
-                match ctx.local_md(&path) {
-                    Some(md) => Ok(local_attr(ino.0, &md)),
-                    None => Ok(attr_of(ino.0, &ctx.find(&path).await?)),
-                }
-            }
-            .await;
-            match result {
-                Ok(attr) => reply.attr(&ATTR_TTL, &attr),
-                Err(e) => reply.error(Self::fail("setattr", &path, &e)),
-            }
-        });
-    }
-
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let ctx = &self.ctx;
-        let path = match ctx.child_of(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        let (uid, gid) = (req.uid(), req.gid());
-        let result = (|| -> Result<FileAttr, CkptFsError> {
-            ctx.local_parents(&path)?;
-            let local = ctx.tracker.local_path(&path);
-            std::fs::create_dir(&local)?;
-            std::fs::set_permissions(&local, std::fs::Permissions::from_mode(mode & !umask & 0o7777))?;
-            std::os::unix::fs::lchown(&local, Some(uid), Some(gid))?;
-            // The kernel asked because the name was not found, so the store has nothing there.
-            ctx.view.known_empty(&path);
-            let md = std::fs::symlink_metadata(&local)?;
-            Ok(local_attr(ctx.inodes.remember(&path), &md))
-        })();
-        match result {
-            Ok(attr) => reply.entry(&ATTR_TTL, &attr, Generation(0)),
-            Err(e) => reply.error(Self::fail("mkdir", &path, &e)),
-        }
-    }
-
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.child_of(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        self.ctx.runtime.spawn(async move {
-            let result: Result<(), CkptFsError> = async {
-                let in_store = ctx.in_store(&path).await && !ctx.tracker.deleting(&path);
-                let local_removed = match std::fs::remove_file(ctx.tracker.local_path(&path)) {
-                    Ok(()) => true,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
-                    Err(e) => return Err(e.into()),
-                };
-                if !local_removed && !in_store {
-                    return Err(CkptFsError::NotFound(path.clone()));
-                }
-                ctx.tracker.removed(&path, in_store)?;
-                ctx.inodes.unlinked(&path);
-                Ok(())
-            }
-            .await;
-            Self::reply_empty("unlink", &path, reply, result);
-        });
-    }
-
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.child_of(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        self.ctx.runtime.spawn(async move {
-            let result: Result<(), CkptFsError> = async {
-                if !ctx.list(&path).await?.is_empty() {
-                    return Err(CkptFsError::NotEmpty(path.clone()));
-                }
-                match std::fs::remove_dir(ctx.tracker.local_path(&path)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e.into()),
-                }
-                ctx.inodes.unlinked(&path);
-                ctx.view.invalidate_tree(&path);
-                Ok(())
-            }
-            .await;
-            Self::reply_empty("rmdir", &path, reply, result);
-        });
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        let ctx = Arc::clone(&self.ctx);
-        let paths = ctx
-            .child_of(parent, name)
-            .and_then(|from| Ok((from, ctx.child_of(newparent, newname)?)));
-        let (from, to) = match paths {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        if flags.contains(RenameFlags::RENAME_EXCHANGE) {
-            return reply.error(CkptFsError::Unsupported("RENAME_EXCHANGE").errno());
-        }
-        self.ctx.runtime.spawn(async move {
-            let result: Result<(), CkptFsError> = async {
-                let local_from = ctx.tracker.local_path(&from);
-                let Some(md) = ctx.local_md(&from) else {
-                    // Only the store has it: an object store cannot rename, and copying a
-                    // checkpoint silently inside rename() would not be atomic.
-                    ctx.find(&from).await?;
-                    return Err(CkptFsError::CrossStore(from.clone()));
-                };
-                if md.is_dir() {
-                    // Objects this mount uploaded from the directory move with it (the new
-                    // names are uploaded, the old deleted); objects only the store has cannot.
-                    let keys = ctx.target.keys_under(&from).await?;
-                    let store_only = keys
-                        .iter()
-                        .any(|k| ctx.local_md(k).is_none() && !ctx.tracker.deleting(k));
-                    if store_only {
-                        return Err(CkptFsError::CrossStore(from.clone()));
-                    }
-                }
-                if flags.contains(RenameFlags::RENAME_NOREPLACE) && ctx.find(&to).await.is_ok() {
-                    return Err(CkptFsError::Exists(to.clone()));
-                }
-                ctx.local_parents(&to)?;
-                std::fs::rename(&local_from, ctx.tracker.local_path(&to))?;
-                ctx.tracker.moved(&from, &to)?;
-                ctx.inodes.renamed(&from, &to);
-                ctx.view.invalidate_parent(&from);
-                ctx.view.invalidate_parent(&to);
-                Ok(())
-            }
-            .await;
-            Self::reply_empty("rename", &from, reply, result);
-        });
-    }
-
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
-        let ctx = &self.ctx;
-        let path = match ctx.child_of(parent, name) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        let (uid, gid) = (req.uid(), req.gid());
-        let result = (|| -> Result<(FileAttr, u64), CkptFsError> {
-            ctx.local_parents(&path)?;
-            let local = ctx.tracker.local_path(&path);
-            let mut options = OpenOptions::new();
-            options.read(true).write(true).create(true).mode(mode & !umask & 0o7777);
-            if flags & libc::O_EXCL != 0 {
-                options.create_new(true);
-            }
-            if flags & libc::O_TRUNC != 0 {
-                options.truncate(true);
-            }
-            let file = options.open(&local)?;
-            std::os::unix::fs::lchown(&local, Some(uid), Some(gid))?;
-            ctx.tracker.begin_write(&path)?;
-            let md = file.metadata()?;
-            ctx.tracker.set_size(&path, md.len());
-            let ino = ctx.inodes.remember(&path);
-            ctx.io_modes.open(ino, || None);
-            let fh = ctx.files.insert(OpenFile {
-                file: Arc::new(file),
-                ino,
-                writable: true,
-                failed: AtomicI32::new(0),
-            });
-            Ok((local_attr(ino, &md), fh))
-        })();
-        match result {
-            Ok((attr, fh)) => reply.created(&ATTR_TTL, &attr, Generation(0), FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(Self::fail("create", &path, &e)),
-        }
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let ctx = Arc::clone(&self.ctx);
-        let passthrough = self.passthrough.load(Ordering::Acquire);
-        let path = match ctx.path_of(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        let writable = flags.acc_mode() != OpenAccMode::O_RDONLY;
-        let truncate = writable && flags.0 & libc::O_TRUNC != 0;
-        self.ctx.runtime.spawn(async move {
-            let opened: Result<(u64, Opened), CkptFsError> = async {
-                if truncate && ctx.local_md(&path).is_none() {
-                    // Replacing a store-only file: nothing to copy.
-                    ctx.find(&path).await?;
-                    ctx.local_parents(&path)?;
-                } else if !ctx.ensure_local(&path).await? {
-                    return Err(CkptFsError::NotFound(path.clone()));
-                }
-                let local = ctx.tracker.local_path(&path);
-                // Read-write even for readers: a passthrough backing file is shared by
-                // every open of the inode, writers included.
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(truncate)
-                    .truncate(truncate)
-                    .open(&local)?;
-                if writable {
-                    ctx.tracker.begin_write(&path)?;
-                    if truncate {
-                        ctx.tracker.set_size(&path, 0);
-                    }
-                }
-                let busy_writing = ctx.tracker.entry(&path).is_some_and(|e| e.writers > 0);
-                let mode = ctx.io_modes.open(ino.0, || {
-                    if !passthrough || writable || busy_writing {
-                        return None;
-                    }
-                    match reply.open_backing(&file) {
-                        Ok(id) => Some(id),
-                        Err(e) => {
-                            tracing::warn!(path, error = %e, "the kernel refused a passthrough backing file");
-                            None
-                        }
-                    }
-                });
-                let fh = ctx.files.insert(OpenFile {
-                    file: Arc::new(file),
-                    ino: ino.0,
-                    writable,
-                    failed: AtomicI32::new(0),
-                });
-                Ok((fh, mode))
-            }
-            .await;
-            match opened {
-                Ok((fh, Opened::Passthrough(id))) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-                Ok((fh, Opened::Cached)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(Self::fail("open", &path, &e)),
-            }
-        });
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let Some(open) = self.ctx.open_file(fh.0, ino.0, None) else {
-            return reply.error(Errno::EBADF);
-        };
-        let mut buf = vec![0u8; size as usize];
-        let mut filled = 0;
-        while filled < buf.len() {
-            match open.file.read_at(&mut buf[filled..], offset + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return reply.error(CkptFsError::Local(e).errno()),
-            }
-        }
-        reply.data(&buf[..filled]);
-    }
-
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let ctx = &self.ctx;
-        let Some(open) = ctx.open_file(fh.0, ino.0, Some(true)) else {
-            return reply.error(Errno::EBADF);
-        };
-        let failed = open.failed.load(Ordering::Relaxed);
-        if failed != 0 {
-            return reply.error(Errno::from_i32(failed));
-        }
-        let end = offset + data.len() as u64;
-        // An unlinked file has no path: its bytes go nowhere, so they need no room.
-        let path = ctx.inodes.path(ino.0);
-        let room = match &path {
-            Some(path) => ctx.tracker.try_grow(path, end),
-            None => Ok(true),
-        };
-        match room {
-            Ok(true) => match open.file.write_all_at(data, offset) {
-                Ok(()) => reply.written(data.len() as u32),
-                Err(e) => {
-                    let e = CkptFsError::Local(e);
-                    write_failed(ctx, &open, path.as_deref(), &e);
-                    reply.error(e.errno());
-                }
-            },
-            Err(e) => {
-                let e = CkptFsError::from(e);
-                write_failed(ctx, &open, path.as_deref(), &e);
-                reply.error(e.errno());
-            }
-            Ok(false) => {
-                // The area is full: wait for uploads off the FUSE thread (backpressure).
-                let data = data.to_vec();
-                let ctx = Arc::clone(&self.ctx);
-                let path = path.unwrap_or_default();
-                self.ctx.runtime.spawn(async move {
-                    let tracker = Arc::clone(&ctx.tracker);
-                    let written = ctx
-                        .make_room(|| Ok(tracker.try_grow(&path, end)?))
-                        .await
-                        .and_then(|()| Ok(open.file.write_all_at(&data, offset)?));
-                    match written {
-                        Ok(()) => reply.written(data.len() as u32),
-                        Err(e) => {
-                            write_failed(&ctx, &open, Some(&path), &e);
-                            reply.error(e.errno());
-                        }
-                    }
-                });
-            }
-        }
-    }
-
-    fn flush(&self, _req: &Request, ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        let ctx = &self.ctx;
-        let Some(open) = ctx.open_file(fh.0, ino.0, None) else {
-            return reply.error(Errno::EBADF);
-        };
-        if !open.writable {
-            return reply.ok();
-        }
-        let failed = open.failed.load(Ordering::Relaxed);
-        if failed != 0 {
-            // The application learns at close() too that this file is not whole.
-            return reply.error(Errno::from_i32(failed));
-        }
-        let Some(path) = ctx.inodes.path(ino.0) else {
-            return reply.ok();
-        };
-        let result = open
-            .file
-            .metadata()
-            .map_err(CkptFsError::from)
-            .and_then(|md| Ok(ctx.tracker.closed(&path, md.len())?));
-        Self::reply_empty("flush", &path, reply, result);
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        let ctx = &self.ctx;
-        if let Some(open) = ctx.files.remove(fh.0) {
-            if open.writable {
-                if let Some(path) = ctx.inodes.path(open.ino) {
-                    ctx.tracker.end_write(&path);
-                }
-            }
-            ctx.io_modes.release(ino.0);
-        }
-        reply.ok();
-    }
-
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let Some(open) = self.ctx.open_file(fh.0, ino.0, None) else {
-            return reply.error(Errno::EBADF);
-        };
-        let synced = if datasync {
-            open.file.sync_data()
-        } else {
-            open.file.sync_all()
-        };
-        match synced.and_then(|()| self.ctx.tracker.sync_journal()) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(CkptFsError::Local(e).errno()),
-        }
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let ctx = Arc::clone(&self.ctx);
-        let path = match ctx.path_of(ino) {
-            Ok(p) => p,
-            Err(e) => return reply.error(e.errno()),
-        };
-        self.ctx.runtime.spawn(async move {
-            match ctx.list(&path).await {
-                Ok(entries) => {
-                    let fh = ctx.dirs.insert(OpenDir { entries });
-                    reply.opened(FileHandle(fh), FopenFlags::empty());
-                }
-                Err(e) => reply.error(Self::fail("opendir", &path, &e)),
-            }
-        });
-    }
-
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        let ctx = &self.ctx;
-        if let Some(dir) = ctx.dirs.get(fh.0) {
-            return fill_dir(ctx, &dir, ino, offset, reply);
-        }
-        if !ctx.dirs.is_inherited(fh.0) {
-            return reply.error(Errno::EBADF);
-        }
-        // Opened before this daemon took the mount over: list it again.
-        let ctx = Arc::clone(&self.ctx);
-        self.ctx.runtime.spawn(async move {
-            let path = match ctx.path_of(ino) {
-                Ok(p) => p,
-                Err(e) => return reply.error(e.errno()),
-            };
-            match ctx.list(&path).await {
-                Ok(entries) => {
-                    let dir = ctx.dirs.adopt(fh.0, OpenDir { entries });
-                    fill_dir(&ctx, &dir, ino, offset, reply);
-                }
-                Err(e) => reply.error(Self::fail("readdir", &path, &e)),
-            }
-        });
-    }
-
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        self.ctx.dirs.remove(fh.0);
-        reply.ok();
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let bsize = 4096u64;
-        let limit = self.ctx.tracker.limit();
-        let free = limit.saturating_sub(self.ctx.tracker.used());
-        reply.statfs(
-            limit / bsize,
-            free / bsize,
-            free / bsize,
-            0,
-            0,
-            bsize as u32,
-            255,
-            bsize as u32,
-        );
-    }
-
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // default_permissions: the kernel checks modes itself.
-        reply.ok();
-    }
-}
-
-/// Fills a readdir reply from an open directory's entries, from the kernel's `offset`.
-fn fill_dir(ctx: &Ctx, dir: &OpenDir, ino: INodeNo, offset: u64, mut reply: ReplyDirectory) {
-    let dir_path = ctx.inodes.path(ino.0).unwrap_or_default();
-    let dots = [
-        (".".to_string(), FileType::Directory),
-        ("..".to_string(), FileType::Directory),
-    ];
-    for (i, (name, kind)) in dots.iter().chain(dir.entries.iter()).enumerate().skip(offset as usize) {
-        let child = if dir_path.is_empty() {
-            name.clone()
-        } else {
-            format!("{dir_path}/{name}")
-        };
-        // Numbers here are informational; lookups assign the real ones.
-        let child_ino = match name.as_str() {
-            "." => ino.0,
-            ".." => ROOT,
-            _ => ctx
-                .inodes
-                .peek(&child)
-                .unwrap_or_else(|| xxhash_rust::xxh3::xxh3_64(child.as_bytes()) | (1 << 63)),
-        };
-        if reply.add(INodeNo(child_ino), (i + 1) as u64, *kind, name) {
-            break;
-        }
-    }
-    reply.ok();
 }
 
 /// Marks a write as failed: the handle reports it on every later write and at close, and

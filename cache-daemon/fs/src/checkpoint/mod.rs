@@ -1,18 +1,22 @@
 //! Checkpoint volumes: a read-write directory whose writes land in a node-local write-back
 //! area and reach the target store in the background.
 //!
-//! A byte's way: [`filesystem`] writes it into a local file; at close the [`tracker`]
-//! journals the file ([`journal`]) as a version to upload; the [`uploader`] sends it to the
-//! [`target`] store as a parallel multipart upload, the commit marker of a checkpoint
+//! A byte's way: [`fuse_adapter`] takes the kernel's request to [`filesystem`], the logic
+//! (unit-tested without FUSE in `tests.rs`), which writes it into a local file; at close the
+//! [`tracker`] journals the file ([`journal`]) as a version to upload, in the
+//! [`writeback_state`]; the [`uploader`] sends it to the target store as a parallel multipart upload, the commit marker of a checkpoint
 //! directory last; after a commit, [`retention`] deletes checkpoints beyond `--keep-last`.
 //! Listings merge local files with the store's ([`store_view`]).
 
 mod error;
 mod filesystem;
+mod fuse_adapter;
 mod inodes;
 pub mod journal;
 pub mod retention;
 mod store_view;
+#[cfg(test)]
+mod tests;
 pub mod tracker;
 mod uploader;
 pub mod writeback_state;
@@ -393,24 +397,21 @@ fn start(
     // Started last: every early return above leaves nothing running.
     let (stop, stopped) = watch::channel(false);
     let uploader = runtime.spawn(uploader.run(stopped));
-    let fs = filesystem::CheckpointFs::new(
-        filesystem::CtxParts {
-            incarnation: filesystem::Incarnation {
-                inodes,
-                epoch,
-                passthrough: takeover.as_ref().map(|t| t.passthrough),
-            },
-            runtime: runtime.clone(),
-            tracker: Arc::clone(&tracker),
-            view,
-            target,
-            metrics,
-            part_size: config.upload.part_size,
-            concurrency: config.upload.concurrency,
+    let fs = filesystem::CheckpointFs::new(filesystem::CtxParts {
+        incarnation: filesystem::Incarnation {
+            inodes,
+            epoch,
+            passthrough: takeover.as_ref().map(|t| t.passthrough),
         },
-        config.passthrough,
-    );
+        tracker: Arc::clone(&tracker),
+        view,
+        target,
+        metrics,
+        part_size: config.upload.part_size,
+        concurrency: config.upload.concurrency,
+    });
     let passthrough = fs.passthrough_flag();
+    let fs = fuse_adapter::CheckpointFuse::new(fs, runtime.clone(), config.passthrough);
     let mut session_config = Config::default();
     if config.allow_other {
         session_config.acl = SessionACL::All;
