@@ -4,12 +4,13 @@
 //! from the store; [`worker::BlockStore`] keeps it in the [`tiers`] (memory over disk), with
 //! [`singleflight`] so concurrent misses make one read; [`worker`] serves it over gRPC
 //! ([`proto`]) and prewarms datasets; [`client`] finds the block's owner by rendezvous hashing
-//! ([`block`] names blocks) and reads it.
+//! ([`block`] names blocks) and reads it. [`budget`] bounds bytes wherever they queue.
 //!
 //! Not here: filesystems (granary-fs), the node daemon (granary-node), store access
 //! (granary-store).
 
 pub mod block;
+pub mod budget;
 pub mod client;
 pub mod metrics;
 pub mod proto;

@@ -5,36 +5,34 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Notify;
 
 use crate::block::BlockName;
+use crate::budget::{ByteBudget, ByteLease};
 
-/// Permits are counted in KiB, so a budget of many GiB fits a semaphore.
+/// The budget is counted in KiB, so a budget of many GiB fits a semaphore.
 const UNIT: u64 = 1024;
 
 pub struct WriteBehind {
     pending: Mutex<HashMap<BlockName, Bytes>>,
-    budget: Arc<Semaphore>,
-    budget_units: u32,
+    budget: ByteBudget,
     in_flight: AtomicUsize,
     idle: Notify,
 }
 
 /// Held while a block is pending; dropping it returns its bytes to the budget.
 pub struct PendingWrite {
-    _permit: OwnedSemaphorePermit,
+    _lease: ByteLease,
 }
 
 impl WriteBehind {
     pub fn new(budget_bytes: u64) -> Self {
-        let units = (budget_bytes / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64 >> 1) as u32;
         WriteBehind {
             pending: Mutex::new(HashMap::new()),
-            budget: Arc::new(Semaphore::new(units as usize)),
-            budget_units: units,
+            budget: ByteBudget::new(budget_bytes, UNIT),
             in_flight: AtomicUsize::new(0),
             idle: Notify::new(),
         }
@@ -54,18 +52,10 @@ impl WriteBehind {
 
     /// Waits for room in the budget, then records the block as pending.
     pub async fn begin(&self, name: BlockName, data: Bytes) -> PendingWrite {
-        let units = (data.len() as u64).div_ceil(UNIT).clamp(1, self.budget_units as u64) as u32;
-        let permit = match Arc::clone(&self.budget).acquire_many_owned(units).await {
-            Ok(permit) => permit,
-            // The semaphore is never closed; were it, writing without a bound is the safe side.
-            Err(_) => Arc::new(Semaphore::new(units as usize))
-                .acquire_many_owned(units)
-                .await
-                .unwrap_or_else(|_| unreachable!("a fresh semaphore has the permits")),
-        };
+        let lease = self.budget.reserve(data.len() as u64).await;
         self.in_flight.fetch_add(1, Ordering::SeqCst);
         self.lock().insert(name, data);
-        PendingWrite { _permit: permit }
+        PendingWrite { _lease: lease }
     }
 
     /// The block is on disk (or refused): it is no longer pending.
@@ -94,6 +84,7 @@ impl WriteBehind {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[tokio::test]

@@ -2,20 +2,18 @@
 //! with load: blocks being fetched, blocks cached, readahead. Metadata gets a fixed share at
 //! start. Holders take a [`MemoryLease`]; when the budget is exhausted, caches are asked to
 //! shrink first, readahead is skipped, and readers wait for memory rather than the process
-//! growing past its limit.
+//! growing past its limit. The bytes are a [`ByteBudget`]; this adds the caches' reclaim and
+//! the metrics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use granary_cache::budget::{ByteBudget, ByteLease};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::Notify;
 
 pub struct MemoryBudget {
-    limit: u64,
-    used: AtomicU64,
-    freed: Notify,
+    bytes: ByteBudget,
     used_gauge: Gauge,
     waits: Counter,
 }
@@ -24,22 +22,19 @@ pub struct MemoryBudget {
 #[must_use]
 pub struct MemoryLease {
     budget: Arc<MemoryBudget>,
-    bytes: u64,
+    lease: Option<ByteLease>,
 }
 
 impl std::fmt::Debug for MemoryLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MemoryLease({} bytes)", self.bytes)
+        write!(f, "MemoryLease({} bytes)", self.lease.as_ref().map_or(0, |l| l.bytes()))
     }
 }
 
 impl Drop for MemoryLease {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            let before = self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-            self.budget.used_gauge.set((before - self.bytes) as i64);
-            self.budget.freed.notify_waiters();
-        }
+        drop(self.lease.take());
+        self.budget.used_gauge.set(self.budget.used() as i64);
     }
 }
 
@@ -53,59 +48,45 @@ impl MemoryBudget {
     pub fn new(limit: u64, used_gauge: Gauge, limit_gauge: &Gauge, waits: Counter) -> Arc<Self> {
         limit_gauge.set(limit as i64);
         Arc::new(MemoryBudget {
-            limit,
-            used: AtomicU64::new(0),
-            freed: Notify::new(),
+            // Byte units: leases are blocks of any size, and the budget is exact.
+            bytes: ByteBudget::new(limit, 1),
             used_gauge,
             waits,
         })
     }
 
     pub fn limit(&self) -> u64 {
-        self.limit
+        self.bytes.limit()
     }
 
     pub fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
+        self.bytes.used()
+    }
+
+    fn lease(self: &Arc<Self>, lease: ByteLease) -> MemoryLease {
+        self.used_gauge.set(self.used() as i64);
+        MemoryLease {
+            budget: Arc::clone(self),
+            lease: Some(lease),
+        }
     }
 
     /// Takes `bytes` if they are free now.
     pub fn try_reserve(self: &Arc<Self>, bytes: u64) -> Option<MemoryLease> {
-        let mut used = self.used.load(Ordering::Acquire);
-        loop {
-            let next = used.checked_add(bytes)?;
-            if next > self.limit {
-                return None;
-            }
-            match self
-                .used
-                .compare_exchange_weak(used, next, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => {
-                    self.used_gauge.set(next as i64);
-                    return Some(MemoryLease {
-                        budget: Arc::clone(self),
-                        bytes,
-                    });
-                }
-                Err(now) => used = now,
-            }
-        }
+        self.bytes.try_reserve(bytes).map(|l| self.lease(l))
     }
 
     /// Takes `bytes`, asking `cache` to shrink when they are not free, and waiting for other
     /// holders to release memory when it cannot. A request larger than the whole budget is
     /// cut to the budget, so it waits for an idle moment instead of forever.
     pub async fn reserve(self: &Arc<Self>, bytes: u64, cache: &dyn Reclaim) -> MemoryLease {
-        let bytes = bytes.min(self.limit);
+        let bytes = bytes.min(self.limit());
         let mut waited = false;
         loop {
-            // Register for wake-ups before checking, so a release in between is not missed.
-            let freed = self.freed.notified();
             if let Some(lease) = self.try_reserve(bytes) {
                 return lease;
             }
-            let short = (self.used() + bytes).saturating_sub(self.limit);
+            let short = (self.used() + bytes).saturating_sub(self.limit());
             if cache.reclaim(short) > 0 {
                 continue;
             }
@@ -113,8 +94,10 @@ impl MemoryBudget {
                 waited = true;
                 self.waits.inc();
             }
-            // Time-bounded: a release racing the registration costs at most this delay.
-            let _ = tokio::time::timeout(Duration::from_millis(50), freed).await;
+            // In turn with other waiters; after a while, ask the cache again.
+            if let Some(lease) = self.bytes.reserve_within(bytes, Duration::from_millis(50)).await {
+                return self.lease(lease);
+            }
         }
     }
 }
@@ -122,6 +105,7 @@ impl MemoryBudget {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     struct NothingToGive;
     impl Reclaim for NothingToGive {
