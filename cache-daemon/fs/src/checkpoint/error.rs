@@ -2,9 +2,11 @@
 
 use fuser::Errno;
 
+pub use crate::fs_core::ToErrno;
+
 use super::tracker::NoSpace;
 use granary_store::target::TransferError;
-use granary_store::{ErrorKind, StoreError};
+use granary_store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CkptFsError {
@@ -41,8 +43,8 @@ impl From<TransferError> for CkptFsError {
     }
 }
 
-impl CkptFsError {
-    pub fn errno(&self) -> Errno {
+impl ToErrno for CkptFsError {
+    fn errno(&self) -> Errno {
         match self {
             CkptFsError::NotFound(_) => Errno::ENOENT,
             CkptFsError::Stale(_) => Errno::ESTALE,
@@ -53,15 +55,8 @@ impl CkptFsError {
             CkptFsError::Exists(_) => Errno::EEXIST,
             CkptFsError::NoSpace(_) => Errno::ENOSPC,
             CkptFsError::Unsupported(_) => Errno::ENOTSUP,
-            CkptFsError::Local(e) => match e.raw_os_error() {
-                Some(code) if code > 0 => Errno::from_i32(code),
-                _ => Errno::EIO,
-            },
-            CkptFsError::Store(e) => match e.kind() {
-                ErrorKind::NotFound => Errno::ENOENT,
-                ErrorKind::PermissionDenied => Errno::EACCES,
-                _ => Errno::EIO,
-            },
+            CkptFsError::Local(e) => e.errno(),
+            CkptFsError::Store(e) => e.errno(),
         }
     }
 }

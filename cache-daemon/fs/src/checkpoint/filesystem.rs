@@ -7,6 +7,7 @@
 //! kernel's write-back cache; on a kernel without it, files with no writer are read through
 //! passthrough instead.
 
+use crate::fs_core::ToErrno;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
@@ -24,8 +25,8 @@ use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
 use super::store_view::StoreView;
 use super::tracker::{parent_of, Tracker, Want};
-use crate::dataset::handles::Handles;
-use crate::dataset::io_modes::{IoModes, Opened};
+use crate::fs_core::handles::Handles;
+use crate::fs_core::io_modes::{IoModes, Opened};
 use crate::metrics::CheckpointMetrics;
 use granary_store::target::{StoreEntry, TargetStore};
 

@@ -3,6 +3,7 @@
 //! that waits for the store or for room runs on the async runtime. Nothing here decides what a
 //! request means.
 
+use crate::fs_core::ToErrno;
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -16,7 +17,7 @@ use tokio::runtime::Handle;
 
 use super::error::CkptFsError;
 use super::filesystem::{Caller, CheckpointFs, SetAttr, Step, ATTR_TTL};
-use crate::dataset::io_modes::Opened;
+use crate::fs_core::io_modes::Opened;
 
 pub struct CheckpointFuse {
     fs: CheckpointFs,

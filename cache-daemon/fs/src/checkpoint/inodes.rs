@@ -1,23 +1,14 @@
-//! Inode numbers for the paths of a read-write mount. Like the dataset mount's table, an
-//! inode lives while the kernel holds lookups on it; unlike it, paths change: a rename moves
-//! an inode (and everything under a directory) to new paths, and an unlinked inode keeps
-//! its number but has no path, so its open files never act on a newer file of that name.
-//! With a log, every change is logged, so a restarted daemon taking the kernel mount over
-//! replays the table the kernel knows.
+//! Inode numbers for the paths of a read-write mount: the shared [`InodeTable`], whose paths
+//! change here (renames, unlinks). With a log, every change is logged, so a restarted daemon
+//! taking the kernel mount over replays the table the kernel knows.
 
-use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::tracker::is_under;
+use crate::fs_core::inodes::InodeTable;
+pub use crate::fs_core::inodes::ROOT;
 use crate::fs_core::op_log::OpLog;
-
-pub const ROOT: u64 = 1;
-
-/// References given to inodes inherited from a previous daemon: how many the kernel holds
-/// is unknown, so they are kept until the mount goes away.
-const INHERITED_LOOKUPS: u64 = 1 << 62;
 
 /// One change of the table, as logged.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,15 +33,8 @@ pub enum InodeOp {
     },
 }
 
-struct Inode {
-    path: Option<String>,
-    lookups: u64,
-}
-
 struct Table {
-    by_ino: HashMap<u64, Inode>,
-    by_path: HashMap<String, u64>,
-    next: u64,
+    inodes: InodeTable<()>,
     log: Option<OpLog<InodeOp>>,
 }
 
@@ -60,21 +44,9 @@ pub struct PathInodes {
 
 impl Default for PathInodes {
     fn default() -> Self {
-        let mut by_ino = HashMap::new();
-        by_ino.insert(
-            ROOT,
-            Inode {
-                path: Some(String::new()),
-                lookups: 1,
-            },
-        );
-        let mut by_path = HashMap::new();
-        by_path.insert(String::new(), ROOT);
         PathInodes {
             table: Mutex::new(Table {
-                by_ino,
-                by_path,
-                next: ROOT + 1,
+                inodes: InodeTable::new("", ()),
                 log: None,
             }),
         }
@@ -97,44 +69,17 @@ impl PathInodes {
             let mut t = inodes.lock();
             for op in ops {
                 match op {
-                    InodeOp::Add { ino, path } => {
-                        t.by_path.insert(path.clone(), ino);
-                        t.by_ino.insert(
-                            ino,
-                            Inode {
-                                path: Some(path),
-                                lookups: INHERITED_LOOKUPS,
-                            },
-                        );
-                        t.next = t.next.max(ino + 1);
-                    }
-                    InodeOp::Orphan { ino } => {
-                        t.by_ino.insert(
-                            ino,
-                            Inode {
-                                path: None,
-                                lookups: INHERITED_LOOKUPS,
-                            },
-                        );
-                        t.next = t.next.max(ino + 1);
-                    }
+                    InodeOp::Add { ino, path } => t.inodes.inherit(ino, Some(path), ()),
+                    InodeOp::Orphan { ino } => t.inodes.inherit(ino, None, ()),
                     InodeOp::Forget { ino } => {
-                        if let Some(Inode { path: Some(path), .. }) = t.by_ino.remove(&ino) {
-                            if t.by_path.get(&path) == Some(&ino) {
-                                t.by_path.remove(&path);
-                            }
-                        }
+                        t.inodes.remove(ino);
                     }
-                    InodeOp::Unlinked { path } => t.unlink(&path),
-                    InodeOp::Renamed { from, to } => t.rename(&from, &to),
+                    InodeOp::Unlinked { path } => t.inodes.unlink(&path),
+                    InodeOp::Renamed { from, to } => t.inodes.rename(&from, &to),
                 }
             }
             // Inherited inodes are never forgotten by count; the root is always there.
-            for (ino, inode) in t.by_ino.iter_mut() {
-                if *ino != ROOT {
-                    inode.lookups = INHERITED_LOOKUPS;
-                }
-            }
+            t.inodes.mark_inherited();
             t.log = Some(log);
             t.compact()?;
         }
@@ -148,57 +93,29 @@ impl PathInodes {
     /// The inode of `path`, with one more kernel reference.
     pub fn remember(&self, path: &str) -> u64 {
         let mut t = self.lock();
-        if let Some(&ino) = t.by_path.get(path) {
-            if let Some(inode) = t.by_ino.get_mut(&ino) {
-                inode.lookups += 1;
-                return ino;
-            }
+        let (ino, new) = t.inodes.remember(path, ());
+        if new {
+            t.append(InodeOp::Add {
+                ino,
+                path: path.to_string(),
+            });
         }
-        let ino = t.next;
-        t.next += 1;
-        t.append(InodeOp::Add {
-            ino,
-            path: path.to_string(),
-        });
-        t.by_path.insert(path.to_string(), ino);
-        t.by_ino.insert(
-            ino,
-            Inode {
-                path: Some(path.to_string()),
-                lookups: 1,
-            },
-        );
         ino
     }
 
     pub fn path(&self, ino: u64) -> Option<String> {
-        self.lock().by_ino.get(&ino).and_then(|i| i.path.clone())
+        self.lock().inodes.get(ino).and_then(|i| i.path.clone())
     }
 
     pub fn peek(&self, path: &str) -> Option<u64> {
-        self.lock().by_path.get(path).copied()
+        self.lock().inodes.peek(path)
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
-        if ino == ROOT {
-            return;
-        }
         let mut t = self.lock();
-        let gone = match t.by_ino.get_mut(&ino) {
-            Some(inode) => {
-                inode.lookups = inode.lookups.saturating_sub(n);
-                inode.lookups == 0
-            }
-            None => false,
-        };
-        if gone {
-            if let Some(Inode { path: Some(path), .. }) = t.by_ino.remove(&ino) {
-                if t.by_path.get(&path) == Some(&ino) {
-                    t.by_path.remove(&path);
-                }
-            }
+        if t.inodes.forget(ino, n) {
             t.append(InodeOp::Forget { ino });
-            if t.log.as_ref().is_some_and(|l| l.wants_compaction(t.by_ino.len())) {
+            if t.log.as_ref().is_some_and(|l| l.wants_compaction(t.inodes.len())) {
                 if let Err(e) = t.compact() {
                     tracing::warn!(error = %e, "cannot compact the inode log");
                 }
@@ -210,7 +127,7 @@ impl PathInodes {
     pub fn unlinked(&self, path: &str) {
         let mut t = self.lock();
         t.append(InodeOp::Unlinked { path: path.to_string() });
-        t.unlink(path);
+        t.inodes.unlink(path);
     }
 
     /// `from` (and everything under it) is now at `to`; whatever was at `to` is replaced.
@@ -220,7 +137,7 @@ impl PathInodes {
             from: from.to_string(),
             to: to.to_string(),
         });
-        t.rename(from, to);
+        t.inodes.rename(from, to);
     }
 }
 
@@ -235,54 +152,17 @@ impl Table {
     fn compact(&mut self) -> std::io::Result<()> {
         let Some(log) = self.log.as_mut() else { return Ok(()) };
         let ops: Vec<InodeOp> = self
-            .by_ino
-            .iter()
-            .filter(|(ino, _)| **ino != ROOT)
+            .inodes
+            .non_root()
             .map(|(ino, inode)| match &inode.path {
                 Some(path) => InodeOp::Add {
-                    ino: *ino,
+                    ino,
                     path: path.clone(),
                 },
-                None => InodeOp::Orphan { ino: *ino },
+                None => InodeOp::Orphan { ino },
             })
             .collect();
         log.rewrite(ops.iter())
-    }
-
-    fn unlink(&mut self, path: &str) {
-        if let Some(ino) = self.by_path.remove(path) {
-            if let Some(inode) = self.by_ino.get_mut(&ino) {
-                inode.path = None;
-            }
-        }
-    }
-
-    fn rename(&mut self, from: &str, to: &str) {
-        let t = self;
-
-        // Whatever `to` named before is gone.
-        let replaced: Vec<String> = t.by_path.keys().filter(|p| is_under(p, to)).cloned().collect();
-        for p in replaced {
-            if let Some(ino) = t.by_path.remove(&p) {
-                if let Some(inode) = t.by_ino.get_mut(&ino) {
-                    inode.path = None;
-                }
-            }
-        }
-        let moving: Vec<(String, u64)> = t
-            .by_path
-            .iter()
-            .filter(|(p, _)| is_under(p, from))
-            .map(|(p, i)| (p.clone(), *i))
-            .collect();
-        for (old, ino) in moving {
-            let new = format!("{to}{}", &old[from.len()..]);
-            t.by_path.remove(&old);
-            t.by_path.insert(new.clone(), ino);
-            if let Some(inode) = t.by_ino.get_mut(&ino) {
-                inode.path = Some(new);
-            }
-        }
     }
 }
 

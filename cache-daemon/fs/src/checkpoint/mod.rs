@@ -34,8 +34,8 @@ use tokio::sync::watch;
 pub use tracker::Tracker;
 pub use uploader::UploadTuning;
 
-use crate::dataset::clear_dead_mount;
 use crate::fs_core::op_log::OpLog;
+use crate::fs_core::session::clear_dead_mount;
 use crate::metrics::CheckpointMetrics;
 use granary_store::source::{SourceConfigError, SourceTuning};
 use granary_store::{ErrorKind, StoreError};
@@ -136,7 +136,7 @@ impl CheckpointMountError {
 /// A live checkpoint mount and its uploader.
 pub struct MountedCheckpoint {
     session: Option<BackgroundSession>,
-    handover: crate::dataset::Handover,
+    handover: crate::fs_core::session::Handover,
     /// Where a taken-over mount is mounted (its session did not mount it, so cannot unmount).
     taken_over_at: Option<PathBuf>,
     /// Held while this process owns the write-back area (released when dropped).
@@ -152,7 +152,7 @@ impl MountedCheckpoint {
     }
 
     /// What a successor process needs to take this mount over.
-    pub fn handover(&self) -> &crate::dataset::Handover {
+    pub fn handover(&self) -> &crate::fs_core::session::Handover {
         &self.handover
     }
 
@@ -183,7 +183,7 @@ impl MountedCheckpoint {
             if session.guard.is_finished() {
                 session.join()
             } else if let Some(path) = taken_over_at {
-                crate::dataset::detach(&path)?;
+                crate::fs_core::session::detach(&path)?;
                 session.join()
             } else {
                 session.umount_and_join()
@@ -279,7 +279,7 @@ pub fn mount(
 pub fn resume(
     config: &CheckpointMount,
     mountpoint: &Path,
-    takeover: crate::dataset::Takeover,
+    takeover: crate::fs_core::session::Takeover,
     metrics: Arc<CheckpointMetrics>,
     runtime: Handle,
 ) -> Result<MountedCheckpoint, CheckpointMountError> {
@@ -291,7 +291,7 @@ fn start(
     mountpoint: &Path,
     metrics: Arc<CheckpointMetrics>,
     runtime: Handle,
-    takeover: Option<crate::dataset::Takeover>,
+    takeover: Option<crate::fs_core::session::Takeover>,
 ) -> Result<MountedCheckpoint, CheckpointMountError> {
     let part = config.upload.part_size;
     if !((5 << 20)..=(5 << 30)).contains(&part) {
@@ -425,7 +425,7 @@ fn start(
         MountOption::DefaultPermissions,
     ];
     session_config.n_threads = Some(config.threads.max(1));
-    let started = crate::dataset::start_session(
+    let started = crate::fs_core::session::start_session(
         fs,
         mountpoint,
         session_config,
@@ -445,7 +445,7 @@ fn start(
     tracing::info!(mountpoint = %mountpoint.display(), target = config.target, writeback = %dir.display(), epoch, "checkpoint volume mounted");
     Ok(MountedCheckpoint {
         session: Some(session),
-        handover: crate::dataset::Handover {
+        handover: crate::fs_core::session::Handover {
             device,
             passthrough,
             epoch,

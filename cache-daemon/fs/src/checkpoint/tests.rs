@@ -1,6 +1,7 @@
 //! A checkpoint volume's logic without FUSE or root: the calls the adapter makes, against a
 //! target store in a temporary directory and a write-back area beside it.
 
+use crate::fs_core::ToErrno;
 use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,6 +3,8 @@
 
 use fuser::Errno;
 
+pub use crate::fs_core::ToErrno;
+
 use granary_cache::client::ClientError;
 use granary_store::{ErrorKind, StoreError};
 
@@ -31,9 +33,9 @@ pub enum FsError {
     Io { path: String, cause: String },
 }
 
-impl FsError {
-    /// The single mapping from a filesystem error to the errno the application sees.
-    pub fn errno(&self) -> Errno {
+/// The single mapping from a filesystem error to the errno the application sees.
+impl ToErrno for FsError {
+    fn errno(&self) -> Errno {
         match self {
             FsError::NotFound(_) => Errno::ENOENT,
             FsError::NotADirectory(_) => Errno::ENOTDIR,
@@ -48,7 +50,9 @@ impl FsError {
             FsError::Io { .. } => Errno::EIO,
         }
     }
+}
 
+impl FsError {
     pub fn from_client(path: &str, err: ClientError) -> Self {
         match err {
             ClientError::NotFound(_) => FsError::NotFound(path.to_string()),

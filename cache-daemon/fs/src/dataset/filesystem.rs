@@ -14,12 +14,12 @@ use fuser::{BackingId, FileAttr, FileType, INodeNo};
 
 use super::block_fetch::BlockFetcher;
 use super::error::FsError;
-use super::handles::Handles;
 use super::inodes::{Inodes, ROOT};
-use super::io_modes::{IoModes, Opened};
 use super::metadata::{name_of, parent_of, DirListing, Metadata};
 use super::readahead::Readahead;
 use super::warm_ahead::WarmAhead;
+use crate::fs_core::handles::Handles;
+use crate::fs_core::io_modes::{IoModes, Opened};
 use granary_cache::block::block_range;
 use granary_cache::proto::FileInfo;
 

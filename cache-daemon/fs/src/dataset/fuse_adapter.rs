@@ -3,6 +3,7 @@
 //! reads run at once), its result a reply, and every answer a metric. Nothing here decides
 //! what a request means.
 
+use crate::fs_core::ToErrno;
 use std::ffi::OsStr;
 use std::sync::atomic::Ordering;
 use std::time::Instant;

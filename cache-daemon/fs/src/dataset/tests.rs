@@ -1,6 +1,7 @@
 //! The dataset filesystem's logic without FUSE or root: the calls the adapter makes, against
 //! a source store in a temporary directory, read directly (no workers).
 
+use crate::fs_core::ToErrno;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
