@@ -25,6 +25,7 @@ use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
 use super::store_view::StoreView;
 use super::tracker::{parent_of, Tracker, Want};
+use crate::fs_core::attr::{self, Owner};
 use crate::fs_core::handles::Handles;
 use crate::fs_core::io_modes::{IoModes, Opened};
 use crate::metrics::CheckpointMetrics;
@@ -179,29 +180,9 @@ fn local_attr(ino: u64, md: &std::fs::Metadata) -> FileAttr {
 
 /// Files only the store has are shown writable by all: the pods of a job write as any user.
 fn store_attr(ino: u64, e: &StoreEntry) -> FileAttr {
-    let mtime = e.modified.unwrap_or(UNIX_EPOCH);
-    let (kind, perm, nlink) = if e.is_dir {
-        (FileType::Directory, 0o777, 2)
-    } else {
-        (FileType::RegularFile, 0o666, 1)
-    };
-    FileAttr {
-        ino: INodeNo(ino),
-        size: e.size,
-        blocks: e.size.div_ceil(512),
-        atime: mtime,
-        mtime,
-        ctime: mtime,
-        crtime: mtime,
-        kind,
-        perm,
-        nlink,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 1 << 20,
-        flags: 0,
-    }
+    let perm = if e.is_dir { 0o777 } else { 0o666 };
+    let root = Owner { uid: 0, gid: 0 };
+    attr::synthetic(ino, e.is_dir, e.size, perm, root, e.modified.unwrap_or(UNIX_EPOCH))
 }
 
 fn attr_of(ino: u64, found: &Found) -> FileAttr {

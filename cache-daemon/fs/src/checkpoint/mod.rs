@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::BackgroundSession;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -412,19 +412,8 @@ fn start(
     });
     let passthrough = fs.passthrough_flag();
     let fs = fuse_adapter::CheckpointFuse::new(fs, runtime.clone(), config.passthrough);
-    let mut session_config = Config::default();
-    if config.allow_other {
-        session_config.acl = SessionACL::All;
-    }
-    session_config.mount_options = vec![
-        MountOption::RW,
-        MountOption::FSName(config.fs_name()),
-        MountOption::Subtype("granary".into()),
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::DefaultPermissions,
-    ];
-    session_config.n_threads = Some(config.threads.max(1));
+    let session_config =
+        crate::fs_core::session::session_config(false, config.fs_name(), config.allow_other, config.threads);
     let started = crate::fs_core::session::start_session(
         fs,
         mountpoint,

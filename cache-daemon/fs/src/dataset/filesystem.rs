@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fuser::{BackingId, FileAttr, FileType, INodeNo};
+use fuser::{BackingId, FileAttr, FileType};
 
 use super::block_fetch::BlockFetcher;
 use super::error::FsError;
@@ -18,6 +18,7 @@ use super::inodes::{Inodes, ROOT};
 use super::metadata::{name_of, parent_of, DirListing, Metadata};
 use super::readahead::Readahead;
 use super::warm_ahead::WarmAhead;
+use crate::fs_core::attr::{self, Owner};
 use crate::fs_core::handles::Handles;
 use crate::fs_core::io_modes::{IoModes, Opened};
 use granary_cache::block::block_range;
@@ -187,28 +188,12 @@ impl DatasetFs {
 
     fn attr(&self, ino: u64, info: &FileInfo) -> FileAttr {
         let mtime = UNIX_EPOCH + Duration::from_nanos(info.mtime_unix_nanos.max(0) as u64);
-        let (kind, perm, nlink) = if info.is_dir {
-            (FileType::Directory, 0o555, 2)
-        } else {
-            (FileType::RegularFile, 0o444, 1)
-        };
-        FileAttr {
-            ino: INodeNo(ino),
-            size: info.size,
-            blocks: info.size.div_ceil(512),
-            atime: mtime,
-            mtime,
-            ctime: mtime,
-            crtime: mtime,
-            kind,
-            perm,
-            nlink,
+        let perm = if info.is_dir { 0o555 } else { 0o444 };
+        let owner = Owner {
             uid: self.inner.ownership.uid,
             gid: self.inner.ownership.gid,
-            rdev: 0,
-            blksize: 1 << 20,
-            flags: 0,
-        }
+        };
+        attr::synthetic(ino, info.is_dir, info.size, perm, owner, mtime)
     }
 
     /// What the kernel's inode `ino` is, with attributes refreshed when they are stale.

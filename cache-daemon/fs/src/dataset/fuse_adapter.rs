@@ -5,7 +5,6 @@
 
 use crate::fs_core::ToErrno;
 use std::ffi::OsStr;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use fuser::{
@@ -70,15 +69,11 @@ impl Filesystem for DatasetFuse {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_background(64);
         if self.want_passthrough {
-            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-                Ok(()) => {
-                    let _ = config.set_max_stack_depth(1);
-                    self.fs.passthrough_flag().store(true, Ordering::Release);
-                }
-                Err(_) => tracing::info!(
-                    "this kernel does not offer FUSE passthrough (Linux 6.9+); locally cached files are read through the daemon"
-                ),
-            }
+            crate::fs_core::session::offer_passthrough(
+                config,
+                &self.fs.passthrough_flag(),
+                "locally cached files are read through the daemon",
+            );
         }
         Ok(())
     }

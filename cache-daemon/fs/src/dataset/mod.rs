@@ -29,7 +29,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config};
 use tokio::runtime::Handle;
 
 pub use error::FsError;
@@ -359,21 +359,7 @@ pub fn mount(
 }
 
 fn session_config(config: &DatasetMount) -> Config {
-    let mut session_config = Config::default();
-    if config.allow_other {
-        // Pods run as any user; fuser turns this into the allow_other mount option.
-        session_config.acl = SessionACL::All;
-    }
-    session_config.mount_options = vec![
-        MountOption::RO,
-        MountOption::FSName(config.fs_name()),
-        MountOption::Subtype("granary".into()),
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::DefaultPermissions,
-    ];
-    session_config.n_threads = Some(config.threads.max(1));
-    session_config
+    crate::fs_core::session::session_config(true, config.fs_name(), config.allow_other, config.threads)
 }
 
 /// Serves, in this process, the mount at `mountpoint` that a previous process started and

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, Session};
+use fuser::{BackgroundSession, Config, InitFlags, KernelConfig, MountOption, Session, SessionACL};
 
 /// What a mount (of either kind) hands to the keeper for a successor: a duplicate of its
 /// /dev/fuse descriptor, what the kernel agreed to at its start, and which incarnation serves it.
@@ -125,5 +125,37 @@ fn ask_resend(device: &OwnedFd) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The session settings both filesystems mount with: read-only or read-write, named
+/// `fs_name` of type `granary`, no devices or setuid, permissions checked by the kernel.
+pub fn session_config(read_only: bool, fs_name: String, allow_other: bool, threads: usize) -> Config {
+    let mut config = Config::default();
+    if allow_other {
+        // Pods run as any user; fuser turns this into the allow_other mount option.
+        config.acl = SessionACL::All;
+    }
+    config.mount_options = vec![
+        if read_only { MountOption::RO } else { MountOption::RW },
+        MountOption::FSName(fs_name),
+        MountOption::Subtype("granary".into()),
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    config.n_threads = Some(threads.max(1));
+    config
+}
+
+/// Asks the kernel at init for passthrough (Linux 6.9+) and records in `agreed` whether it
+/// was given; `without` says, for the log, what happens when it is not.
+pub fn offer_passthrough(config: &mut KernelConfig, agreed: &AtomicBool, without: &str) {
+    match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+        Ok(()) => {
+            let _ = config.set_max_stack_depth(1);
+            agreed.store(true, std::sync::atomic::Ordering::Release);
+        }
+        Err(_) => tracing::info!("this kernel does not offer FUSE passthrough (Linux 6.9+); {without}"),
     }
 }
