@@ -98,7 +98,7 @@ impl Tracker {
                 );
                 recovery.untracked.push(path.clone());
             }
-            state.set_found_size(&path, size);
+            let _ = state.set_size(&path, size);
         }
         let missing: Vec<String> = state
             .files()
@@ -412,7 +412,7 @@ impl Tracker {
 
     /// Whether `path` is a commit marker, and so a checkpoint's last file.
     pub fn marks_commit(&self, path: &str) -> bool {
-        self.lock().0.marks_commit(path)
+        super::writeback_state::marks_commit(self.marker.as_deref(), path)
     }
 
     /// Up to `max` pieces of work that may start now, marking them busy. A marker is

@@ -108,6 +108,12 @@ pub struct Effects {
 
 pub use crate::fs_core::paths::{is_under, parent_of};
 
+/// Whether `path` is the commit marker `marker` of its directory.
+pub fn marks_commit(marker: Option<&str>, path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or(path);
+    marker == Some(name)
+}
+
 /// `path` with its leading `from` replaced by `to`.
 fn moved_path(path: &str, from: &str, to: &str) -> String {
     format!("{to}{}", &path[from.len()..])
@@ -222,8 +228,7 @@ impl WritebackState {
 
     /// Whether `path` is a commit marker, and so a checkpoint's last file.
     pub fn marks_commit(&self, path: &str) -> bool {
-        let name = path.rsplit('/').next().unwrap_or(path);
-        self.marker.as_deref() == Some(name)
+        marks_commit(self.marker.as_deref(), path)
     }
 
     /// Whether nothing is waiting for the store: no upload to make or running, no delete.
@@ -437,11 +442,6 @@ impl WritebackState {
         e.size = end;
         self.used += delta;
         true
-    }
-
-    /// The first scan after a restart found `path` with `size` bytes.
-    pub fn set_found_size(&mut self, path: &str, size: u64) {
-        let _ = self.set_size(path, size);
     }
 
     /// Forgets a file the replay knew but the disk does not have.
@@ -900,7 +900,7 @@ mod tests {
                     // number ever used: numbers above them may be given out again, harmlessly.
                     prop_assert!(replayed.next_seq() <= self.state.next_seq());
                     for (path, size) in sizes {
-                        replayed.set_found_size(&path, size);
+                        let _ = replayed.set_size(&path, size);
                     }
                     // The journal is compacted at open; the compacted one replays the same.
                     self.journal = replayed.snapshot();

@@ -310,13 +310,15 @@ impl DatasetFs {
         size: u32,
     ) -> impl std::future::Future<Output = Result<Bytes, FsError>> + Send + 'static {
         let fs = self.clone();
-        let known = self.inner.files.get(fh);
-        let ahead = known.as_ref().map(|file| plan_read(file, offset, size));
+        let known = self.inner.files.get(fh).map(|file| {
+            let ahead = plan_read(&file, offset, size);
+            (file, ahead)
+        });
         async move {
-            let (file, ahead) = match (known, ahead) {
-                (Some(file), Some(ahead)) => (file, ahead),
+            let (file, ahead) = match known {
+                Some(planned) => planned,
                 // Opened before this daemon took the mount over: rebuild the handle first.
-                _ => {
+                None => {
                     let file = fs.open_file(fh, ino).await?;
                     let ahead = plan_read(&file, offset, size);
                     (file, ahead)

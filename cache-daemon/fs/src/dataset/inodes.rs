@@ -68,12 +68,10 @@ impl Inodes {
     /// attributes updated to `info`.
     pub fn remember(&self, info: Arc<FileInfo>) -> u64 {
         let mut t = self.lock();
-        let path = info.path.clone();
-        let entry = logged(&info);
-        let (ino, new) = t.inodes.remember(&path, info);
+        let (ino, new) = t.inodes.remember(&info.path, Arc::clone(&info));
         if new {
             if let Some(log) = t.log.as_mut() {
-                log.added(ino, &entry);
+                log.added(ino, &logged(&info));
             }
         }
         ino
