@@ -110,7 +110,7 @@ class Chart(unittest.TestCase):
         kinds = sorted({d["kind"] for d in docs})
         self.assertEqual(kinds, sorted([
             "ClusterRole", "ClusterRoleBinding", "CSIDriver", "DaemonSet", "Deployment",
-            "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Service",
+            "MutatingWebhookConfiguration", "PodDisruptionBudget", "Role", "RoleBinding", "Secret", "Service",
             "ServiceAccount", "ValidatingWebhookConfiguration",
         ]))
         self.assertIn("kubectl apply", out["granary/templates/NOTES.txt"])
@@ -139,12 +139,23 @@ class Chart(unittest.TestCase):
         self.assertFalse(any("mutatingwebhookconfigurations" in r["resources"] for r in rules))
         role_rules = find(docs, "Role")["rules"]
         self.assertFalse(any("secrets" in r["resources"] for r in role_rules))
+        # The platform's own volume key, the NVMe mounts as write-back roots, the node's identity lent.
+        self.assertFalse([d for d in docs if d["kind"] == "Secret"])
+        csi_pod = find(docs, "DaemonSet", "granary-csi")["spec"]["template"]["spec"]
+        self.assertIn("platform-volume-key", [v.get("secret", {}).get("secretName") for v in csi_pod["volumes"]])
+        daemon = container(find(docs, "DaemonSet", "granary-node")["spec"]["template"]["spec"], "node-daemon")
+        roots = [a.split("=", 1)[1] for a in daemon["args"] if a.startswith("--writeback-root=")]
+        self.assertEqual(roots, ["/dev/shm/granary", "/mnt/nvme0", "/mnt/nvme1"])
+        self.assertIn("--allow-auto-credentials", daemon["args"])
 
     def test_the_parts_agree_with_the_binaries(self):
         docs, _ = render({})
         driver = find(docs, "CSIDriver")
         self.assertEqual(driver["metadata"]["name"], rust_const("operator/src/resources/mod.rs", "CSI_DRIVER"))
-        self.assertEqual(driver["spec"]["volumeLifecycleModes"], ["Persistent", "Ephemeral"])
+        # Only the operator's PVs: inline volumes carry the pod author's attributes.
+        self.assertEqual(driver["spec"]["volumeLifecycleModes"], ["Persistent"])
+        # Rotated Secrets reach running mounts through the kubelet's periodic republish.
+        self.assertTrue(driver["spec"]["requiresRepublish"])
         self.assertFalse(driver["spec"]["attachRequired"])
         self.assertTrue(driver["spec"]["podInfoOnMount"])
 
@@ -168,6 +179,20 @@ class Chart(unittest.TestCase):
         for key in ["nodeSelector", "tolerations", "affinity", "priorityClassName"]:
             self.assertEqual(csi_pod.get(key), node_pod.get(key), key)
         self.assertIn("nvidia.com/gpu", [t["key"] for t in node_pod["tolerations"]])
+        # The operator marks PVs with the key granary-csi checks: both read the one Secret.
+        key_secret = find(docs, "Secret", "granary-volume-key")
+        self.assertEqual(key_secret["metadata"]["annotations"]["helm.sh/resource-policy"], "keep")
+        deploy_pod = find(docs, "Deployment")["spec"]["template"]["spec"]
+        for pod, c in [(csi_pod, csi), (deploy_pod, container(deploy_pod, "operator"))]:
+            key_file = flag(c["args"], "volume-key-file")
+            mount = next(m for m in c["volumeMounts"] if key_file.startswith(m["mountPath"] + "/"))
+            volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+            self.assertEqual(volume["secret"]["secretName"], "granary-volume-key", c["name"])
+            self.assertEqual(volume["secret"]["items"][0]["path"], key_file[len(mount["mountPath"]) + 1:])
+        # The node lends no cloud identity and no host directory beyond the Memory medium's.
+        self.assertNotIn("--allow-auto-credentials", daemon["args"])
+        self.assertEqual([a for a in daemon["args"] if a.startswith("--writeback-root=")], ["--writeback-root=/dev/shm/granary"])
+        self.assertFalse([a for a in daemon["args"] if a.startswith("--fs-store-root")])
         # Upgrades restart node daemons only: the keeper (granary-csi) waits for OnDelete.
         self.assertEqual(find(docs, "DaemonSet", "granary-csi")["spec"]["updateStrategy"]["type"], "OnDelete")
 

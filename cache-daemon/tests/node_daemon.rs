@@ -25,6 +25,10 @@ impl Drop for NodeProcess {
 }
 
 fn start_node(state_dir: &Path, socket: &Path) -> NodeProcess {
+    start_node_with(state_dir, socket, &[])
+}
+
+fn start_node_with(state_dir: &Path, socket: &Path, extra: &[String]) -> NodeProcess {
     // The socket file of a killed daemon stays; wait for the new one.
     let _ = std::fs::remove_file(socket);
     let child = Command::new(env!("CARGO_BIN_EXE_granary-cache"))
@@ -32,6 +36,7 @@ fn start_node(state_dir: &Path, socket: &Path) -> NodeProcess {
         .arg(state_dir)
         .arg("--socket")
         .arg(socket)
+        .args(extra)
         .stdout(Stdio::null())
         .spawn()
         .expect("start granary-cache node");
@@ -183,6 +188,122 @@ async fn a_bad_volume_spec_is_refused_with_what_to_fix() {
         .into_inner()
         .mounts
         .is_empty());
+}
+
+/// The host is the node's: a volume gets a host directory, an `fs://` store or the node's
+/// cloud identity only where the node's flags allow it, and a refused one leaves nothing
+/// behind on the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_reaches_only_the_host_paths_and_identity_the_node_allows() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let dir = tempfile::tempdir().unwrap();
+    let nvme = dir.path().join("nvme");
+    let host = dir.path().join("host-etc");
+    std::fs::create_dir_all(&nvme).unwrap();
+    std::fs::create_dir_all(&host).unwrap();
+    std::os::unix::fs::symlink(&host, nvme.join("escape")).unwrap();
+    let socket = dir.path().join("node.sock");
+    let _node = start_node_with(
+        &dir.path().join("state"),
+        &socket,
+        &[format!("--writeback-root={}", nvme.display())],
+    );
+    let mut client = connect(&socket).unwrap();
+    let mut base: HashMap<String, String> = HashMap::from([
+        ("kind".into(), "checkpoint".into()),
+        ("target".into(), format!("s3://{BUCKET}/ckpt-host")),
+        ("writebackSize".into(), "64MiB".into()),
+    ]);
+    let secrets = store_access(&env, &mut base);
+    let request = |extra: &[(&str, String)]| {
+        let mut attributes = base.clone();
+        attributes.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+        MountRequest {
+            volume_id: "pvc-ckpt".into(),
+            publisher: "/pods/a/vol".into(),
+            attributes,
+            secrets: secrets.clone(),
+        }
+    };
+    for (what, extra, rule) in [
+        ("/etc", vec![("writebackDir", "/etc".to_string())], "--writeback-root"),
+        (
+            "`..` out of an allowed root",
+            vec![("writebackDir", format!("{}/../host-etc", nvme.display()))],
+            "--writeback-root",
+        ),
+        (
+            "a symlink out of an allowed root",
+            vec![("writebackDir", format!("{}/escape", nvme.display()))],
+            "--writeback-root",
+        ),
+        (
+            "the node's identity",
+            vec![("option.credentials", "auto".to_string())],
+            "--allow-auto-credentials",
+        ),
+    ] {
+        let err = client.mount(request(&extra)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+        assert!(
+            err.message().contains("refused by this node") && err.message().contains(rule),
+            "{what}: {}",
+            err.message()
+        );
+    }
+    assert!(!Path::new("/etc/pvc-ckpt").exists(), "a refused volume wrote into /etc");
+    assert_eq!(
+        std::fs::read_dir(&host).unwrap().count(),
+        0,
+        "a refused volume wrote through the symlink"
+    );
+    assert_eq!(
+        std::fs::read_dir(&nvme).unwrap().count(),
+        1,
+        "only the symlink is there"
+    );
+    let err = client
+        .mount(MountRequest {
+            volume_id: "pvc-host".into(),
+            publisher: "/pods/a/vol".into(),
+            attributes: HashMap::from([("kind".into(), "dataset".into()), ("source".into(), "fs:///etc".into())]),
+            secrets: HashMap::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("--fs-store-root"), "{}", err.message());
+    assert!(client
+        .list(ListMountsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts
+        .is_empty());
+
+    // Under the allowed root (a `..` that stays inside is fine), the volume mounts there.
+    let (path, _) = {
+        let reply = client
+            .mount(request(&[("writebackDir", format!("{}/x/../granary", nvme.display()))]))
+            .await
+            .expect("an allowed writebackDir")
+            .into_inner();
+        (reply.path, reply.created)
+    };
+    std::fs::write(Path::new(&path).join("probe"), b"x").unwrap();
+    assert!(
+        nvme.canonicalize().unwrap().join("granary/pvc-ckpt").is_dir(),
+        "the write-back area is under the allowed root"
+    );
+    client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-ckpt".into(),
+            publisher: "/pods/a/vol".into(),
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

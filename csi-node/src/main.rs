@@ -2,10 +2,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use granary_csi::volume_context::VolumeTrust;
 use granary_csi::CsiConfig;
+use granary_node_api::volume_mark::VolumeKey;
 use granary_process::logging::LogArgs;
 
 /// Granary's CSI node plugin (driver granary.dev): publishes dataset and checkpoint volumes
@@ -30,6 +33,20 @@ struct Args {
     /// Hold no descriptors: a node daemon restart then breaks the pods' mounts.
     #[arg(long, conflicts_with = "fd_keeper")]
     no_fd_keeper: bool,
+    /// The operator's volume key (the release's volume-key Secret, mounted): only volumes
+    /// whose attributes carry its mark are served, so nobody but the operator decides what
+    /// the node daemon mounts, with which store options and host directories.
+    #[arg(
+        long,
+        env = "GRANARY_VOLUME_KEY_FILE",
+        required_unless_present = "accept_unmarked_volumes"
+    )]
+    volume_key_file: Option<PathBuf>,
+    /// Serve every persistent volume of driver granary.dev, marked or not: only where
+    /// nobody but cluster administrators can create PersistentVolumes (inline volumes are
+    /// refused regardless).
+    #[arg(long, conflicts_with = "volume_key_file")]
+    accept_unmarked_volumes: bool,
     /// Serve Prometheus metrics and /healthz here, e.g. 0.0.0.0:9466.
     #[arg(long, env = "GRANARY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
@@ -51,12 +68,20 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|| granary_node_api::handover::default_keeper_socket(&args.node_daemon)),
         )
     };
+    let trust = match &args.volume_key_file {
+        Some(path) => VolumeTrust::Marked(Arc::new(VolumeKey::load(path)?)),
+        None => {
+            tracing::warn!("--accept-unmarked-volumes: every granary.dev PersistentVolume is served, marked or not; whoever can create PVs can direct the node daemon");
+            VolumeTrust::AnyPersistentVolume
+        }
+    };
     let running = granary_csi::start(CsiConfig {
         endpoint: args.endpoint,
         node_id: args.node_id,
         node_daemon: args.node_daemon,
         fd_keeper,
         metrics_listen: args.metrics_listen,
+        trust,
     })
     .await
     .context("granary-csi could not start")?;

@@ -23,11 +23,12 @@ use crate::proto::node_service_capability::rpc::Type as RpcType;
 use crate::proto::node_service_capability::{Rpc, Type as CapabilityType};
 use crate::proto::volume_usage::Unit;
 use crate::proto::*;
-use crate::volume_context::VolumeContext;
+use crate::volume_context::{VolumeContext, VolumeTrust};
 
 pub struct NodeService {
     pub node_id: String,
     pub daemon: NodeDaemon,
+    trust: VolumeTrust,
     busy: Arc<Mutex<HashSet<PathBuf>>>,
     metrics: Arc<CsiMetrics>,
 }
@@ -83,10 +84,11 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl NodeService {
-    pub fn new(node_id: String, daemon: NodeDaemon, metrics: Arc<CsiMetrics>) -> Self {
+    pub fn new(node_id: String, daemon: NodeDaemon, trust: VolumeTrust, metrics: Arc<CsiMetrics>) -> Self {
         NodeService {
             node_id,
             daemon,
+            trust,
             busy: Arc::default(),
             metrics,
         }
@@ -145,7 +147,7 @@ impl NodeService {
         if req.volume_capability.is_none() {
             return Err(Status::invalid_argument("volume_capability is required"));
         }
-        let context = VolumeContext::parse(&req.volume_context)?;
+        let context = VolumeContext::parse(&volume_id, &req.volume_context, &self.trust)?;
         let read_only = capability::check(req.volume_capability.as_ref(), context.kind)? || req.readonly;
         let _in_progress = self.begin(&target)?;
         // Something already mounted at the target that the daemon does not know as this
@@ -181,8 +183,15 @@ impl NodeService {
             blocking("binding the volume", move || bind_target(&source, &target, read_only)).await
         };
         match bound {
-            Ok(created) => {
-                tracing::info!(volume_id, target = %target.display(), read_only, created, "published");
+            Ok(true) => {
+                tracing::info!(volume_id, target = %target.display(), read_only, "published");
+                Ok(Response::new(NodePublishVolumeResponse {}))
+            }
+            // The CSIDriver has requiresRepublish: the kubelet repeats this call every
+            // minute or so, with the Secret as it is now, so rotated credentials reach the
+            // running mount (the node daemon applies them).
+            Ok(false) => {
+                tracing::debug!(volume_id, target = %target.display(), "published again");
                 Ok(Response::new(NodePublishVolumeResponse {}))
             }
             Err(status) => {
@@ -239,8 +248,10 @@ impl NodeService {
         request: Request<NodeGetVolumeStatsRequest>,
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let req = request.into_inner();
+        // The order csi-sanity checks: a missing argument is INVALID_ARGUMENT; an unknown
+        // volume, or a path it is not published at (a relative one included), NOT_FOUND.
         let volume_id = required(&req.volume_id, "volume_id")?.to_string();
-        let path = required_path(&req.volume_path, "volume_path")?;
+        let path = PathBuf::from(required(&req.volume_path, "volume_path")?);
         let info = self
             .daemon
             .find(&volume_id)

@@ -17,6 +17,7 @@ use crate::metrics::CsiMetrics;
 use crate::node::NodeService;
 use crate::proto::identity_server::IdentityServer;
 use crate::proto::node_server::NodeServer;
+use crate::volume_context::VolumeTrust;
 
 #[derive(Debug, Clone)]
 pub struct CsiConfig {
@@ -29,6 +30,8 @@ pub struct CsiConfig {
     pub fd_keeper: Option<PathBuf>,
     /// Where to serve /metrics and /healthz; `None` serves none.
     pub metrics_listen: Option<SocketAddr>,
+    /// Which volumes' attributes are taken as the operator's.
+    pub trust: VolumeTrust,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,7 +128,7 @@ pub async fn start(config: CsiConfig) -> Result<RunningCsi, CsiStartError> {
         None => None,
     };
     let identity = IdentityService { daemon: daemon.clone() };
-    let node = NodeService::new(config.node_id.clone(), daemon, metrics);
+    let node = NodeService::new(config.node_id.clone(), daemon, config.trust.clone(), metrics);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(IdentityServer::new(identity))

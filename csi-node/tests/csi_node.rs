@@ -1,7 +1,7 @@
 //! granary-csi and the node daemon as real processes on their real sockets, driven by CSI
 //! calls as the kubelet makes them: real FUSE mounts, real bind mounts, real kill -9.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -15,6 +15,7 @@ use granary_csi::proto::node_client::NodeClient;
 use granary_csi::proto::volume_capability::access_mode::Mode;
 use granary_csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume, MountVolume};
 use granary_csi::proto::*;
+use granary_node_api::volume_mark::{VolumeKey, MARK_ATTRIBUTE};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint};
@@ -79,6 +80,9 @@ impl Node {
             self.path("state").to_string_lossy().into_owned(),
             "--socket".into(),
             socket.to_string_lossy().into_owned(),
+            // The tests' sources and targets are directories under the temporary directory.
+            "--fs-store-root".into(),
+            std::env::temp_dir().to_string_lossy().into_owned(),
         ];
         self.daemon = Some(self.launcher.launch("node-daemon", &binary("granary-cache"), &args));
         wait_for_path(&socket, "the node daemon");
@@ -94,12 +98,21 @@ impl Node {
             "node-a".into(),
             "--node-daemon".into(),
             format!("unix://{}", self.path("run/node.sock").display()),
+            "--volume-key-file".into(),
+            self.key_file().to_string_lossy().into_owned(),
         ];
         self.csi = Some(
             self.launcher
                 .launch("granary-csi", Path::new(env!("CARGO_BIN_EXE_granary-csi")), &args),
         );
         wait_for_path(&socket, "granary-csi");
+    }
+
+    /// The operator's volume key, where the chart mounts its Secret.
+    fn key_file(&self) -> PathBuf {
+        let path = self.path("volume.key");
+        std::fs::write(&path, VOLUME_KEY).unwrap();
+        path
     }
 
     fn channel(&self) -> Channel {
@@ -138,14 +151,34 @@ fn dataset_context(source: &Path) -> HashMap<String, String> {
     .into()
 }
 
+/// The key the operator marks PVs with (the chart makes a random one per release).
+const VOLUME_KEY: &[u8; 32] = b"granary-test-volume-key-32-bytes";
+
+/// `context` with the operator's mark for `volume_id`, as a PV the operator made has it.
+fn marked(volume_id: &str, context: HashMap<String, String>) -> HashMap<String, String> {
+    let key = VolumeKey::new(VOLUME_KEY).unwrap();
+    let mut spec: BTreeMap<String, String> = context.into_iter().collect();
+    spec.remove(MARK_ATTRIBUTE);
+    key.mark(volume_id, &mut spec);
+    spec.into_iter().collect()
+}
+
+/// NodePublishVolume of an operator-made PV with these attributes.
 fn publish(volume_id: &str, target: &Path, context: HashMap<String, String>, mode: Mode) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
         volume_id: volume_id.into(),
         target_path: target.to_string_lossy().into_owned(),
         volume_capability: Some(capability(mode)),
-        volume_context: context,
+        volume_context: marked(volume_id, context),
         ..Default::default()
     }
+}
+
+/// `request` after its attributes were edited, marked again (to test what the node checks
+/// beyond the mark).
+fn remarked(mut request: NodePublishVolumeRequest) -> NodePublishVolumeRequest {
+    request.volume_context = marked(&request.volume_id, std::mem::take(&mut request.volume_context));
+    request
 }
 
 fn unpublish(volume_id: &str, target: &Path) -> NodeUnpublishVolumeRequest {
@@ -342,11 +375,32 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
     cases.push(("a writable dataset", r, Code::InvalidArgument));
     let mut r = good.clone();
     r.volume_context.remove("source");
-    cases.push(("a dataset with nothing to read", r, Code::InvalidArgument));
+    cases.push(("a dataset with nothing to read", remarked(r), Code::InvalidArgument));
     let mut r = good.clone();
     r.volume_context = [("kind".to_string(), "checkpoint".to_string())].into();
     r.volume_capability = Some(capability(Mode::SingleNodeWriter));
-    cases.push(("a checkpoint volume without a target", r, Code::InvalidArgument));
+    cases.push((
+        "a checkpoint volume without a target",
+        remarked(r),
+        Code::InvalidArgument,
+    ));
+    // What the operator did not write is refused before the node daemon sees it: a PV
+    // without the mark, another handle with a copied mark, an attribute added after marking,
+    // and any inline volume.
+    let mut r = good.clone();
+    r.volume_context.remove(MARK_ATTRIBUTE);
+    cases.push(("an unmarked PV", r, Code::PermissionDenied));
+    let mut r = good.clone();
+    r.volume_id = "csi-0f3a9c".into();
+    cases.push(("a mark copied to another volume", r, Code::PermissionDenied));
+    let mut r = good.clone();
+    r.volume_context
+        .insert("option.endpoint".into(), "http://169.254.169.254".into());
+    cases.push(("an attribute added after marking", r, Code::PermissionDenied));
+    let mut r = good.clone();
+    r.volume_context
+        .insert("csi.storage.k8s.io/ephemeral".into(), "true".into());
+    cases.push(("an inline volume", r, Code::PermissionDenied));
     for (what, request, code) in cases {
         let err = csi.node_publish_volume(request).await.unwrap_err();
         assert_eq!(err.code(), code, "{what}: {err:?}");
@@ -373,6 +427,22 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "stats with {what}: {err:?}");
+    }
+    // csi-sanity's order: a volume this node does not know, or a path it is not published
+    // at (a relative one too), is NOT_FOUND.
+    for (what, volume, path) in [
+        ("an unknown volume", "ds-never", target.to_string_lossy().into_owned()),
+        ("a relative path", "ds-never", "some/where".to_string()),
+    ] {
+        let err = csi
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: volume.into(),
+                volume_path: path,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "stats of {what}: {err:?}");
     }
     // An unknown volume at a path that holds nothing of it: NotFound; the empty directory
     // is cleaned, so the kubelet's retry succeeds.
@@ -410,6 +480,19 @@ async fn missing_fields_and_unservable_requests_get_the_codes_the_spec_names() {
     // With the path free, the same request works.
     csi.node_publish_volume(good).await.unwrap();
     assert_eq!(std::fs::read(target.join("a.txt")).unwrap(), b"a");
+    let relative = csi
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "ds".into(),
+            volume_path: "kubelet/pods/pod-x/volumes/kubernetes.io~csi/data/mount".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        relative.code(),
+        Code::NotFound,
+        "a published volume at a relative path: {relative:?}"
+    );
     csi.node_unpublish_volume(unpublish("ds", &target)).await.unwrap();
 }
 

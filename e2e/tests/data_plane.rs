@@ -143,7 +143,13 @@ fn operator_context(client: kube::Client, workers: Vec<String>, registry: &mut R
         controller: "granary-operator".into(),
         instance: None,
     };
-    let mut ctx = Context::new(client, reporter, "granary:e2e".into(), metrics);
+    let mut ctx = Context::new(
+        client,
+        reporter,
+        "granary:e2e".into(),
+        metrics,
+        fake_api::test_volume_key(),
+    );
     ctx.addressing = WorkerAddressing::Fixed(workers);
     Arc::new(ctx)
 }
@@ -186,8 +192,9 @@ fn pv_publish_inputs(fake: &FakeApi, pv_name: &str) -> (String, HashMap<String, 
 }
 
 /// The operator names workers by their cluster DNS names (`imagenet-worker-N.…:7070`); this
-/// is the cluster DNS: each ordinal to its loopback address.
-fn resolve_workers(attributes: &mut HashMap<String, String>, slots: &[WorkerSlot]) {
+/// is the cluster DNS: each ordinal to its loopback address. The rewritten attributes are
+/// marked again with the operator's key, as the operator would have marked them.
+fn resolve_workers(handle: &str, attributes: &mut HashMap<String, String>, slots: &[WorkerSlot]) {
     let names: Vec<String> = attributes["workers"].split(',').map(String::from).collect();
     assert_eq!(names.len(), WORKERS, "one address per worker: {names:?}");
     let resolved: Vec<String> = names
@@ -202,6 +209,9 @@ fn resolve_workers(attributes: &mut HashMap<String, String>, slots: &[WorkerSlot
         })
         .collect();
     attributes.insert("workers".into(), resolved.join(","));
+    let mut spec: BTreeMap<String, String> = attributes.clone().into_iter().collect();
+    fake_api::test_volume_key().mark(handle, &mut spec);
+    *attributes = spec.into_iter().collect();
 }
 
 /// Reads every file of the dataset through the mount in a shuffled order, checking bytes.
@@ -326,6 +336,8 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
             format!("unix://{}", root.join("run/node.sock").display()),
             "--metrics-listen".into(),
             csi_metrics.to_string(),
+            "--volume-key-file".into(),
+            fake_api::write_test_volume_key(root).to_string_lossy().into_owned(),
         ],
     );
     wait_for_path(&csi_socket, "granary-csi");
@@ -442,7 +454,7 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
     let mut csi = kubelet::node_client(&csi_socket);
     let (handle, mut attributes, secrets) = pv_publish_inputs(&fake, "granary-ml-imagenet");
     assert!(!secrets.is_empty(), "the PV names the credentials Secret");
-    resolve_workers(&mut attributes, &slots);
+    resolve_workers(&handle, &mut attributes, &slots);
     let data_target = kubelet::target_path(&kubelet_dir, "pod-trainer-0", "granary-ml-imagenet");
     csi.node_publish_volume(kubelet::publish_request(
         &handle,

@@ -59,6 +59,10 @@ struct RunArgs {
     /// is written to.
     #[arg(long, default_value = "granary")]
     webhook_configuration: String,
+    /// The volume key (the release's volume-key Secret, mounted): the operator marks every
+    /// PV's attributes with it, and granary-csi serves only volumes carrying that mark.
+    #[arg(long, env = "GRANARY_VOLUME_KEY_FILE")]
+    volume_key_file: PathBuf,
     /// Prometheus metrics and /healthz.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
                 webhook_secret: args.webhook_secret,
                 webhook_configuration: args.webhook_configuration,
                 metrics_listen: args.metrics_listen,
+                volume_key_file: args.volume_key_file,
                 worker_image: args.worker_image,
                 pod_namespace: args.pod_namespace,
                 identity: args

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt;
+use granary_node_api::volume_mark::VolumeKey;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::events::Reporter;
@@ -39,6 +40,8 @@ pub struct RunConfig {
     pub webhook_secret: String,
     pub webhook_configuration: String,
     pub metrics_listen: Option<SocketAddr>,
+    /// The key marking the PVs' attributes (see `granary_node_api::volume_mark`).
+    pub volume_key_file: PathBuf,
     pub worker_image: String,
     pub pod_namespace: String,
     pub identity: String,
@@ -55,6 +58,10 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             config.lease_duration
         );
     }
+    let volume_key = Arc::new(
+        VolumeKey::load(&config.volume_key_file)
+            .context("the volume key (--volume-key-file): PVs made without it are refused by every node")?,
+    );
     if !config.worker_addresses.is_empty() {
         granary_cache::client::WorkerPool::new(&config.worker_addresses, 1).context("--worker-address")?;
     }
@@ -121,6 +128,7 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         },
         config.worker_image.clone(),
         Arc::clone(&metrics),
+        volume_key,
     );
     if !config.worker_addresses.is_empty() {
         ctx.addressing = WorkerAddressing::Fixed(config.worker_addresses.clone());

@@ -35,10 +35,12 @@ struct Operator {
 
 impl Operator {
     fn start(name: &'static str, kubeconfig: &std::path::Path, webhook_port: u16, log: &std::path::Path) -> Self {
+        let key = write_test_volume_key(log);
         let log = std::fs::File::create(log.join(format!("{name}.log"))).expect("log file");
         let child = Command::new(env!("CARGO_BIN_EXE_granary-operator"))
             .args([
                 "run",
+                &format!("--volume-key-file={}", key.display()),
                 // Renewals every 4 s, checked 0.5 s after they are due: room for a loaded CI machine.
                 "--lease-duration=6s",
                 "--webhook-listen",
@@ -332,9 +334,12 @@ async fn the_operator_binary_starts_on_real_tls_reconciles_hands_over_and_exits_
 /// Flag mistakes end the start at once, naming the flag, before any API is contacted.
 #[test]
 fn a_bad_webhook_host_fails_at_start_naming_the_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = write_test_volume_key(dir.path());
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_granary-operator"))
             .arg("run")
+            .arg(format!("--volume-key-file={}", key.display()))
             .args(args)
             .env("KUBECONFIG", "/nonexistent/kubeconfig")
             .env_remove("KUBERNETES_SERVICE_HOST")
@@ -357,4 +362,14 @@ fn a_bad_webhook_host_fails_at_start_naming_the_flag() {
         stderr.contains("--webhook-host") && stderr.contains("--tls-cert"),
         "{stderr}"
     );
+    // A volume key too short to be one: refused before the API, with the way to make one.
+    std::fs::write(&key, "short").expect("write");
+    let out = run(&[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--volume-key-file") && stderr.contains("openssl rand"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Kubernetes API"), "checked before the API: {stderr}");
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use granary_cache::worker::{self, RunningWorker, WorkerConfig};
 use granary_node::volume_spec::{checkpoint_mount, dataset_mount, NodeDefaults};
+use granary_node::HostAccess;
 use granary_operator::api::{CheckpointPolicy, Dataset};
 use granary_operator::controller::{checkpoint_policy, dataset, Context, WorkerAddressing};
 use granary_operator::metrics::OperatorMetrics;
@@ -24,7 +25,7 @@ fn context(client: kube::Client, workers: Vec<String>) -> Arc<Context> {
         controller: "granary-operator".into(),
         instance: None,
     };
-    let mut ctx = Context::new(client, reporter, "granary:test".into(), metrics);
+    let mut ctx = Context::new(client, reporter, "granary:test".into(), metrics, test_volume_key());
     ctx.addressing = WorkerAddressing::Fixed(workers);
     ctx.store_timeout = Duration::from_secs(3);
     Arc::new(ctx)
@@ -57,8 +58,17 @@ async fn reconcile_dataset(fake: &FakeApi, ctx: &Arc<Context>, name: &str) -> Da
     serde_json::from_value(fake.get(DATASETS, name).unwrap_or_default()).unwrap_or_else(|_| panic!("{name} readable"))
 }
 
+/// A node that lets volumes read `fs://` sources under the temporary directory, where the
+/// tests keep their sources.
+fn fs_sources_allowed() -> HostAccess {
+    HostAccess {
+        fs_store_roots: vec![std::env::temp_dir()],
+        ..HostAccess::default()
+    }
+}
+
 fn attributes(pv: &Value) -> BTreeMap<String, String> {
-    serde_json::from_value(pv["spec"]["csi"]["volumeAttributes"].clone()).expect("volumeAttributes")
+    checked_attributes(pv)
 }
 
 fn events(fake: &FakeApi) -> Vec<(String, String)> {
@@ -149,7 +159,8 @@ async fn a_dataset_becomes_workers_and_a_volume_and_a_second_reconcile_changes_n
     let pv = fake.get(PVS, "granary-ml-imagenet").expect("the PV");
     assert_eq!(pv["spec"]["csi"]["driver"], "granary.dev");
     assert_eq!(pv["spec"]["claimRef"]["name"], "imagenet");
-    let mount = dataset_mount(&attributes(&pv), &BTreeMap::new()).expect("the node daemon accepts the attributes");
+    let mount = dataset_mount(&attributes(&pv), &BTreeMap::new(), &fs_sources_allowed())
+        .expect("the node daemon accepts the attributes");
     assert_eq!(
         mount.workers,
         vec![
@@ -508,6 +519,11 @@ async fn a_checkpoint_policy_becomes_a_volume_and_reports_the_latest_committed_c
         max_readahead: 1 << 20,
         threads: 1,
         writeback_size: 1 << 30,
+        // The node allows the NVMe mount the policy names (node.extraHostPaths).
+        access: HostAccess {
+            writeback_roots: vec!["/mnt/nvme0".into()],
+            ..fs_sources_allowed()
+        },
     };
     let mount = checkpoint_mount(
         &attributes(&pv),

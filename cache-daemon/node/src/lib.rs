@@ -1,11 +1,13 @@
 //! The node daemon (`granary-cache node`): one per node, owner of every FUSE mount there.
 //! [`mount_table`] mounts volumes (reference counted by publisher) and records them
 //! ([`records`]) so a restarted daemon mounts them again at the same paths; [`volume_spec`]
-//! turns a PV's attributes into a mount; [`service`] serves it all over a unix socket
+//! turns a PV's attributes into a mount, within what [`host_access`] lets a volume reach of
+//! the host; [`service`] serves it all over a unix socket
 //! (`granary_node_api` holds the API, its client and the hand-over to the keeper).
 //!
 //! Not here: the filesystems (granary-fs), the block cache (granary-cache).
 
+pub mod host_access;
 pub mod mount_table;
 pub mod records;
 pub mod service;
@@ -20,6 +22,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
+pub use host_access::HostAccess;
 pub use mount_table::{MountTable, NodeError};
 pub use volume_spec::NodeDefaults;
 

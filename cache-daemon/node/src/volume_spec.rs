@@ -17,6 +17,9 @@
 //! | `uploadConcurrency` | checkpoint: multipart parts in flight |
 //! | `partSize` | checkpoint: multipart part size (`16MiB`) |
 //! | `option.<name>` | a store option, e.g. `option.endpoint`, `option.region` |
+//!
+//! What a volume may reach of the host (`writebackDir`, `fs://` stores, `credentials=auto`)
+//! is the node's decision, checked here by [`crate::host_access`] before anything is made.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -27,6 +30,8 @@ use granary_cache::client::parse_worker_list;
 use granary_fs::checkpoint::CheckpointMount;
 use granary_fs::dataset::DatasetMount;
 use granary_store::units::{ByteSize, MetadataTtl};
+
+use crate::host_access::{AccessError, HostAccess};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -42,6 +47,8 @@ pub enum SpecError {
     Invalid { key: String, value: String, reason: String },
     #[error("unknown volume attribute {0:?}; store options are written option.<name>")]
     UnknownKey(String),
+    #[error("refused by this node: {0}")]
+    Access(#[from] AccessError),
 }
 
 /// Node-wide settings applied to every dataset volume.
@@ -54,6 +61,8 @@ pub struct NodeDefaults {
     pub threads: usize,
     /// Write-back area of each checkpoint volume unless its `writebackSize` says otherwise.
     pub writeback_size: u64,
+    /// What of the host volumes may reach.
+    pub access: HostAccess,
 }
 
 /// What a volume's attributes ask for.
@@ -75,7 +84,7 @@ pub fn volume_mount(
         Some("checkpoint") => {
             checkpoint_mount(attributes, secrets, defaults, writeback_dir).map(|c| VolumeMount::Checkpoint(Box::new(c)))
         }
-        _ => dataset_mount(attributes, secrets).map(|d| VolumeMount::Dataset(Box::new(d))),
+        _ => dataset_mount(attributes, secrets, &defaults.access).map(|d| VolumeMount::Dataset(Box::new(d))),
     }
 }
 
@@ -123,10 +132,11 @@ pub fn checkpoint_mount(
                 if !value.starts_with('/') {
                     return Err(invalid("expected an absolute host path such as /mnt/nvme0/granary"));
                 }
+                let host_dir = defaults.access.writeback_dir(value)?;
                 // The volume's own directory name is kept, so volumes sharing the host
                 // directory never share an area and a restarted daemon finds it again.
                 let own = mount.writeback_dir.file_name().map(PathBuf::from).unwrap_or_default();
-                mount.writeback_dir = PathBuf::from(value).join(own);
+                mount.writeback_dir = host_dir.join(own);
             }
             "partSize" => mount.upload.part_size = size()?,
             "uploadConcurrency" => {
@@ -155,6 +165,7 @@ pub fn checkpoint_mount(
     for (key, value) in secrets {
         mount.target_options.insert(key.clone(), value.clone());
     }
+    defaults.access.store(&mount.target, &mount.target_options)?;
     Ok(mount)
 }
 
@@ -162,6 +173,7 @@ pub fn checkpoint_mount(
 pub fn dataset_mount(
     attributes: &BTreeMap<String, String>,
     secrets: &BTreeMap<String, String>,
+    access: &HostAccess,
 ) -> Result<DatasetMount, SpecError> {
     let kind = attributes.get("kind").ok_or(SpecError::MissingKind)?;
     if kind != "dataset" {
@@ -207,6 +219,9 @@ pub fn dataset_mount(
     for (key, value) in secrets {
         mount.source_options.insert(key.clone(), value.clone());
     }
+    if let Some(source) = &mount.source {
+        access.store(source, &mount.source_options)?;
+    }
     Ok(mount)
 }
 
@@ -221,6 +236,7 @@ mod tests {
     #[test]
     fn a_dataset_spec_becomes_a_mount_and_mistakes_are_named() {
         let secrets = attrs(&[("secret_access_key", "s")]);
+        let access = HostAccess::default();
         let m = dataset_mount(
             &attrs(&[
                 ("kind", "dataset"),
@@ -230,6 +246,7 @@ mod tests {
                 ("option.region", "us-east-1"),
             ]),
             &secrets,
+            &access,
         )
         .unwrap();
         assert_eq!(m.workers, vec!["w-0:7070", "w-1:7070"]);
@@ -237,11 +254,23 @@ mod tests {
         assert_eq!(m.source_options.get("region").map(String::as_str), Some("us-east-1"));
         assert_eq!(m.source_options.get("secret_access_key").map(String::as_str), Some("s"));
 
-        let err = |pairs: &[(&str, &str)]| dataset_mount(&attrs(pairs), &BTreeMap::new()).unwrap_err().to_string();
+        let err = |pairs: &[(&str, &str)]| {
+            dataset_mount(&attrs(pairs), &BTreeMap::new(), &access)
+                .unwrap_err()
+                .to_string()
+        };
         assert!(err(&[("source", "s3://b")]).contains("`kind` is missing"));
         assert!(err(&[("kind", "dataset")]).contains("needs `workers`"));
         assert!(err(&[("kind", "dataset"), ("source", "s3://b"), ("metadataTTL", "soon")]).contains("metadataTTL"));
         assert!(err(&[("kind", "dataset"), ("source", "s3://b"), ("region", "x")]).contains("option.<name>"));
+        // The node's identity and its directories are not a volume's to take.
+        assert!(err(&[
+            ("kind", "dataset"),
+            ("source", "s3://b"),
+            ("option.credentials", "auto")
+        ])
+        .contains("--allow-auto-credentials"));
+        assert!(err(&[("kind", "dataset"), ("source", "fs:///etc")]).contains("--fs-store-root"));
     }
 
     #[test]
@@ -252,6 +281,10 @@ mod tests {
             max_readahead: 1 << 20,
             threads: 2,
             writeback_size: 10 << 30,
+            access: HostAccess {
+                writeback_roots: vec!["/mnt/nvme0".into()],
+                ..HostAccess::default()
+            },
         };
         let build = |pairs: &[(&str, &str)]| {
             volume_mount(
@@ -286,6 +319,19 @@ mod tests {
         };
         assert_eq!(nvme.writeback_dir, PathBuf::from("/mnt/nvme0/granary/vol-1"));
         let err = |pairs: &[(&str, &str)]| build(pairs).map(|_| ()).unwrap_err().to_string();
+        for outside in ["/etc", "/mnt/nvme0/../../etc", "/mnt/nvme0x"] {
+            let e = err(&[("kind", "checkpoint"), ("target", "s3://c"), ("writebackDir", outside)]);
+            assert!(
+                e.contains("refused by this node") && e.contains("--writeback-root"),
+                "{outside}: {e}"
+            );
+        }
+        let e = err(&[
+            ("kind", "checkpoint"),
+            ("target", "s3://c"),
+            ("option.credentials", "auto"),
+        ]);
+        assert!(e.contains("--allow-auto-credentials"), "{e}");
         assert!(err(&[("kind", "checkpoint")]).contains("needs `target`"));
         assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("keepLast", "2")]).contains("commitMarker"));
         assert!(err(&[("kind", "checkpoint"), ("target", "s3://c"), ("partSize", "big")]).contains("partSize"));

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use granary_node::{NodeConfig, NodeDefaults};
+use granary_node::{HostAccess, NodeConfig, NodeDefaults};
 use granary_store::units::ByteSize;
 
 use super::mount::{check_max_memory, FuseTuning};
@@ -32,6 +32,20 @@ pub struct NodeArgs {
     /// volume's `writebackSize` attribute says otherwise.
     #[arg(long, default_value = "50GiB")]
     pub checkpoint_writeback_size: ByteSize,
+    /// A host directory under which checkpoint volumes may put their write-back area
+    /// (their `writebackDir`, from a CheckpointPolicy's localCache.hostPath). Repeatable;
+    /// paths are compared after resolving `..` and symlinks. The state directory's own
+    /// writeback/ is always allowed.
+    #[arg(long = "writeback-root", value_name = "DIR", default_value = "/dev/shm/granary")]
+    pub writeback_roots: Vec<PathBuf>,
+    /// A host directory under which volumes may name `fs://` sources and targets.
+    /// Repeatable; none by default, so no volume reads or writes the node's files.
+    #[arg(long = "fs-store-root", value_name = "DIR")]
+    pub fs_store_roots: Vec<PathBuf>,
+    /// Let volumes use `credentials=auto`: the node's own instance or workload identity,
+    /// with whatever buckets it reaches. Off by default: volumes bring keys in their Secret.
+    #[arg(long)]
+    pub allow_auto_credentials: bool,
     /// Socket of the fd keeper (served by granary-csi) that holds this daemon's FUSE
     /// descriptors, so a restart of this daemon never breaks a pod's mount; defaults to
     /// fd-keeper.sock next to --socket.
@@ -62,6 +76,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             max_readahead: args.fuse.max_readahead.0,
             threads: args.fuse.threads.into(),
             writeback_size: args.checkpoint_writeback_size.0,
+            access: HostAccess {
+                writeback_roots: args.writeback_roots,
+                fs_store_roots: args.fs_store_roots,
+                allow_auto_credentials: args.allow_auto_credentials,
+            },
         },
         fd_keeper,
     })

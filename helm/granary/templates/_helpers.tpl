@@ -32,6 +32,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- define "granary.webhookService" -}}{{ include "granary.fullname" . }}-webhook{{- end -}}
 {{- define "granary.webhookConfiguration" -}}{{ include "granary.fullname" . }}{{- end -}}
 {{- define "granary.webhookSecret" -}}{{ include "granary.fullname" . }}-webhook-tls{{- end -}}
+{{- define "granary.volumeKeySecret" -}}{{ default (printf "%s-volume-key" (include "granary.fullname" .)) .Values.volumeKey.existingSecret }}{{- end -}}
 {{- define "granary.csiName" -}}{{ include "granary.fullname" . }}-csi{{- end -}}
 {{- define "granary.nodeName" -}}{{ include "granary.fullname" . }}-node{{- end -}}
 

@@ -71,7 +71,7 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
         }
         return Ok(Action::await_change());
     }
-    let (pv, pvc) = volumes::checkpoint_volume(policy).map_err(|e| Error::Build(e.to_string()))?;
+    let (pv, pvc) = volumes::checkpoint_volume(policy, &ctx.volume_key).map_err(|e| Error::Build(e.to_string()))?;
     let existing = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
     create_if_absent(
         &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace),

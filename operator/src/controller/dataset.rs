@@ -82,7 +82,7 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
         &workers::statefulset(ds, &ctx.worker_image).map_err(build)?,
     )
     .await?;
-    let (pv, pvc) = volumes::dataset_volume(ds).map_err(build)?;
+    let (pv, pvc) = volumes::dataset_volume(ds, &ctx.volume_key).map_err(build)?;
     let existing_pv = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
     create_if_absent(
         &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace),

@@ -16,6 +16,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
 
+use granary_node_api::volume_mark::VolumeKey;
+
 use crate::metrics::OperatorMetrics;
 
 pub use prewarm::Prewarms;
@@ -42,6 +44,8 @@ pub struct Context {
     pub addressing: WorkerAddressing,
     pub prewarms: Prewarms,
     pub metrics: Arc<OperatorMetrics>,
+    /// Marks the attributes of every PV made, so the nodes serve them.
+    pub volume_key: Arc<VolumeKey>,
     /// How long a store may take to answer the reachability probe.
     pub store_timeout: Duration,
     /// Consecutive failures per object, for the error backoff.
@@ -49,7 +53,13 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, reporter: Reporter, worker_image: String, metrics: Arc<OperatorMetrics>) -> Self {
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        worker_image: String,
+        metrics: Arc<OperatorMetrics>,
+        volume_key: Arc<VolumeKey>,
+    ) -> Self {
         Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
@@ -57,6 +67,7 @@ impl Context {
             addressing: WorkerAddressing::ClusterDns,
             prewarms: Prewarms::default(),
             metrics,
+            volume_key,
             store_timeout: Duration::from_secs(10),
             failures: Mutex::new(HashMap::new()),
         }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use granary_node_api::volume_mark::VolumeKey;
 use k8s_openapi::api::core::v1::{
     CSIPersistentVolumeSource, ObjectReference, PersistentVolume, PersistentVolumeClaim, PersistentVolumeClaimSpec,
     PersistentVolumeSpec, SecretReference, VolumeResourceRequirements,
@@ -32,7 +33,10 @@ struct VolumePlan {
     store: StoreRef,
 }
 
-fn pv(plan: &VolumePlan) -> PersistentVolume {
+fn pv(plan: &VolumePlan, key: &VolumeKey) -> PersistentVolume {
+    // Marked: the nodes serve only attributes the operator wrote, for this handle.
+    let mut attributes = plan.attributes.clone();
+    key.mark(&plan.handle, &mut attributes);
     let storage = BTreeMap::from([("storage".to_string(), Quantity(plan.capacity.to_string()))]);
     PersistentVolume {
         metadata: ObjectMeta {
@@ -57,7 +61,7 @@ fn pv(plan: &VolumePlan) -> PersistentVolume {
             csi: Some(CSIPersistentVolumeSource {
                 driver: CSI_DRIVER.into(),
                 volume_handle: plan.handle.clone(),
-                volume_attributes: Some(plan.attributes.clone()),
+                volume_attributes: Some(attributes),
                 node_publish_secret_ref: plan.store.secret_ref.as_ref().map(|s| SecretReference {
                     name: Some(s.name.clone()),
                     namespace: Some(plan.namespace.clone()),
@@ -133,14 +137,18 @@ fn checkpoint_plan(policy: &CheckpointPolicy) -> Result<VolumePlan, QuantityErro
     })
 }
 
-pub fn dataset_volume(ds: &Dataset) -> Result<(PersistentVolume, PersistentVolumeClaim), QuantityError> {
+pub fn dataset_volume(
+    ds: &Dataset,
+    key: &VolumeKey,
+) -> Result<(PersistentVolume, PersistentVolumeClaim), QuantityError> {
     let plan = dataset_plan(ds)?;
-    Ok((pv(&plan), pvc(&plan, ds)))
+    Ok((pv(&plan, key), pvc(&plan, ds)))
 }
 
 pub fn checkpoint_volume(
     policy: &CheckpointPolicy,
+    key: &VolumeKey,
 ) -> Result<(PersistentVolume, PersistentVolumeClaim), QuantityError> {
     let plan = checkpoint_plan(policy)?;
-    Ok((pv(&plan), pvc(&plan, policy)))
+    Ok((pv(&plan, key), pvc(&plan, policy)))
 }

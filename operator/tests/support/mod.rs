@@ -403,3 +403,33 @@ pub const PVS: &str = "/api/v1/persistentvolumes";
 pub const PODS: &str = "/api/v1/namespaces/ml/pods";
 pub const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ml/events";
 pub const SECRETS: &str = "/api/v1/namespaces/ml/secrets";
+
+/// The volume key the tests' operator marks PVs with, and their granary-csi checks (the
+/// chart makes a random one per release).
+pub const TEST_VOLUME_KEY: &[u8; 32] = b"granary-test-volume-key-32-bytes";
+
+pub fn test_volume_key() -> Arc<granary_node_api::volume_mark::VolumeKey> {
+    Arc::new(granary_node_api::volume_mark::VolumeKey::new(TEST_VOLUME_KEY).expect("32 bytes"))
+}
+
+/// Writes the test key where `--volume-key-file` reads it, as the chart's Secret mount does.
+pub fn write_test_volume_key(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("volume.key");
+    std::fs::write(&path, TEST_VOLUME_KEY).expect("write the volume key");
+    path
+}
+
+/// A PV's attributes as granary-csi hands them to the node daemon: the operator's mark
+/// checked against the handle, then dropped.
+pub fn checked_attributes(pv: &Value) -> BTreeMap<String, String> {
+    use granary_node_api::volume_mark::MARK_ATTRIBUTE;
+    let csi = &pv["spec"]["csi"];
+    let mut attributes: BTreeMap<String, String> =
+        serde_json::from_value(csi["volumeAttributes"].clone()).expect("volumeAttributes");
+    let handle = csi["volumeHandle"].as_str().expect("volumeHandle");
+    test_volume_key()
+        .verify(handle, &attributes)
+        .expect("the operator marks its PVs");
+    attributes.remove(MARK_ATTRIBUTE);
+    attributes
+}
