@@ -376,3 +376,144 @@ async fn a_checkpoint_volume_uploads_through_the_node_daemon_even_after_its_last
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("needs `target`"), "{}", err.message());
 }
+
+/// A Secret rotated at the store: uploads with the old keys are refused, which the volume's
+/// condition (List's error) and the metrics say; the kubelet's next publish with the new
+/// Secret reaches the running mount, and the waiting files go up without a remount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotated_credentials_reach_the_running_mount_and_refusals_are_surfaced() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("node.sock");
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let _node = start_node_with(
+        &dir.path().join("state"),
+        &socket,
+        &[format!("--metrics-listen={metrics_addr}")],
+    );
+    let mut client = connect(&socket).unwrap();
+    let mut attributes: HashMap<String, String> = HashMap::from([
+        ("kind".into(), "checkpoint".into()),
+        ("target".into(), format!("s3://{BUCKET}/ckpt-rotate")),
+        ("writebackSize".into(), "64MiB".into()),
+    ]);
+    let old_secrets = store_access(&env, &mut attributes);
+    let publish = |secrets: HashMap<String, String>| MountRequest {
+        volume_id: "pvc-rotate".into(),
+        publisher: "/pods/a/vol".into(),
+        attributes: attributes.clone(),
+        secrets,
+    };
+    let path = PathBuf::from(
+        client
+            .mount(publish(old_secrets.clone()))
+            .await
+            .unwrap()
+            .into_inner()
+            .path,
+    );
+
+    // The store's keys are rotated; the mount still has the old ones.
+    env.s3.rotate_credentials("granary-rotated", "granary-rotated-secret");
+    let new_secrets = store_access(&env, &mut HashMap::new());
+    assert_ne!(new_secrets, old_secrets);
+    let data = pattern(300_000, 9);
+    std::fs::write(path.join("step-1.bin"), &data).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refusal = loop {
+        let error = volume_condition(&client, "pvc-rotate").await;
+        if !error.is_empty() {
+            break error;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a refused upload never showed in the volume's condition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        refusal.contains("refused") && refusal.contains("Secret"),
+        "the condition says what to fix: {refusal}"
+    );
+    let scrape = scrape_metrics(metrics_addr).await;
+    assert!(
+        scrape
+            .lines()
+            .any(|l| l.starts_with("granary_checkpoint_upload_failures_total")
+                && l.contains("reason=\"permission_denied\"")),
+        "the refusal is counted by reason:\n{scrape}"
+    );
+    assert!(!env.s3.completed_writes().iter().any(|w| w.ends_with("step-1.bin")));
+
+    // The kubelet republishes with the rotated Secret: no remount, the file goes up.
+    let reply = client.mount(publish(new_secrets.clone())).await.unwrap().into_inner();
+    assert!(!reply.created, "the running mount is kept");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !env
+        .s3
+        .completed_writes()
+        .iter()
+        .any(|w| w.ends_with("ckpt-rotate/step-1.bin"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the waiting upload never used the rotated credentials: {:?}",
+            env.s3.completed_writes()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !volume_condition(&client, "pvc-rotate").await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the condition stayed abnormal after uploads resumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The env's own store client still has the old keys: the bytes are read off the server's disk.
+    let on_disk = std::fs::read(env.s3.root.join(BUCKET).join("ckpt-rotate/step-1.bin")).unwrap();
+    assert_eq!(on_disk, data);
+    client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-rotate".into(),
+            publisher: "/pods/a/vol".into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// What List says is wrong with a volume ("" when nothing is).
+async fn volume_condition(
+    client: &granary_node_api::proto::node_daemon_client::NodeDaemonClient<tonic::transport::Channel>,
+    volume_id: &str,
+) -> String {
+    client
+        .clone()
+        .list(ListMountsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts
+        .into_iter()
+        .find(|m| m.volume_id == volume_id)
+        .map(|m| m.error)
+        .unwrap_or_default()
+}
+
+/// GET /metrics over a plain TCP socket (HTTP/1.0, no client library).
+async fn scrape_metrics(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}

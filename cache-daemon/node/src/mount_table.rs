@@ -251,6 +251,25 @@ impl MountTable {
         Ok(Mounted::Dataset(mounted))
     }
 
+    /// Points a running mount's store at the credentials `record` carries now.
+    fn rotate(&self, record: &MountRecord, mounted: &Mounted) -> Result<(), NodeError> {
+        let refused = |e: granary_store::source::SourceConfigError| {
+            NodeError::InvalidArgument(format!(
+                "volume {:?}: the store options with the new Secret are refused ({e}); the mount keeps the previous credentials",
+                record.volume_id
+            ))
+        };
+        match (self.spec(record)?, mounted) {
+            (VolumeMount::Dataset(config), Mounted::Dataset(m)) => {
+                m.rotate_source_options(&config.source_options).map_err(refused)
+            }
+            (VolumeMount::Checkpoint(config), Mounted::Checkpoint(m)) => {
+                m.rotate_target_options(&config.target_options).map_err(refused)
+            }
+            _ => Err(NodeError::Conflict(record.volume_id.clone())),
+        }
+    }
+
     /// Has the keeper hold a mount's descriptor, with what a successor needs to serve it.
     fn hand_over(&self, volume_id: &str, handover: &dataset::Handover) {
         let Some(link) = &self.handover else { return };
@@ -325,9 +344,21 @@ impl MountTable {
             if volume.record.attributes != attributes {
                 return Err(NodeError::Conflict(volume_id.to_string()));
             }
-            // Rotated credentials are kept for the next time the volume is mounted.
-            let mut changed = volume.record.secrets != secrets;
-            volume.record.secrets = secrets;
+            // Rotated credentials (the kubelet republishes every minute or so with the
+            // Secret as it is then): the running mount uses them from its next request, and
+            // the record keeps them for the next start. New ones that do not work as store
+            // options are refused, and the mount keeps the old.
+            let mut changed = false;
+            if volume.record.secrets != secrets {
+                let mut rotated = volume.record.clone();
+                rotated.secrets = secrets;
+                if let Some(mounted) = &volume.mounted {
+                    self.rotate(&rotated, mounted)?;
+                    tracing::info!(volume_id, "the volume's Secret changed; the running mount uses it now");
+                }
+                volume.record.secrets = rotated.secrets;
+                changed = true;
+            }
             let mut created = false;
             if volume.mounted.is_none() {
                 volume.mounted = Some(self.mount_record(&volume.record).await?);
@@ -443,7 +474,15 @@ impl MountTable {
                 path: v.record.path.to_string_lossy().into_owned(),
                 publishers: v.record.publishers.iter().cloned().collect(),
                 attributes: v.record.attributes.clone().into_iter().collect(),
-                error: v.error.clone().unwrap_or_default(),
+                // Not mounted, or mounted while the target refuses its uploads.
+                error: v
+                    .error
+                    .clone()
+                    .or_else(|| match &v.mounted {
+                        Some(Mounted::Checkpoint(m)) => m.upload_refusal(),
+                        _ => None,
+                    })
+                    .unwrap_or_default(),
             })
             .collect()
     }

@@ -40,9 +40,10 @@ pub enum TransferError {
     Store(#[from] StoreError),
 }
 
+/// Clones share the store, credentials rotation included (see [`SourceStore::rotate`]).
 #[derive(Clone)]
 pub struct TargetStore {
-    op: Operator,
+    store: SourceStore,
     uri: String,
 }
 
@@ -54,9 +55,20 @@ impl TargetStore {
     ) -> Result<Self, SourceConfigError> {
         let store = SourceStore::open(uri, options, tuning)?;
         Ok(TargetStore {
-            op: store.operator().clone(),
+            store,
             uri: uri.to_string(),
         })
+    }
+
+    /// The operator requests go through now.
+    fn operator(&self) -> Operator {
+        self.store.operator()
+    }
+
+    /// Uses `options` (rotated credentials) from the next request on; see
+    /// [`SourceStore::rotate`].
+    pub fn rotate(&self, options: &BTreeMap<String, String>) -> Result<(), SourceConfigError> {
+        self.store.rotate(options)
     }
 
     pub fn uri(&self) -> &str {
@@ -71,11 +83,11 @@ impl TargetStore {
             .map(|d| d.as_nanos())
             .unwrap_or(0);
         let key = format!(".granary-write-probe-{}-{nanos}", std::process::id());
-        self.op
+        self.operator()
             .write(&key, Bytes::from_static(b"granary write probe"))
             .await
             .map_err(|e| StoreError::from_opendal("write", &key, e))?;
-        self.op
+        self.operator()
             .delete(&key)
             .await
             .map_err(|e| StoreError::from_opendal("delete", &key, e))
@@ -99,7 +111,7 @@ impl TargetStore {
         let size = file.metadata().map_err(local_err)?.len();
         let store_err = |e| TransferError::Store(StoreError::from_opendal("upload", key, e));
         let mut writer = self
-            .op
+            .operator()
             .writer_with(key)
             .chunk(part_size as usize)
             .concurrent(concurrency.max(1))
@@ -134,7 +146,7 @@ impl TargetStore {
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.op
+        self.operator()
             .delete(key)
             .await
             .map_err(|e| StoreError::from_opendal("delete", key, e))
@@ -152,7 +164,7 @@ impl TargetStore {
     pub async fn keys_under(&self, dir: &str) -> Result<Vec<String>, StoreError> {
         let prefix = format!("{}/", dir.trim_end_matches('/'));
         let keys: Vec<String> = self
-            .op
+            .operator()
             .lister_with(&prefix)
             .recursive(true)
             .await
@@ -177,7 +189,7 @@ impl TargetStore {
         };
         let list_path = if prefix.is_empty() { "/" } else { prefix.as_str() };
         let mut lister = self
-            .op
+            .operator()
             .lister_with(list_path)
             .await
             .map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
@@ -206,7 +218,7 @@ impl TargetStore {
     /// Every directory holding a `marker` object, anywhere under the root.
     pub async fn committed(&self, marker: &str) -> Result<Vec<Committed>, StoreError> {
         let mut lister = self
-            .op
+            .operator()
             .lister_with("/")
             .recursive(true)
             .await
@@ -231,7 +243,7 @@ impl TargetStore {
     /// Size of `key`, or NotFound.
     pub async fn size_of(&self, key: &str) -> Result<u64, StoreError> {
         let md = self
-            .op
+            .operator()
             .stat(key)
             .await
             .map_err(|e| StoreError::from_opendal("stat", key, e))?;
@@ -257,7 +269,7 @@ impl TargetStore {
         let ranges: Vec<(u64, u64)> = (0..size.div_ceil(part_size.max(1)))
             .map(|i| (i * part_size, ((i + 1) * part_size).min(size)))
             .collect();
-        let op = self.op.clone();
+        let op = self.operator();
         let mut reads = futures::stream::iter(ranges)
             .map(|(start, end)| {
                 let op = op.clone();

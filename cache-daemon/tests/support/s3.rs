@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use s3s::auth::SimpleAuth;
+use s3s::auth::{S3Auth, SecretKey};
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -39,6 +39,27 @@ impl RequestRecord {
     }
 }
 
+/// The one key pair the server accepts, which a test may rotate as a store's
+/// administrator rotates credentials.
+struct RotatingAuth {
+    keys: Arc<Mutex<(String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl S3Auth for RotatingAuth {
+    async fn get_secret_key(&self, access_key: &str) -> s3s::S3Result<SecretKey> {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.0 == access_key {
+            Ok(SecretKey::from(keys.1.clone()))
+        } else {
+            Err(s3s::s3_error!(
+                InvalidAccessKeyId,
+                "The access key is not valid (rotated?)"
+            ))
+        }
+    }
+}
+
 #[derive(Default)]
 struct Faults {
     get_delay_ms: AtomicU64,
@@ -59,6 +80,7 @@ pub struct S3TestServer {
     completed: Arc<Mutex<Vec<String>>>,
     faults: Arc<Faults>,
     tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    keys: Arc<Mutex<(String, String)>>,
 }
 
 impl S3TestServer {
@@ -67,7 +89,8 @@ impl S3TestServer {
         std::fs::create_dir_all(root)?;
         let fs = s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+        let keys = Arc::new(Mutex::new((ACCESS_KEY.to_string(), SECRET_KEY.to_string())));
+        builder.set_auth(RotatingAuth { keys: keys.clone() });
         let s3 = builder.build();
         let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
@@ -185,6 +208,7 @@ impl S3TestServer {
             completed,
             faults,
             tasks,
+            keys,
         })
     }
 
@@ -195,11 +219,12 @@ impl S3TestServer {
 
     /// The `--source-option`s a worker needs for this server.
     pub fn options(&self) -> Vec<(String, String)> {
+        let (access_key, secret_key) = self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone();
         vec![
             ("endpoint".into(), self.endpoint.clone()),
             ("region".into(), REGION.into()),
-            ("access_key_id".into(), ACCESS_KEY.into()),
-            ("secret_access_key".into(), SECRET_KEY.into()),
+            ("access_key_id".into(), access_key),
+            ("secret_access_key".into(), secret_key),
         ]
     }
 
@@ -255,6 +280,11 @@ impl S3TestServer {
     }
 
     /// Answers every request with 500, as a store in an outage does.
+    /// Accepts only this key pair from now on (the old one is refused, as after a rotation).
+    pub fn rotate_credentials(&self, access_key: &str, secret_key: &str) {
+        *self.keys.lock().unwrap_or_else(|p| p.into_inner()) = (access_key.to_string(), secret_key.to_string());
+    }
+
     pub fn set_outage(&self, down: bool) {
         self.faults.refuse_all.store(down, Ordering::Relaxed);
     }

@@ -144,11 +144,29 @@ pub struct MountedCheckpoint {
     tracker: Arc<Tracker>,
     stop: watch::Sender<bool>,
     uploader: tokio::task::JoinHandle<()>,
+    /// The target store, shared with the uploader and the filesystem.
+    target: granary_store::target::TargetStore,
+    health: Arc<uploader::UploadHealth>,
 }
 
 impl MountedCheckpoint {
+    /// Writes to the target with `options` (rotated credentials) from the next request on;
+    /// uploads that failed for the old ones retry with the new within their backoff (30 s
+    /// at most).
+    pub fn rotate_target_options(
+        &self,
+        options: &BTreeMap<String, String>,
+    ) -> Result<(), granary_store::source::SourceConfigError> {
+        self.target.rotate(options)
+    }
+
     pub fn tracker(&self) -> &Arc<Tracker> {
         &self.tracker
+    }
+
+    /// Why the target refuses this volume's uploads, while it does (see [`uploader::UploadHealth`]).
+    pub fn upload_refusal(&self) -> Option<String> {
+        self.health.refusal()
     }
 
     /// What a successor process needs to take this mount over.
@@ -366,12 +384,14 @@ fn start(
 
     let tracker = Arc::new(tracker);
     let view = Arc::new(store_view::StoreView::new(target.clone(), config.listing_ttl));
+    let health = Arc::new(uploader::UploadHealth::default());
     let uploader = Arc::new(uploader::Uploader {
         tracker: Arc::clone(&tracker),
         target: target.clone(),
         view: Arc::clone(&view),
         tuning: config.upload.clone(),
         metrics: Arc::clone(&metrics),
+        health: Arc::clone(&health),
     });
     let inode_log = dir.join("inodes.log");
     let log_err = |source| CheckpointMountError::WritebackDir {
@@ -405,7 +425,7 @@ fn start(
         },
         tracker: Arc::clone(&tracker),
         view,
-        target,
+        target: target.clone(),
         metrics,
         part_size: config.upload.part_size,
         concurrency: config.upload.concurrency,
@@ -444,5 +464,7 @@ fn start(
         tracker,
         stop,
         uploader,
+        target,
+        health,
     })
 }

@@ -11,8 +11,9 @@ use tokio::task::JoinSet;
 use super::retention;
 use super::store_view::StoreView;
 use super::tracker::{parent_of, Tracker, Work};
-use crate::metrics::checkpoint::{CheckpointMetrics, TargetLabel};
+use crate::metrics::checkpoint::{CheckpointMetrics, TargetLabel, UploadFailureLabel};
 use granary_store::target::{TargetStore, TransferError};
+use granary_store::{ErrorKind, Retry};
 
 #[derive(Debug, Clone)]
 pub struct UploadTuning {
@@ -41,12 +42,74 @@ pub struct Uploader {
     pub view: Arc<StoreView>,
     pub tuning: UploadTuning,
     pub metrics: Arc<CheckpointMetrics>,
+    pub health: Arc<UploadHealth>,
+}
+
+/// Whether the target refuses this volume's uploads for a reason retrying cannot cure
+/// (refused credentials, a missing bucket), with the message that says what to fix; the
+/// node daemon shows it as the volume's condition. Uploads keep retrying, so a fixed Secret
+/// (rotated in) or bucket policy lets them through, which clears it.
+#[derive(Debug, Default)]
+pub struct UploadHealth {
+    refusal: std::sync::Mutex<Option<String>>,
+}
+
+impl UploadHealth {
+    /// Why uploads are refused, while they are.
+    pub fn refusal(&self) -> Option<String> {
+        self.refusal.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a refusal; true when it is new (so it is logged once, not per retry).
+    fn refused(&self, message: String) -> bool {
+        self.refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(message)
+            .is_none()
+    }
+
+    fn accepted(&self) -> bool {
+        self.refusal.lock().unwrap_or_else(|p| p.into_inner()).take().is_some()
+    }
 }
 
 impl Uploader {
     fn label(&self) -> TargetLabel {
         TargetLabel {
             target: self.target.uri().to_string(),
+        }
+    }
+
+    /// Counts a failed upload by its kind; a permanent one becomes the volume's condition.
+    fn upload_failed(&self, path: &str, size: u64, error: &TransferError) {
+        self.metrics.upload_retries.inc();
+        let reason = match error {
+            TransferError::Local { .. } => "local",
+            TransferError::Store(e) => e.kind().label(),
+        };
+        self.metrics
+            .upload_failures
+            .get_or_create(&UploadFailureLabel {
+                target: self.target.uri().to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+        match error {
+            // Refused credentials come back "persistent" from opendal's retry layer, so the
+            // kind decides as much as the retry status.
+            TransferError::Store(e) if e.kind() == ErrorKind::PermissionDenied || e.retry() == Retry::Permanent => {
+                let message = format!(
+                    "uploads to {} are refused: {e}; fix the volume's Secret (it is applied to the running mount within a minute) or the bucket and its policy; uploads retry meanwhile and resume by themselves",
+                    self.target.uri()
+                );
+                if self.health.refused(message.clone()) {
+                    tracing::error!(path, size, reason, "{message}");
+                } else {
+                    tracing::debug!(path, size, reason, error = %e, "upload still refused");
+                }
+            }
+            _ => tracing::warn!(path, size, error = %error, "upload failed; retrying later"),
         }
     }
 
@@ -146,11 +209,13 @@ impl Uploader {
                 false
             }
             Err(e) => {
-                self.metrics.upload_retries.inc();
-                tracing::warn!(path, size, error = %e, "upload failed; retrying later");
+                self.upload_failed(&path, size, e);
                 false
             }
         };
+        if ok && self.health.accepted() {
+            tracing::info!(path, target = self.target.uri(), "the target accepts uploads again");
+        }
         let commit_started = ok.then(|| self.tracker.closed_at(&path)).flatten();
         let commits = ok && self.tracker.marks_commit(&path);
         if commits {

@@ -182,9 +182,19 @@ pub struct MountedFs {
     handover: Handover,
     /// Where a taken-over mount is mounted (its session did not mount it, so cannot unmount).
     taken_over_at: Option<PathBuf>,
+    /// The source store the mount reads while the workers cannot serve (shared with it).
+    source: Option<SourceStore>,
 }
 
 impl MountedFs {
+    /// Reads the source store with `options` (rotated credentials) from the next request on.
+    pub fn rotate_source_options(&self, options: &BTreeMap<String, String>) -> Result<(), SourceConfigError> {
+        match &self.source {
+            Some(source) => source.rotate(options),
+            None => Ok(()),
+        }
+    }
+
     /// Unmounts (lazily, so readers holding files finish) and waits for the session to end.
     pub fn unmount(self) -> io::Result<()> {
         match self.taken_over_at {
@@ -227,7 +237,7 @@ fn build_fs(
     resources: &MountResources,
     runtime: Handle,
     incarnation: Incarnation,
-) -> Result<filesystem::DatasetFs, MountError> {
+) -> Result<(filesystem::DatasetFs, Option<SourceStore>), MountError> {
     if config.workers.is_empty() && config.source.is_none() {
         return Err(MountError::NothingToRead);
     }
@@ -241,6 +251,7 @@ fn build_fs(
         None => None,
     };
     let metrics = Arc::clone(&resources.metrics);
+    let shared_source = source.clone();
     let remote = Arc::new(remote::Remote::new(
         workers,
         source,
@@ -296,14 +307,15 @@ fn build_fs(
         config.short_circuit.clone(),
         metrics,
     ));
-    Ok(filesystem::DatasetFs::new(
+    let fs = filesystem::DatasetFs::new(
         metadata,
         fetcher,
         warm_ahead,
         config.ownership,
         config.max_readahead,
         incarnation,
-    ))
+    );
+    Ok((fs, shared_source))
 }
 
 /// Mounts `config` at `mountpoint`. Blocking (the kernel handshake); call it off the async
@@ -331,7 +343,7 @@ pub fn mount(
         }
         None => Inodes::new(filesystem::root_info()),
     };
-    let fs = build_fs(config, resources, runtime.clone(), Incarnation::first(inodes))?;
+    let (fs, source) = build_fs(config, resources, runtime.clone(), Incarnation::first(inodes))?;
     let passthrough = fs.passthrough_flag();
     let (session, device) = start_session(
         fuse_adapter::DatasetFuse::new(fs, runtime, config.passthrough),
@@ -355,6 +367,7 @@ pub fn mount(
             epoch: 0,
         },
         taken_over_at: None,
+        source,
     })
 }
 
@@ -397,7 +410,7 @@ pub fn resume(
         epoch,
         passthrough: Some(takeover.passthrough),
     };
-    let fs = build_fs(config, resources, runtime.clone(), incarnation)?;
+    let (fs, source) = build_fs(config, resources, runtime.clone(), incarnation)?;
     let passthrough = fs.passthrough_flag();
     let fuse = fuse_adapter::DatasetFuse::new(fs, runtime, config.passthrough);
     let (session, device) =
@@ -417,5 +430,6 @@ pub fn resume(
             epoch,
         },
         taken_over_at: Some(mountpoint.to_path_buf()),
+        source,
     })
 }

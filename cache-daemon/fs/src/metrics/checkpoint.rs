@@ -14,6 +14,14 @@ pub struct TargetLabel {
     pub target: String,
 }
 
+/// An upload failure: the target and why (`permission_denied`, `not_found`, `unavailable`,
+/// `failed`, `local`), so an alert tells refused credentials from an outage.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UploadFailureLabel {
+    pub target: String,
+    pub reason: String,
+}
+
 pub struct CheckpointMetrics {
     pub pending_bytes: Family<TargetLabel, Gauge>,
     pub pending_files: Family<TargetLabel, Gauge>,
@@ -24,6 +32,7 @@ pub struct CheckpointMetrics {
     pub uploaded_files: Counter,
     pub upload_seconds: Histogram,
     pub upload_retries: Counter,
+    pub upload_failures: Family<UploadFailureLabel, Counter>,
     pub deleted_objects: Counter,
     pub commits: Counter,
     pub commit_latency_seconds: Histogram,
@@ -47,6 +56,7 @@ impl CheckpointMetrics {
             // 10 ms .. ~3 h
             upload_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             upload_retries: Counter::default(),
+            upload_failures: Family::default(),
             deleted_objects: Counter::default(),
             commits: Counter::default(),
             commit_latency_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
@@ -101,6 +111,11 @@ impl CheckpointMetrics {
             "upload_retries",
             "Uploads and deletes that failed and were retried with backoff",
             m.upload_retries.clone(),
+        );
+        r.register(
+            "upload_failures",
+            "Failed uploads by target and reason (permission_denied: fix the volume's Secret or the bucket policy)",
+            m.upload_failures.clone(),
         );
         r.register(
             "deleted_objects",

@@ -6,6 +6,7 @@ mod uri;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -54,12 +55,31 @@ impl Default for SourceTuning {
     }
 }
 
-/// A configured source store.
+/// A configured source store. Clones share one operator, which [`SourceStore::rotate`]
+/// replaces when the store's credentials change: every clone uses the new one from its next
+/// request, and requests already running finish with the old.
 #[derive(Clone)]
 pub struct SourceStore {
-    op: Operator,
+    op: Arc<RwLock<Operator>>,
     uri: String,
     versions: VersionScheme,
+    tuning: SourceTuning,
+}
+
+/// The store's operator with the retry and timeout layers every request goes through.
+fn layered(op: Operator, tuning: &SourceTuning) -> Operator {
+    op.layer(
+        TimeoutLayer::new()
+            .with_timeout(tuning.timeout)
+            .with_io_timeout(tuning.timeout),
+    )
+    .layer(
+        RetryLayer::new()
+            .with_max_times(tuning.retries)
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter(),
+    )
 }
 
 impl std::fmt::Debug for SourceStore {
@@ -92,32 +112,29 @@ impl SourceStore {
         // Without opendal's auto-registration, its HTTP transport must be installed once.
         opendal::install_default();
         let (op, versions) = build_operator(uri, options)?;
-        let op = op
-            .layer(
-                TimeoutLayer::new()
-                    .with_timeout(tuning.timeout)
-                    .with_io_timeout(tuning.timeout),
-            )
-            .layer(
-                RetryLayer::new()
-                    .with_max_times(tuning.retries)
-                    .with_min_delay(Duration::from_millis(100))
-                    .with_max_delay(Duration::from_secs(5))
-                    .with_jitter(),
-            );
         Ok(SourceStore {
-            op,
+            op: Arc::new(RwLock::new(layered(op, tuning))),
             uri: uri.to_string(),
             versions,
+            tuning: tuning.clone(),
         })
+    }
+
+    /// Uses `options` (rotated credentials, typically) from the next request on, in this
+    /// store and all its clones. A configuration mistake in them leaves the store as it was.
+    pub fn rotate(&self, options: &BTreeMap<String, String>) -> Result<(), SourceConfigError> {
+        let (op, _) = build_operator(&self.uri, options)?;
+        *self.op.write().unwrap_or_else(|p| p.into_inner()) = layered(op, &self.tuning);
+        Ok(())
     }
 
     pub fn uri(&self) -> &str {
         &self.uri
     }
 
-    pub fn operator(&self) -> &Operator {
-        &self.op
+    /// The operator requests go through now (a cheap handle; rotation replaces it).
+    pub fn operator(&self) -> Operator {
+        self.op.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Converts store metadata into ours; `None` when the store did not give enough to derive
@@ -164,7 +181,7 @@ impl SourceStore {
                 mtime: None,
             });
         }
-        let file_err = match self.op.stat(&path).await {
+        let file_err = match self.operator().stat(&path).await {
             Ok(md) if md.is_file() => {
                 return self.meta_from(&path, &md).ok_or_else(|| {
                     StoreError::failed(
@@ -183,7 +200,7 @@ impl SourceStore {
         }
         let dir = format!("{path}/");
         let mut lister = self
-            .op
+            .operator()
             .lister_with(&dir)
             .limit(1)
             .await
@@ -216,7 +233,7 @@ impl SourceStore {
             format!("{path}/")
         };
         let lister = self
-            .op
+            .operator()
             .lister_with(&dir)
             .recursive(recursive)
             .await
@@ -250,7 +267,7 @@ impl SourceStore {
     pub async fn read_range(&self, path: &str, version: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let expected_len = range.end - range.start;
         let data = if let Some(etag) = version.strip_prefix("etag:") {
-            self.op
+            self.operator()
                 .read_with(path)
                 .range(range)
                 .if_match(&format!("\"{etag}\""))
@@ -259,7 +276,7 @@ impl SourceStore {
         } else {
             self.check_version(path, version).await?;
             let data = self
-                .op
+                .operator()
                 .read_with(path)
                 .range(range)
                 .await
@@ -275,7 +292,7 @@ impl SourceStore {
 
     async fn check_version(&self, path: &str, version: &str) -> Result<(), StoreError> {
         let md = self
-            .op
+            .operator()
             .stat(path)
             .await
             .map_err(|e| StoreError::from_opendal("stat", path, e))?;
