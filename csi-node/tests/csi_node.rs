@@ -303,13 +303,20 @@ async fn one_mount_serves_two_pods_and_every_call_is_idempotent() {
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        stats
+    // A dataset never fills: nothing used, everything available (bytes and inodes), so
+    // KubePersistentVolumeFillingUp and its inode twin stay quiet.
+    for unit in [volume_usage::Unit::Bytes, volume_usage::Unit::Inodes] {
+        let u = stats
             .usage
             .iter()
-            .any(|u| u.unit == volume_usage::Unit::Bytes as i32 && u.total > 0),
-        "{stats:?}"
-    );
+            .find(|u| u.unit == unit as i32)
+            .unwrap_or_else(|| panic!("no {unit:?} usage: {stats:?}"));
+        assert!(u.total > 0 && u.available > 0, "{unit:?}: {u:?}");
+        assert!(u.available as f64 / u.total as f64 > 0.99, "{unit:?} looks full: {u:?}");
+        if unit == volume_usage::Unit::Bytes {
+            assert_eq!(u.used, 0, "{u:?}");
+        }
+    }
     assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
     for (volume, path) in [("ds-imagenet", node.path("nowhere")), ("ds-unknown", a.clone())] {
         let err = csi
@@ -523,6 +530,24 @@ async fn a_checkpoint_volume_is_writable_in_the_pod_and_reaches_its_store() {
     f.write_all(&shard).unwrap();
     drop(f);
     std::fs::write(target.join("step-10/.metadata"), b"meta").unwrap();
+    // A checkpoint volume's size is its write-back area: what a "filling up" alert should
+    // watch, since a full area makes writers wait for uploads.
+    let stats = csi
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: "ckpt-llama".into(),
+            volume_path: target.to_string_lossy().into_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == volume_usage::Unit::Bytes as i32)
+        .expect("byte usage");
+    assert_eq!(bytes.total, 64 << 20, "{bytes:?}");
+    assert!(bytes.available < bytes.total, "{bytes:?}");
     csi.node_unpublish_volume(unpublish("ckpt-llama", &target))
         .await
         .unwrap();

@@ -260,9 +260,24 @@ impl Filesystem for DatasetFuse {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        // A dataset has no free space (it is read-only); the sizes are nominal so `df` shows it.
+        // A dataset is a window on a store, not a disk that fills: as Mountpoint for S3 does,
+        // it reports nothing used and a nominal 1 PiB (and 2^32 inodes) free, so the
+        // kubelet's volume stats never trip a "volume filling up" alert. Writes are refused
+        // with EROFS regardless.
+        const NOMINAL_BLOCKS: u64 = 1 << 38;
+        const NOMINAL_FREE_INODES: u64 = 1 << 32;
         let bsize = 4096u32;
-        reply.statfs(1 << 38, 0, 0, self.fs.inode_count(), 0, bsize, 255, bsize);
+        let files = self.fs.inode_count().saturating_add(NOMINAL_FREE_INODES);
+        reply.statfs(
+            NOMINAL_BLOCKS,
+            NOMINAL_BLOCKS,
+            NOMINAL_BLOCKS,
+            files,
+            NOMINAL_FREE_INODES,
+            bsize,
+            255,
+            bsize,
+        );
     }
 
     fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
