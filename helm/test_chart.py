@@ -123,9 +123,14 @@ class Chart(unittest.TestCase):
         for kind in ["MutatingWebhookConfiguration", "ValidatingWebhookConfiguration"]:
             webhook = find(docs, kind)
             self.assertEqual(webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"], f"{NAMESPACE}/{cert['spec']['secretName']}")
-        mounts = find(docs, "MutatingWebhookConfiguration")["webhooks"][0]
+        mounts, inline = find(docs, "MutatingWebhookConfiguration")["webhooks"]
         self.assertEqual(mounts["objectSelector"], {"matchLabels": {"granary.dev/mounts": "true"}})
         operator = container(find(docs, "Deployment")["spec"]["template"]["spec"], "operator")
+        # Inline volumes naming a Dataset: only Pods with a granary.dev csi volume are sent.
+        self.assertEqual(inline["name"], "inline-volumes.granary.dev")
+        self.assertEqual([r["resources"] for r in inline["rules"]], [["pods"]])
+        self.assertIn("v.csi.driver == 'granary.dev'", inline["matchConditions"][0]["expression"])
+        self.assertIn("--inline-volumes", operator["args"])
         self.assertEqual(flag(operator["args"], "tls-cert"), "/etc/granary/webhook-tls/tls.crt")
         self.assertEqual({d["kind"] for d in docs if d["apiVersion"] == "monitoring.coreos.com/v1"}, {"ServiceMonitor", "PodMonitor"})
         boards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["labels"].get("grafana_dashboard") == "1"]
@@ -212,6 +217,7 @@ class Chart(unittest.TestCase):
         self.assertEqual(rules_of(mutating["webhooks"]), {"pods", "pytorchjobs", "trainjobs"})
         self.assertEqual(rules_of(validating["webhooks"]), {"datasets", "checkpointpolicies"})
         self.assertIsNone(flag(operator["args"], "no-leader-election"))
+        self.assertNotIn("--inline-volumes", operator["args"])
         # The self-managed certificate's CA is written to exactly these configurations, and
         # kept in exactly this Secret.
         rules = find(docs, "ClusterRole")["rules"]

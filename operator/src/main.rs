@@ -81,6 +81,11 @@ struct RunArgs {
     /// How long a leader's Lease lasts without renewal.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
+    /// Let pods name a Dataset or CheckpointPolicy of their namespace in an inline csi volume
+    /// (`volumeAttributes: {dataset: <name>}`): the webhook turns it into that PVC. Without
+    /// it such pods are denied (the node plugin never serves inline volumes either way).
+    #[arg(long)]
+    inline_volumes: bool,
     /// Reach every Dataset's workers at these addresses instead of their cluster DNS names
     /// (an operator run outside the cluster, with port-forwards).
     #[arg(long = "worker-address")]
@@ -118,6 +123,7 @@ fn main() -> ExitCode {
                 leader_election: !args.no_leader_election,
                 lease_duration: args.lease_duration,
                 worker_addresses: args.worker_addresses,
+                inline_volumes: args.inline_volumes,
             };
             match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(run::run(config)),

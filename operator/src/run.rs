@@ -48,6 +48,8 @@ pub struct RunConfig {
     pub leader_election: bool,
     pub lease_duration: Duration,
     pub worker_addresses: Vec<String>,
+    /// Pods may name a Dataset or CheckpointPolicy in an inline csi volume.
+    pub inline_volumes: bool,
 }
 
 pub async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -113,9 +115,13 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         };
         let tls = serving.server_config().context("the webhook certificate")?;
-        let server = WebhookServer::bind(listen, tls, router(client.clone(), Arc::clone(&metrics)))
-            .await
-            .with_context(|| format!("binding the webhook listener {listen}"))?;
+        let server = WebhookServer::bind(
+            listen,
+            tls,
+            router(client.clone(), Arc::clone(&metrics), config.inline_volumes),
+        )
+        .await
+        .with_context(|| format!("binding the webhook listener {listen}"))?;
         tracing::info!(addr = %server.local_addr()?, "admission webhook serving");
         tokio::spawn(server.serve());
     }

@@ -4,7 +4,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::admission::{patched, start};
+use support::admission::{patched, start, start_with};
 use support::*;
 
 fn cluster() -> (FakeApi, kube::Client) {
@@ -234,7 +234,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     let server = granary_operator::webhook::server::WebhookServer::bind(
         "127.0.0.1:0".parse().expect("addr"),
         serving.server_config().expect("tls"),
-        granary_operator::webhook::server::router(client, metrics),
+        granary_operator::webhook::server::router(client, metrics, false),
     )
     .await
     .expect("bind");
@@ -272,4 +272,77 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
         trusted_by(addr, &second.cert_pem).await,
         "a mismatched pair must not replace the served certificate"
     );
+}
+
+/// An inline granary.dev volume reaches no node: off (the default), the pod is denied with
+/// the PVC to use; on, one that names a Dataset or CheckpointPolicy of the pod's namespace
+/// becomes that PVC, and one that carries anything else (an endpoint, a host path, raw
+/// attributes) is denied by the rule.
+#[tokio::test]
+async fn inline_volumes_only_name_what_the_namespace_has() {
+    let pod = |csi: Value| {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer-0", "namespace": "ml"},
+               "spec": {"containers": [{"name": "pytorch", "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+                        "volumes": [{"name": "data", "csi": csi}]}})
+    };
+    let named = pod(json!({"driver": "granary.dev", "volumeAttributes": {"dataset": "imagenet"}}));
+    let denied = |r: &Value| -> String {
+        assert_eq!(r["allowed"], false, "{r}");
+        r["status"]["message"].as_str().unwrap_or("").to_string()
+    };
+
+    let (_fake, client) = cluster();
+    let off = start(client).await;
+    let m = denied(&off.review(("", "v1", "Pod"), named.clone()).await);
+    assert!(
+        m.contains("inline granary.dev volumes are off") && m.contains("PVC imagenet"),
+        "{m}"
+    );
+
+    let (_fake, client) = cluster();
+    let on = start_with(client, true).await;
+    let response = on.review(("", "v1", "Pod"), named.clone()).await;
+    let out = patched(&named, &response);
+    assert_eq!(
+        out["spec"]["volumes"],
+        json!([{"name": "data", "persistentVolumeClaim": {"claimName": "imagenet", "readOnly": true}}])
+    );
+    assert_eq!(
+        out["spec"]["containers"][0]["volumeMounts"],
+        named["spec"]["containers"][0]["volumeMounts"]
+    );
+    // The Dataset is prewarmed before scheduling: the pod waits for it, as an annotated one does.
+    assert_eq!(out["spec"]["schedulingGates"], json!([{"name": "granary.dev/prewarm"}]));
+    let ckpt = pod(json!({"driver": "granary.dev", "volumeAttributes": {"checkpointPolicy": "llama"}}));
+    let out = patched(&ckpt, &on.review(("", "v1", "Pod"), ckpt.clone()).await);
+    assert_eq!(
+        out["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"],
+        "llama-checkpoint"
+    );
+
+    for (what, csi, expect) in [
+        (
+            "an endpoint",
+            json!({"driver": "granary.dev", "volumeAttributes": {"dataset": "imagenet", "option.endpoint": "http://169.254.169.254"}}),
+            "option.endpoint",
+        ),
+        (
+            "the node's identity",
+            json!({"driver": "granary.dev", "volumeAttributes": {"kind": "dataset", "source": "s3://b", "option.credentials": "auto"}}),
+            "only names a Dataset or CheckpointPolicy",
+        ),
+        (
+            "a host path",
+            json!({"driver": "granary.dev", "volumeAttributes": {"checkpointPolicy": "llama", "writebackDir": "/etc"}}),
+            "writebackDir",
+        ),
+        (
+            "another namespace's Dataset",
+            json!({"driver": "granary.dev", "volumeAttributes": {"dataset": "secret-data"}}),
+            "does not exist in namespace ml",
+        ),
+    ] {
+        let m = denied(&on.review(("", "v1", "Pod"), pod(csi)).await);
+        assert!(m.contains(expect), "{what}: {m}");
+    }
 }

@@ -7,6 +7,7 @@ use kube::{Api, Client};
 use serde_json::Value;
 
 use super::inject::{mutate, Resolved, Target};
+use super::inline;
 use super::mounts::{parse, MountKind, MOUNTS_ANNOTATION};
 use super::trainjob::TrainJobSchema;
 use crate::api::dataset::PrewarmPolicy;
@@ -19,6 +20,8 @@ pub struct Reviewer {
     pub client: Client,
     pub metrics: std::sync::Arc<OperatorMetrics>,
     pub trainjobs: TrainJobSchema,
+    /// Whether pods may name a Dataset or CheckpointPolicy in an inline csi volume.
+    pub inline_volumes: bool,
 }
 
 /// Answers `review`; every failure becomes a denial (or an invalid response for a review
@@ -81,58 +84,50 @@ async fn decide(
     if request.operation != Operation::Create {
         return Ok(None);
     }
-    let Some(annotation) = value
-        .pointer("/metadata/annotations")
-        .and_then(|a| a.get(MOUNTS_ANNOTATION))
-        .and_then(Value::as_str)
-    else {
-        return Ok(None);
-    };
     let namespace = request
         .namespace
         .clone()
         .or_else(|| object.metadata.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    let mounts = parse(annotation)?;
     let mut resolved = Resolved::default();
-    for m in &mounts {
-        match m.kind {
-            MountKind::Dataset => {
-                let api: Api<Dataset> = Api::namespaced(client.clone(), &namespace);
-                let ds = api
-                    .get_opt(&m.name)
-                    .await
-                    .map_err(|e| format!("looking up the Dataset {}: {e}", m.name))?
-                    .ok_or_else(|| {
-                        format!(
-                            "{MOUNTS_ANNOTATION}: the Dataset {:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get datasets -n {namespace})",
-                            m.name
-                        )
-                    })?;
-                let loaded = ds
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.prewarm.as_ref())
-                    .is_some_and(|p| p.finished.is_some());
-                if ds.spec.prewarm.policy == PrewarmPolicy::BeforeScheduling && !loaded {
-                    resolved.wait_for.push(m.name.clone());
-                }
-            }
-            MountKind::Checkpoint => {
-                let api: Api<CheckpointPolicy> = Api::namespaced(client.clone(), &namespace);
-                api.get_opt(&m.name)
-                    .await
-                    .map_err(|e| format!("looking up the CheckpointPolicy {}: {e}", m.name))?
-                    .ok_or_else(|| {
-                        format!(
-                            "{MOUNTS_ANNOTATION}: the CheckpointPolicy {:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get checkpointpolicies -n {namespace})",
-                            m.name
-                        )
-                    })?;
-            }
+    let mut value = value;
+    let original = value.clone();
+    // A pod's inline granary.dev volumes: each becomes the PVC it names, or the pod is denied.
+    let inline_volumes = if request.kind.kind == "Pod" {
+        inline::find(&value["spec"])?
+    } else {
+        Vec::new()
+    };
+    if let Some(first) = inline_volumes.first() {
+        if !reviewer.inline_volumes {
+            return Err(format!(
+                "inline volume {:?}: inline granary.dev volumes are off in this installation (helm value webhook.inlineVolumes); mount the PVC {} instead, or annotate the pod with {MOUNTS_ANNOTATION}",
+                first.volume,
+                first.claim()
+            ));
+        }
+        for v in &inline_volumes {
+            look_up(client, &namespace, v.kind, &v.name, &mut resolved.wait_for).await?;
+        }
+        if let Some(spec) = value.get_mut("spec") {
+            inline::replace(spec, &inline_volumes);
         }
     }
-    resolved.mounts = mounts;
+    let annotation = value
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(MOUNTS_ANNOTATION))
+        .and_then(Value::as_str)
+        .map(str::to_string);
+    if annotation.is_none() && inline_volumes.is_empty() {
+        return Ok(None);
+    }
+    if let Some(annotation) = annotation {
+        let mounts = parse(&annotation)?;
+        for m in &mounts {
+            look_up(client, &namespace, m.kind, &m.name, &mut resolved.wait_for).await?;
+        }
+        resolved.mounts = mounts;
+    }
     let target = match request.kind.kind.as_str() {
         "Pod" => Target::Pod,
         "PyTorchJob" => Target::PyTorchJob,
@@ -144,8 +139,56 @@ async fn decide(
         }
     };
     let mutated = mutate(target, &value, &resolved)?;
-    let patch = json_patch::diff(&value, &mutated);
+    let patch = json_patch::diff(&original, &mutated);
     Ok(if patch.0.is_empty() { None } else { Some(patch) })
+}
+
+/// Checks that the Dataset or CheckpointPolicy `name` exists in `namespace`; a Dataset
+/// prewarmed before scheduling and not loaded yet is added to `wait_for`.
+async fn look_up(
+    client: &Client,
+    namespace: &str,
+    kind: MountKind,
+    name: &str,
+    wait_for: &mut Vec<String>,
+) -> Result<(), String> {
+    match kind {
+        MountKind::Dataset => {
+            let api: Api<Dataset> = Api::namespaced(client.clone(), namespace);
+            let ds = api
+                .get_opt(name)
+                .await
+                .map_err(|e| format!("looking up the Dataset {name}: {e}"))?
+                .ok_or_else(|| {
+                    format!(
+                        "the Dataset {name:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get datasets -n {namespace})"
+                    )
+                })?;
+            let loaded = ds
+                .status
+                .as_ref()
+                .and_then(|s| s.prewarm.as_ref())
+                .is_some_and(|p| p.finished.is_some());
+            if ds.spec.prewarm.policy == PrewarmPolicy::BeforeScheduling
+                && !loaded
+                && !wait_for.iter().any(|w| w == name)
+            {
+                wait_for.push(name.to_string());
+            }
+        }
+        MountKind::Checkpoint => {
+            let api: Api<CheckpointPolicy> = Api::namespaced(client.clone(), namespace);
+            api.get_opt(name)
+                .await
+                .map_err(|e| format!("looking up the CheckpointPolicy {name}: {e}"))?
+                .ok_or_else(|| {
+                    format!(
+                        "the CheckpointPolicy {name:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get checkpointpolicies -n {namespace})"
+                    )
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// A Dataset or CheckpointPolicy being created or changed: what its schema cannot check.

@@ -30,11 +30,14 @@ async fn review(
 /// `/mutate` (the MutatingWebhookConfiguration: mounts) and `/validate` (the
 /// ValidatingWebhookConfiguration: Datasets and CheckpointPolicies) answer from one decision;
 /// a granary.dev object never gets a patch, so the validating answer never carries one.
-pub fn router(client: Client, metrics: Arc<OperatorMetrics>) -> Router {
+/// `inline_volumes`: pods may name a Dataset or CheckpointPolicy in an inline csi volume
+/// (turned into its PVC); otherwise such a pod is denied.
+pub fn router(client: Client, metrics: Arc<OperatorMetrics>, inline_volumes: bool) -> Router {
     let reviewer = Arc::new(Reviewer {
         client,
         metrics,
         trainjobs: TrainJobSchema::default(),
+        inline_volumes,
     });
     Router::new()
         .route("/mutate", post(review))

@@ -18,13 +18,18 @@ pub struct Webhook {
 }
 
 pub async fn start(fake_client: kube::Client) -> Webhook {
+    start_with(fake_client, false).await
+}
+
+/// The webhook with `inline_volumes` as `--inline-volumes` sets it.
+pub async fn start_with(fake_client: kube::Client, inline_volumes: bool) -> Webhook {
     let cert = Certificate::self_signed(vec!["granary-webhook.granary-system.svc".into()]).expect("cert");
     let mut registry = Registry::default();
     let metrics = Arc::new(OperatorMetrics::new(&mut registry));
     let server = WebhookServer::bind(
         "127.0.0.1:0".parse().expect("addr"),
         cert.server_config().expect("tls"),
-        router(fake_client, metrics),
+        router(fake_client, metrics, inline_volumes),
     )
     .await
     .expect("bind");
