@@ -251,22 +251,23 @@ impl MountTable {
         Ok(Mounted::Dataset(mounted))
     }
 
-    /// Points a running mount's store at the credentials `record` carries now.
-    fn rotate(&self, record: &MountRecord, mounted: &Mounted) -> Result<(), NodeError> {
-        let refused = |e: granary_store::source::SourceConfigError| {
-            NodeError::InvalidArgument(format!(
+    /// Points a running mount's store at the credentials `record` carries now; the error
+    /// says why the new ones are refused (the mount keeps the old).
+    fn rotate(&self, record: &MountRecord, mounted: &Mounted) -> Result<(), String> {
+        let refused = |e: &dyn std::fmt::Display| {
+            format!(
                 "volume {:?}: the store options with the new Secret are refused ({e}); the mount keeps the previous credentials",
                 record.volume_id
-            ))
+            )
         };
-        match (self.spec(record)?, mounted) {
+        match (self.spec(record).map_err(|e| refused(&e))?, mounted) {
             (VolumeMount::Dataset(config), Mounted::Dataset(m)) => {
-                m.rotate_source_options(&config.source_options).map_err(refused)
+                m.rotate_source_options(&config.source_options).map_err(|e| refused(&e))
             }
             (VolumeMount::Checkpoint(config), Mounted::Checkpoint(m)) => {
-                m.rotate_target_options(&config.target_options).map_err(refused)
+                m.rotate_target_options(&config.target_options).map_err(|e| refused(&e))
             }
-            _ => Err(NodeError::Conflict(record.volume_id.clone())),
+            _ => Err(refused(&"the volume's kind does not match its mount")),
         }
     }
 
@@ -353,7 +354,7 @@ impl MountTable {
                 let mut rotated = volume.record.clone();
                 rotated.secrets = secrets;
                 if let Some(mounted) = &volume.mounted {
-                    self.rotate(&rotated, mounted)?;
+                    self.rotate(&rotated, mounted).map_err(NodeError::InvalidArgument)?;
                     tracing::info!(volume_id, "the volume's Secret changed; the running mount uses it now");
                 }
                 volume.record.secrets = rotated.secrets;

@@ -61,7 +61,8 @@ fn env() -> Env {
         runtime.handle().clone(),
         Incarnation::first(inodes),
     )
-    .expect("build");
+    .expect("build")
+    .0;
     Env {
         _dir: dir,
         root,
