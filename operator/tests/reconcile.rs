@@ -557,3 +557,35 @@ async fn a_checkpoint_policy_becomes_a_volume_and_reports_the_latest_committed_c
         .iter()
         .any(|(r, n)| r == "CheckpointCommitted" && n.contains("step-10")));
 }
+
+/// A PV an older Granary made carries no mark, which every node refuses; the operator
+/// cannot change its attributes, so it says what to do.
+#[tokio::test]
+async fn a_pv_without_the_mark_is_reported_outdated() {
+    let src = source_dir(&[("a.bin", 10)]);
+    let (fake, client) = FakeApi::new();
+    let ctx = context(client.clone(), vec!["127.0.0.1:1".into()]);
+    let spec = json!({"source": {"uri": format!("fs://{}", src.path().display())}, "prewarm": {"policy": "None"}});
+    put_dataset(&fake, "ds", spec);
+    // The first reconcile adds the finalizer, the second makes the objects.
+    reconcile_dataset(&fake, &ctx, "ds").await;
+    reconcile_dataset(&fake, &ctx, "ds").await;
+    assert!(
+        !events(&fake).iter().any(|(r, _)| r == "VolumeOutdated"),
+        "a PV it made itself is current"
+    );
+    let mut pv = fake.get(PVS, "granary-ml-ds").expect("the PV");
+    let attributes = pv["spec"]["csi"]["volumeAttributes"]
+        .as_object_mut()
+        .expect("attributes");
+    assert!(attributes.remove("granary.dev/mark").is_some());
+    fake.put(PVS, pv);
+    reconcile_dataset(&fake, &ctx, "ds").await;
+    assert!(
+        events(&fake)
+            .iter()
+            .any(|(r, n)| r == "VolumeOutdated" && n.contains("no valid mark") && n.contains("delete the PVC ds")),
+        "{:?}",
+        events(&fake)
+    );
+}

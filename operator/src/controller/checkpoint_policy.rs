@@ -90,7 +90,7 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
             EventType::Warning,
             "VolumeOutdated",
             format!(
-                "the PV {} was made for an earlier spec; delete the PVC {} when no pod uses it and it is made again",
+                "the PV {} was made for an earlier spec, or carries no valid mark of this installation's volume key (made by an older Granary, or under another key), which nodes refuse; delete the PVC {} when no pod uses it and it is made again",
                 pv.name_any(),
                 pvc.name_any()
             ),

@@ -107,7 +107,7 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
             EventType::Warning,
             "VolumeOutdated",
             format!(
-                "the PV {} was made for an earlier spec (source, options or workers); delete the PVC {} when no pod uses it and it is made again",
+                "the PV {} was made for an earlier spec (source, options or workers), or carries no valid mark of this installation's volume key (made by an older Granary, or under another key), which nodes refuse; delete the PVC {} when no pod uses it and it is made again",
                 pv.name_any(),
                 pvc.name_any()
             ),
