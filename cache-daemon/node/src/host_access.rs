@@ -35,8 +35,8 @@ pub enum AccessError {
         allowed: String,
         flag: &'static str,
     },
-    #[error("credentials=auto would act with this node's own cloud identity, which this node does not lend to volumes; give the store's keys in the volume's Secret, or start the node daemon with --allow-auto-credentials (helm: node.allowAutoCredentials)")]
-    AutoCredentials,
+    #[error("{how} would act with this node's own cloud identity, which this node does not lend to volumes; give the store's keys (access_key_id, secret_access_key) in the Dataset's or CheckpointPolicy's secretRef, set anonymous=true for a public bucket, or start the node daemon with --allow-auto-credentials (helm: node.allowAutoCredentials)")]
+    NodeIdentity { how: &'static str },
     #[error("cannot resolve {what} {value:?}: {cause}")]
     Unresolvable {
         what: &'static str,
@@ -135,18 +135,43 @@ impl HostAccess {
     }
 
     /// Checks a store URI and its options: an `fs://` store must lie under an allowed root,
-    /// and `credentials=auto` must be allowed. Other URIs are checked by the store itself.
+    /// and an S3 store must sign with the volume's own keys unless the node lends its
+    /// identity. Other URIs are checked by the store itself.
     pub fn store(&self, uri: &str, options: &BTreeMap<String, String>) -> Result<(), AccessError> {
-        if options.get("credentials").is_some_and(|c| c == "auto") && !self.allow_auto_credentials {
-            return Err(AccessError::AutoCredentials);
-        }
-        if let Ok(parsed) = SourceUri::parse(uri) {
-            if parsed.scheme == "fs" || parsed.scheme == "file" {
+        let Ok(parsed) = SourceUri::parse(uri) else {
+            return Ok(());
+        };
+        match parsed.scheme.as_str() {
+            "fs" | "file" => {
                 self.under_roots("fs:// store", &parsed.root, &self.fs_store_roots, "--fs-store-root")?;
             }
+            "s3" if !self.allow_auto_credentials => {
+                if let Some(how) = s3_node_identity(options) {
+                    return Err(AccessError::NodeIdentity { how });
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
+}
+
+/// How an S3 store with `options` would sign with the node's credentials rather than the
+/// volume's: `credentials=auto`, an AWS profile (the node's config files), or no keys at all
+/// (the store then takes the node's environment, web identity or instance profile, as the
+/// AWS credential chain does). Keys from the volume's Secret, or an anonymous bucket, do not.
+fn s3_node_identity(options: &BTreeMap<String, String>) -> Option<&'static str> {
+    if options.get("credentials").is_some_and(|c| c == "auto") {
+        return Some("credentials=auto");
+    }
+    if options.contains_key("profile") {
+        return Some("an AWS profile");
+    }
+    let anonymous = options.get("anonymous").is_some_and(|a| a == "true");
+    if !anonymous && !options.contains_key("access_key_id") {
+        return Some("a store with no access_key_id of its own");
+    }
+    None
 }
 
 #[cfg(test)]
@@ -201,8 +226,29 @@ mod tests {
         assert!(fs_ok.store("fs:///etc/", &BTreeMap::new()).is_err());
 
         let auto = BTreeMap::from([("credentials".to_string(), "auto".to_string())]);
-        assert_eq!(none.store("s3://b/p", &auto), Err(AccessError::AutoCredentials));
-        none.store("s3://b/p", &BTreeMap::new()).expect("keys from the Secret");
+        assert_eq!(
+            none.store("s3://b/p", &auto),
+            Err(AccessError::NodeIdentity {
+                how: "credentials=auto"
+            })
+        );
+        let keys = BTreeMap::from([
+            ("access_key_id".to_string(), "k".to_string()),
+            ("secret_access_key".to_string(), "s".to_string()),
+        ]);
+        none.store("s3://b/p", &keys).expect("keys from the Secret");
+        let public = BTreeMap::from([("anonymous".to_string(), "true".to_string())]);
+        none.store("s3://b/p", &public).expect("a public bucket");
+        // No keys, or a profile: the node's own credential chain would sign.
+        for options in [
+            BTreeMap::new(),
+            BTreeMap::from([("role_arn".to_string(), "arn:aws:iam::1:role/r".to_string())]),
+            BTreeMap::from([("profile".to_string(), "default".to_string())]),
+        ] {
+            let err = none.store("s3://b/p", &options).unwrap_err();
+            assert!(matches!(err, AccessError::NodeIdentity { .. }), "{options:?}: {err}");
+            assert!(err.to_string().contains("--allow-auto-credentials"), "{err}");
+        }
         let lend = HostAccess {
             allow_auto_credentials: true,
             ..HostAccess::default()

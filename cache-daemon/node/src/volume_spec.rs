@@ -235,7 +235,7 @@ mod tests {
 
     #[test]
     fn a_dataset_spec_becomes_a_mount_and_mistakes_are_named() {
-        let secrets = attrs(&[("secret_access_key", "s")]);
+        let secrets = attrs(&[("access_key_id", "k"), ("secret_access_key", "s")]);
         let access = HostAccess::default();
         let m = dataset_mount(
             &attrs(&[
@@ -289,7 +289,7 @@ mod tests {
         let build = |pairs: &[(&str, &str)]| {
             volume_mount(
                 &attrs(pairs),
-                &attrs(&[("secret_access_key", "s")]),
+                &attrs(&[("access_key_id", "k"), ("secret_access_key", "s")]),
                 &defaults,
                 "/wb/vol-1".into(),
             )

@@ -44,7 +44,6 @@ pub enum TransferError {
 #[derive(Clone)]
 pub struct TargetStore {
     store: SourceStore,
-    uri: String,
 }
 
 impl TargetStore {
@@ -54,10 +53,7 @@ impl TargetStore {
         tuning: &SourceTuning,
     ) -> Result<Self, SourceConfigError> {
         let store = SourceStore::open(uri, options, tuning)?;
-        Ok(TargetStore {
-            store,
-            uri: uri.to_string(),
-        })
+        Ok(TargetStore { store })
     }
 
     /// The operator requests go through now.
@@ -72,7 +68,7 @@ impl TargetStore {
     }
 
     pub fn uri(&self) -> &str {
-        &self.uri
+        self.store.uri()
     }
 
     /// Writes and deletes a small object, so a target that is read-only, missing or

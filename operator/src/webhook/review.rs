@@ -90,8 +90,6 @@ async fn decide(
         .or_else(|| object.metadata.namespace.clone())
         .unwrap_or_else(|| "default".into());
     let mut resolved = Resolved::default();
-    let mut value = value;
-    let original = value.clone();
     // A pod's inline granary.dev volumes: each becomes the PVC it names, or the pod is denied.
     let inline_volumes = if request.kind.kind == "Pod" {
         inline::find(&value["spec"])?
@@ -107,24 +105,29 @@ async fn decide(
             ));
         }
         for v in &inline_volumes {
-            look_up(client, &namespace, v.kind, &v.name, &mut resolved.wait_for).await?;
-        }
-        if let Some(spec) = value.get_mut("spec") {
-            inline::replace(spec, &inline_volumes);
+            let whence = format!("inline volume {:?}", v.volume);
+            look_up(client, &namespace, v.kind, &v.name, &whence, &mut resolved.wait_for).await?;
         }
     }
     let annotation = value
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(MOUNTS_ANNOTATION))
-        .and_then(Value::as_str)
-        .map(str::to_string);
+        .and_then(Value::as_str);
     if annotation.is_none() && inline_volumes.is_empty() {
         return Ok(None);
     }
     if let Some(annotation) = annotation {
-        let mounts = parse(&annotation)?;
+        let mounts = parse(annotation)?;
         for m in &mounts {
-            look_up(client, &namespace, m.kind, &m.name, &mut resolved.wait_for).await?;
+            look_up(
+                client,
+                &namespace,
+                m.kind,
+                &m.name,
+                MOUNTS_ANNOTATION,
+                &mut resolved.wait_for,
+            )
+            .await?;
         }
         resolved.mounts = mounts;
     }
@@ -138,18 +141,29 @@ async fn decide(
             ))
         }
     };
-    let mutated = mutate(target, &value, &resolved)?;
-    let patch = json_patch::diff(&original, &mutated);
+    // Inline volumes become their claims first, so the annotation's mounts see the pod as
+    // it will be.
+    let inlined = (!inline_volumes.is_empty()).then(|| {
+        let mut pod = value.clone();
+        if let Some(spec) = pod.get_mut("spec") {
+            inline::replace(spec, &inline_volumes);
+        }
+        pod
+    });
+    let mutated = mutate(target, inlined.as_ref().unwrap_or(&value), &resolved)?;
+    let patch = json_patch::diff(&value, &mutated);
     Ok(if patch.0.is_empty() { None } else { Some(patch) })
 }
 
-/// Checks that the Dataset or CheckpointPolicy `name` exists in `namespace`; a Dataset
-/// prewarmed before scheduling and not loaded yet is added to `wait_for`.
+/// Checks that the Dataset or CheckpointPolicy `name` (asked for by `whence`) exists in
+/// `namespace`; a Dataset prewarmed before scheduling and not loaded yet is added to
+/// `wait_for`.
 async fn look_up(
     client: &Client,
     namespace: &str,
     kind: MountKind,
     name: &str,
+    whence: &str,
     wait_for: &mut Vec<String>,
 ) -> Result<(), String> {
     match kind {
@@ -161,7 +175,7 @@ async fn look_up(
                 .map_err(|e| format!("looking up the Dataset {name}: {e}"))?
                 .ok_or_else(|| {
                     format!(
-                        "the Dataset {name:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get datasets -n {namespace})"
+                        "{whence}: the Dataset {name:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get datasets -n {namespace})"
                     )
                 })?;
             let loaded = ds
@@ -183,7 +197,7 @@ async fn look_up(
                 .map_err(|e| format!("looking up the CheckpointPolicy {name}: {e}"))?
                 .ok_or_else(|| {
                     format!(
-                        "the CheckpointPolicy {name:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get checkpointpolicies -n {namespace})"
+                        "{whence}: the CheckpointPolicy {name:?} does not exist in namespace {namespace}; create it first or fix the name (kubectl get checkpointpolicies -n {namespace})"
                     )
                 })?;
         }
