@@ -35,6 +35,9 @@ enum Command {
     Node(cli::node::NodeArgs),
     /// Measure warm and cold reads through the workers against local disk and the store.
     Bench(cli::bench::BenchArgs),
+    /// Serves the commit coordinator of checkpoint volumes written by several nodes: a
+    /// checkpoint's marker is uploaded only once every node's files are in the store.
+    CommitCoordinator(cli::commit_coordinator::CoordinatorArgs),
 }
 
 /// Blocks travel as multi-MiB buffers, allocated and freed per request. The two kinds of
@@ -97,6 +100,7 @@ fn main() {
             Command::Bench(args) => cli::bench::run(args).await,
             Command::Mount(args) => cli::mount::run(*args).await,
             Command::Node(args) => cli::node::run(args).await,
+            Command::CommitCoordinator(args) => cli::commit_coordinator::run(args).await,
         }
     });
     let code = match result {

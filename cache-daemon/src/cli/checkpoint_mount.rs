@@ -53,6 +53,16 @@ pub struct CheckpointArgs {
     /// How long to wait at shutdown for pending uploads (they resume at the next mount anyway).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// The commit coordinator (host:port) of a volume several nodes write: a marker is
+    /// uploaded only once every node's files of its directory are in the store.
+    #[arg(long, env = "GRANARY_COMMIT_COORDINATOR")]
+    pub commit_coordinator: Option<String>,
+    /// This node's name among the volume's writers (with --commit-coordinator).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// File holding the coordinator's token (with --commit-coordinator).
+    #[arg(long, env = "GRANARY_COMMIT_TOKEN_FILE")]
+    pub commit_token_file: Option<PathBuf>,
 }
 
 impl CheckpointArgs {
@@ -60,6 +70,9 @@ impl CheckpointArgs {
     pub fn refuse_without_checkpoint(&self) -> anyhow::Result<()> {
         if self.target.is_some() || self.writeback_dir.is_some() || self.commit_marker.is_some() {
             config_error!("--target, --writeback-dir and --commit-marker are for checkpoint volumes: add --checkpoint");
+        }
+        if self.commit_coordinator.is_some() {
+            config_error!("--commit-coordinator is for checkpoint volumes: add --checkpoint");
         }
         Ok(())
     }
@@ -69,6 +82,9 @@ pub fn checkpoint_mount(args: &MountArgs) -> anyhow::Result<CheckpointMount> {
     let c = &args.checkpoint;
     if args.source.is_some() || args.workers.is_some() {
         config_error!("a checkpoint volume writes to --target; --source and --workers are for datasets");
+    }
+    if !args.source_options.is_empty() {
+        config_error!("--source-option is for datasets; a checkpoint volume takes its store's options as --target-option KEY=VALUE");
     }
     let Some(target) = c.target.clone() else {
         config_error!("--checkpoint needs --target, e.g. --target s3://bucket/checkpoints/run-1");
@@ -87,7 +103,34 @@ pub fn checkpoint_mount(args: &MountArgs) -> anyhow::Result<CheckpointMount> {
     if size.0 == 0 {
         config_error!("--writeback-size must be above 0");
     }
+    let coordinator = match &c.commit_coordinator {
+        None => {
+            if c.commit_token_file.is_some() {
+                config_error!("--commit-token-file needs --commit-coordinator");
+            }
+            None
+        }
+        Some(address) => {
+            if c.commit_marker.is_none() {
+                config_error!("--commit-coordinator coordinates commits, which --commit-marker defines: add e.g. --commit-marker .metadata");
+            }
+            let Some(node) = c.node_name.clone().filter(|n| !n.trim().is_empty()) else {
+                config_error!("--commit-coordinator needs --node-name (unique among the nodes writing this volume; NODE_NAME from the downward API)");
+            };
+            let token = c
+                .commit_token_file
+                .as_deref()
+                .map(super::commit_coordinator::read_token)
+                .transpose()?;
+            Some(checkpoint::CommitCoordination {
+                address: address.clone(),
+                token,
+                node,
+            })
+        }
+    };
     let mut config = CheckpointMount::new(target, dir, size.0);
+    config.coordinator = coordinator;
     config.target_options = c.target_options.iter().cloned().collect();
     config.target_tuning = SourceTuning::default();
     config.commit_marker = c.commit_marker.clone();

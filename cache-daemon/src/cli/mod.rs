@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cat;
 pub mod checkpoint_mount;
+pub mod commit_coordinator;
 pub mod exit;
 pub mod load;
 pub mod mount;

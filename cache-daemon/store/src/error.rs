@@ -58,6 +58,8 @@ pub struct StoreError {
     detail: String,
     context: Vec<(&'static str, String)>,
     source: Option<Arc<opendal::Error>>,
+    /// Which store the message names: "source" (a dataset's) or "target" (checkpoints').
+    role: &'static str,
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -73,7 +75,14 @@ impl StoreError {
             detail: String::new(),
             context: Vec::new(),
             source: None,
+            role: "source",
         }
+    }
+
+    /// The error of a checkpoint volume's target store (named so in the message).
+    pub fn in_target(mut self) -> Self {
+        self.role = "target";
+        self
     }
 
     pub fn not_found(path: impl Into<String>) -> Self {
@@ -164,22 +173,22 @@ impl StoreError {
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (path, op, detail) = (&self.path, self.op, &self.detail);
+        let (path, op, detail, role) = (&self.path, self.op, &self.detail, self.role);
         match self.kind {
-            ErrorKind::NotFound => write!(f, "{path:?} does not exist in the source store")?,
+            ErrorKind::NotFound => write!(f, "{path:?} does not exist in the {role} store")?,
             ErrorKind::Changed => write!(
                 f,
-                "{path:?} changed in the source store while it was being read; read it again"
+                "{path:?} changed in the {role} store while it was being read; read it again"
             )?,
             ErrorKind::PermissionDenied => write!(
                 f,
-                "the source store refused access to {path:?} ({detail}); check the credentials and the bucket policy"
+                "the {role} store refused access to {path:?} ({detail}); check the credentials and the bucket policy"
             )?,
             ErrorKind::Unavailable => write!(
                 f,
-                "the source store is unreachable ({op} {path:?}): {detail}; check the endpoint and the network"
+                "the {role} store is unreachable ({op} {path:?}): {detail}; check the endpoint and the network"
             )?,
-            ErrorKind::Failed => write!(f, "the source store failed {op} {path:?}: {detail}")?,
+            ErrorKind::Failed => write!(f, "the {role} store failed {op} {path:?}: {detail}")?,
             ErrorKind::InvalidPath => write!(f, "invalid path {path:?}: {detail}")?,
         }
         for (key, value) in &self.context {

@@ -40,6 +40,11 @@ pub enum TransferError {
     Store(#[from] StoreError),
 }
 
+/// An opendal error of the target store, named so.
+fn target_error(op: &'static str, path: &str, err: opendal::Error) -> StoreError {
+    StoreError::from_opendal(op, path, err).in_target()
+}
+
 /// Clones share the store, credentials rotation included (see [`SourceStore::rotate`]).
 #[derive(Clone)]
 pub struct TargetStore {
@@ -82,11 +87,11 @@ impl TargetStore {
         self.operator()
             .write(&key, Bytes::from_static(b"granary write probe"))
             .await
-            .map_err(|e| StoreError::from_opendal("write", &key, e))?;
+            .map_err(|e| target_error("write", &key, e))?;
         self.operator()
             .delete(&key)
             .await
-            .map_err(|e| StoreError::from_opendal("delete", &key, e))
+            .map_err(|e| target_error("delete", &key, e))
     }
 
     /// Uploads the local file at `local` as `key` with `concurrency` parts of `part_size` in
@@ -105,7 +110,7 @@ impl TargetStore {
         };
         let file = Arc::new(std::fs::File::open(local).map_err(local_err)?);
         let size = file.metadata().map_err(local_err)?.len();
-        let store_err = |e| TransferError::Store(StoreError::from_opendal("upload", key, e));
+        let store_err = |e| TransferError::Store(target_error("upload", key, e));
         let mut writer = self
             .operator()
             .writer_with(key)
@@ -145,15 +150,20 @@ impl TargetStore {
         self.operator()
             .delete(key)
             .await
-            .map_err(|e| StoreError::from_opendal("delete", key, e))
+            .map_err(|e| target_error("delete", key, e))
     }
 
-    /// Deletes every object under `dir`.
+    /// Deletes every object under `dir`, in batches where the store has a batch delete
+    /// (S3's DeleteObjects: up to 1,000 keys a request).
     pub async fn delete_dir(&self, dir: &str) -> Result<(), StoreError> {
-        for key in self.keys_under(dir).await? {
-            self.delete(&key).await?;
+        let keys = self.keys_under(dir).await?;
+        if keys.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        self.operator()
+            .delete_iter(keys)
+            .await
+            .map_err(|e| target_error("delete", dir, e))
     }
 
     /// Every object key under `dir`, at any depth.
@@ -164,11 +174,11 @@ impl TargetStore {
             .lister_with(&prefix)
             .recursive(true)
             .await
-            .map_err(|e| StoreError::from_opendal("list", &prefix, e))?
+            .map_err(|e| target_error("list", &prefix, e))?
             .map_ok(|entry| entry.path().to_string())
             .try_collect()
             .await
-            .map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
+            .map_err(|e| target_error("list", &prefix, e))?;
         Ok(keys
             .into_iter()
             .map(|k| k.trim_start_matches('/').to_string())
@@ -188,10 +198,10 @@ impl TargetStore {
             .operator()
             .lister_with(list_path)
             .await
-            .map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
+            .map_err(|e| target_error("list", &prefix, e))?;
         let mut out = Vec::new();
         while let Some(entry) = lister.next().await {
-            let entry = entry.map_err(|e| StoreError::from_opendal("list", &prefix, e))?;
+            let entry = entry.map_err(|e| target_error("list", &prefix, e))?;
             let path = entry.path().trim_start_matches('/');
             let Some(name) = path.strip_prefix(prefix.as_str()) else {
                 continue;
@@ -211,29 +221,35 @@ impl TargetStore {
         Ok(out)
     }
 
-    /// Every directory holding a `marker` object, anywhere under the root.
+    /// The committed checkpoints: directories at the top level holding a `marker` object.
+    /// One listing of the top level (with a delimiter, so shards are never listed) and a
+    /// stat of each directory's marker, whatever the checkpoints hold.
     pub async fn committed(&self, marker: &str) -> Result<Vec<Committed>, StoreError> {
-        let mut lister = self
-            .operator()
-            .lister_with("/")
-            .recursive(true)
-            .await
-            .map_err(|e| StoreError::from_opendal("list", "", e))?;
-        let mut out = Vec::new();
-        while let Some(entry) = lister.next().await {
-            let entry = entry.map_err(|e| StoreError::from_opendal("list", "", e))?;
-            let path = entry.path().trim_start_matches('/');
-            let Some((dir, name)) = path.rsplit_once('/') else {
-                continue;
-            };
-            if name == marker {
-                out.push(Committed {
-                    dir: dir.to_string(),
-                    modified: entry.metadata().last_modified().map(SystemTime::from),
-                });
-            }
-        }
-        Ok(out)
+        let dirs: Vec<String> = self
+            .list_dir("")
+            .await?
+            .into_iter()
+            .filter(|e| e.is_dir)
+            .map(|e| e.name)
+            .collect();
+        let op = self.operator();
+        let stats = futures::stream::iter(dirs)
+            .map(|dir| {
+                let op = op.clone();
+                async move {
+                    let key = format!("{dir}/{marker}");
+                    match op.stat(&key).await {
+                        Ok(md) => Ok(Some(Committed {
+                            dir,
+                            modified: md.last_modified().map(SystemTime::from),
+                        })),
+                        Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(target_error("stat", &key, e)),
+                    }
+                }
+            })
+            .buffer_unordered(16);
+        stats.try_filter_map(|c| async move { Ok(c) }).try_collect().await
     }
 
     /// Size of `key`, or NotFound.
@@ -242,7 +258,7 @@ impl TargetStore {
             .operator()
             .stat(key)
             .await
-            .map_err(|e| StoreError::from_opendal("stat", key, e))?;
+            .map_err(|e| target_error("stat", key, e))?;
         Ok(md.content_length())
     }
 
@@ -274,7 +290,7 @@ impl TargetStore {
                         .read_with(key)
                         .range(start..end)
                         .await
-                        .map_err(|e| StoreError::from_opendal("read", key, e))?;
+                        .map_err(|e| target_error("read", key, e))?;
                     Ok::<_, StoreError>((start, data.to_bytes()))
                 }
             })

@@ -21,6 +21,7 @@ use std::pin::Pin;
 
 use fuser::{BackingId, FileAttr, FileType, INodeNo, TimeOrNow};
 
+use super::commit_peer::CommitPeer;
 use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
 use super::store_view::StoreView;
@@ -56,6 +57,8 @@ pub struct Ctx {
     pub metrics: Arc<CheckpointMetrics>,
     pub part_size: u64,
     pub concurrency: usize,
+    /// The commit coordinator's client, on a volume written by several nodes.
+    pub peer: Option<Arc<CommitPeer>>,
     inodes: PathInodes,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
@@ -193,6 +196,23 @@ fn attr_of(ino: u64, found: &Found) -> FileAttr {
 }
 
 impl Ctx {
+    /// Opens `path` for writing in the tracker, told to the commit coordinator first on a
+    /// volume several nodes write.
+    async fn begin_write(&self, path: &str) -> std::io::Result<()> {
+        match &self.peer {
+            Some(peer) => peer.begin_write(&self.tracker, path).await,
+            None => self.tracker.begin_write(path),
+        }
+    }
+
+    /// [`Self::begin_write`] for requests answered on the FUSE thread.
+    fn begin_write_blocking(&self, path: &str) -> std::io::Result<()> {
+        match &self.peer {
+            Some(peer) => peer.begin_write_blocking(&self.tracker, path),
+            None => self.tracker.begin_write(path),
+        }
+    }
+
     /// The open file behind `fh`. A handle the previous daemon gave out (before a restart)
     /// is rebuilt from its inode's local file; it counts as a writer when `writing` says so
     /// (a write), or, when that is unknown, while the file is still being written.
@@ -416,6 +436,7 @@ impl CheckpointFs {
             metrics: parts.metrics,
             part_size: parts.part_size,
             concurrency: parts.concurrency,
+            peer: parts.peer,
             inodes: incarnation.inodes,
             files: Handles::with_epoch(incarnation.epoch),
             dirs: Handles::with_epoch(incarnation.epoch),
@@ -489,7 +510,7 @@ impl CheckpointFs {
             if let Some(size) = set.size {
                 let writer = open.as_ref().filter(|o| o.writable);
                 if writer.is_none() {
-                    ctx.tracker.begin_write(&path)?;
+                    ctx.begin_write(&path).await?;
                 }
                 let tracker = Arc::clone(&ctx.tracker);
                 let grown = ctx.make_room(|| Ok(tracker.try_grow(&path, size)?)).await;
@@ -636,6 +657,13 @@ impl CheckpointFs {
             ctx.local_parents(&to)?;
             std::fs::rename(&local_from, ctx.tracker.local_path(&to))?;
             ctx.tracker.moved(&from, &to)?;
+            if let Some(peer) = &ctx.peer {
+                // The new name is unsettled now: say so before rename() returns (best
+                // effort; the next round says it anyway, the old name holds meanwhile).
+                if let Err(e) = peer.sync(&ctx.tracker).await {
+                    tracing::debug!(error = %e, "the commit coordinator did not take a rename yet");
+                }
+            }
             ctx.inodes.renamed(&from, &to);
             ctx.view.invalidate_parent(&from);
             ctx.view.invalidate_parent(&to);
@@ -668,7 +696,7 @@ impl CheckpointFs {
         }
         let file = options.open(&local)?;
         std::os::unix::fs::lchown(&local, Some(caller.uid), Some(caller.gid))?;
-        ctx.tracker.begin_write(&path)?;
+        ctx.begin_write_blocking(&path)?;
         let md = file.metadata()?;
         ctx.tracker.set_size(&path, md.len());
         let ino = ctx.inodes.remember(&path);
@@ -711,7 +739,7 @@ impl CheckpointFs {
             .truncate(truncate)
             .open(&local)?;
         if writable {
-            ctx.tracker.begin_write(&path)?;
+            ctx.begin_write(&path).await?;
             if truncate {
                 ctx.tracker.set_size(&path, 0);
             }
@@ -950,6 +978,7 @@ pub struct CtxParts {
     pub metrics: Arc<CheckpointMetrics>,
     pub part_size: u64,
     pub concurrency: usize,
+    pub peer: Option<Arc<CommitPeer>>,
 }
 
 fn system_time(t: TimeOrNow) -> SystemTime {

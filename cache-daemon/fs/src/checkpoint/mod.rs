@@ -8,6 +8,7 @@
 //! directory last; after a commit, [`retention`] deletes checkpoints beyond `--keep-last`.
 //! Listings merge local files with the store's ([`store_view`]).
 
+pub mod commit_peer;
 mod error;
 mod filesystem;
 mod fuse_adapter;
@@ -31,6 +32,7 @@ use fuser::BackgroundSession;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
+pub use commit_peer::CommitCoordination;
 pub use tracker::Tracker;
 pub use uploader::UploadTuning;
 
@@ -64,6 +66,9 @@ pub struct CheckpointMount {
     /// Log the inode table (in the write-back area) so that a restarted process can take
     /// the mount over ([`resume`]) from a duplicate of its descriptor.
     pub restartable: bool,
+    /// The commit coordinator of a volume several nodes write: markers wait until no node
+    /// has anything unsettled in their directory. Without it only this node's files count.
+    pub coordinator: Option<CommitCoordination>,
 }
 
 impl CheckpointMount {
@@ -85,6 +90,7 @@ impl CheckpointMount {
             threads: 4,
             allow_other: true,
             restartable: false,
+            coordinator: None,
         }
     }
 
@@ -111,6 +117,10 @@ pub enum CheckpointMountError {
     PartSize(u64),
     #[error("the write-back journal {path:?} cannot be replayed: {source}")]
     Journal { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Coordinator(#[from] commit_peer::CommitPeerError),
+    #[error("the commit coordinator at {address} did not take this node's unsettled files: {reason}; start it (`granary-cache commit-coordinator`, or check the CheckpointPolicy's coordinator pod) and mount again")]
+    CoordinatorUnreachable { address: String, reason: String },
     #[error("mountpoint {0:?} does not exist; create it first (mkdir -p)")]
     MountpointMissing(PathBuf),
     #[error("mountpoint {0:?} is not a directory")]
@@ -125,6 +135,7 @@ impl CheckpointMountError {
     pub fn is_config(&self) -> bool {
         match self {
             CheckpointMountError::Mount { .. }
+            | CheckpointMountError::CoordinatorUnreachable { .. }
             | CheckpointMountError::TargetTimeout
             | CheckpointMountError::Journal { .. } => false,
             CheckpointMountError::TargetNotWritable(e) => e.kind() != ErrorKind::Unavailable,
@@ -383,6 +394,32 @@ fn start(
     }
 
     let tracker = Arc::new(tracker);
+    let peer = match &config.coordinator {
+        None => None,
+        Some(coordination) => {
+            let peer = Arc::new(commit_peer::CommitPeer::new(
+                coordination,
+                &config.target,
+                runtime.clone(),
+            )?);
+            tracker.set_coordinated(true);
+            // The coordinator learns this node's whole unsettled set (its journal's) before a
+            // writer can open anything.
+            match runtime.block_on(peer.sync(&tracker)) {
+                Ok(()) => {}
+                Err(e) if takeover.is_some() => {
+                    tracing::warn!(coordinator = peer.address(), error = %e, "the commit coordinator cannot be reached; serving the taken-over mount anyway, markers wait for it")
+                }
+                Err(e) => {
+                    return Err(CheckpointMountError::CoordinatorUnreachable {
+                        address: peer.address().to_string(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+            Some(peer)
+        }
+    };
     let view = Arc::new(store_view::StoreView::new(target.clone(), config.listing_ttl));
     let health = Arc::new(uploader::UploadHealth::default());
     let uploader = Arc::new(uploader::Uploader {
@@ -416,6 +453,9 @@ fn start(
     };
     // Started last: every early return above leaves nothing running.
     let (stop, stopped) = watch::channel(false);
+    if let Some(peer) = &peer {
+        runtime.spawn(Arc::clone(peer).run(Arc::clone(&tracker), stopped.clone()));
+    }
     let uploader = runtime.spawn(uploader.run(stopped));
     let fs = filesystem::CheckpointFs::new(filesystem::CtxParts {
         incarnation: filesystem::Incarnation {
@@ -429,6 +469,7 @@ fn start(
         metrics,
         part_size: config.upload.part_size,
         concurrency: config.upload.concurrency,
+        peer,
     });
     let passthrough = fs.passthrough_flag();
     let fs = fuse_adapter::CheckpointFuse::new(fs, runtime.clone(), config.passthrough);

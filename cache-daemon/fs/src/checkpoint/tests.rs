@@ -68,6 +68,7 @@ fn env(limit: u64) -> Env {
         metrics: Arc::new(CheckpointMetrics::register(&mut registry)),
         part_size: 5 << 20,
         concurrency: 2,
+        peer: None,
     });
     Env {
         _dir: dir,

@@ -415,6 +415,28 @@ impl Tracker {
         super::writeback_state::marks_commit(self.marker.as_deref(), path)
     }
 
+    /// Markers also wait for the commit coordinator (a volume written by several nodes).
+    pub fn set_coordinated(&self, on: bool) {
+        self.lock().0.set_coordinated(on);
+    }
+
+    /// Markers whose directory is settled here, waiting for the coordinator's word.
+    pub fn markers_to_clear(&self) -> Vec<String> {
+        self.lock().0.markers_to_clear()
+    }
+
+    /// The coordinator found nothing unsettled under the marker's directory on any node.
+    pub fn clear_marker(&self, path: &str) {
+        self.lock().0.clear_marker(path);
+        self.work_ready.notify_one();
+    }
+
+    /// Every path this node has not settled in the store: being written, closed but not
+    /// uploaded, uploading, or an object to delete.
+    pub fn unsettled_paths(&self) -> std::collections::BTreeSet<String> {
+        self.lock().0.unsettled_paths().cloned().collect()
+    }
+
     /// Up to `max` pieces of work that may start now, marking them busy. A marker is
     /// uploadable only when everything else under its directory is in the store.
     pub fn take_work(&self, max: usize) -> Vec<Work> {

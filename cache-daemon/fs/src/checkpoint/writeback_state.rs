@@ -177,6 +177,11 @@ pub struct WritebackState {
     deletes_waiting: BTreeSet<(Instant, String)>,
     /// Files with a version still to upload.
     upload_pending: u64,
+    /// Markers wait for the commit coordinator too (other nodes write the same volume).
+    coordinated: bool,
+    /// Markers the coordinator cleared: no node has anything unsettled in their directory.
+    /// Not journaled: after a restart the coordinator is asked again.
+    cleared: HashSet<String>,
 }
 
 impl WritebackState {
@@ -247,10 +252,44 @@ impl WritebackState {
     }
 
     /// Whether the marker at `path` may be uploaded: everything else under its directory is
-    /// in the store, and nothing there is being uploaded or deleted.
+    /// in the store, and nothing there is being uploaded or deleted; on a coordinated volume,
+    /// the coordinator also found nothing unsettled there on any other node.
     pub fn marker_ready(&self, path: &str) -> bool {
+        self.settled_here(path) && (!self.coordinated || self.cleared.contains(path))
+    }
+
+    /// Whether everything else under the marker's directory is settled on this node.
+    fn settled_here(&self, path: &str) -> bool {
         let own = u64::from(self.slots.get(path).is_some_and(|s| s.unsettled));
         self.unsettled_under(parent_of(path)) == own
+    }
+
+    /// Makes markers wait for [`Self::clear_marker`] as well (see `coordinated`).
+    pub fn set_coordinated(&mut self, on: bool) {
+        self.coordinated = on;
+    }
+
+    /// Markers ready to upload but for the coordinator's word.
+    pub fn markers_to_clear(&self) -> Vec<String> {
+        if !self.coordinated {
+            return Vec::new();
+        }
+        self.uploads_ready
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| self.marks_commit(p) && !self.cleared.contains(p.as_str()) && self.settled_here(p))
+            .cloned()
+            .collect()
+    }
+
+    /// The coordinator found the marker's directory settled on every node.
+    pub fn clear_marker(&mut self, path: &str) {
+        self.cleared.insert(path.to_string());
+    }
+
+    /// Every path not settled in the store (what the commit coordinator is told).
+    pub fn unsettled_paths(&self) -> impl Iterator<Item = &String> {
+        self.slots.iter().filter(|(_, s)| s.unsettled).map(|(p, _)| p)
     }
 
     // ---- journaled changes ----
@@ -494,6 +533,8 @@ impl WritebackState {
     /// An upload of `path` failed: it retries after `backoff`.
     pub fn upload_failed(&mut self, path: &str, now: Instant, backoff: impl Fn(u32) -> Duration) -> Effects {
         self.uploading.remove(path);
+        // A retry asks the coordinator again.
+        self.cleared.remove(path);
         if let Some(e) = self.files.get_mut(path) {
             e.failures += 1;
             e.retry_at = Some(now + backoff(e.failures));
@@ -508,6 +549,7 @@ impl WritebackState {
     /// An upload of `path` ended (its `Uploaded` record, if it succeeded, applied after).
     pub fn upload_ended(&mut self, path: &str) {
         self.uploading.remove(path);
+        self.cleared.remove(path);
         if let Some(e) = self.files.get_mut(path) {
             e.failures = 0;
             e.retry_at = None;

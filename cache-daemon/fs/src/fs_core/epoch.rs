@@ -9,7 +9,7 @@
 use std::io;
 use std::path::Path;
 
-use super::append_log::{AppendLog, Durability, LogOptions};
+use granary_process::append_log::{AppendLog, Durability, LogOptions};
 
 /// Only the process has to die, not the machine: after a reboot there is no mount to take over.
 const OPTIONS: LogOptions = LogOptions::new(Durability::Process);

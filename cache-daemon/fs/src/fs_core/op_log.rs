@@ -12,7 +12,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::append_log::{AppendLog, Durability, LogOptions};
+use granary_process::append_log::{AppendLog, Durability, LogOptions};
 
 /// Below this many lines a log is never compacted.
 const COMPACT_MIN_LINES: u64 = 100_000;
