@@ -34,12 +34,19 @@ struct NodeState {
     last_seen: Instant,
 }
 
+#[derive(Debug)]
+struct Waiting {
+    since: Instant,
+    node: String,
+    marker: String,
+}
+
 #[derive(Debug, Default)]
 struct VolumeState {
     nodes: BTreeMap<String, NodeState>,
-    /// Directories whose marker was refused, since when (not journaled: the marker's node
-    /// asks again within a second).
-    waiting: BTreeMap<String, Instant>,
+    /// Directories whose marker was refused: since when, and whose marker (not journaled:
+    /// the marker's node asks again within a second).
+    waiting: BTreeMap<String, Waiting>,
 }
 
 #[derive(Debug, Default)]
@@ -124,7 +131,11 @@ impl Registry {
         if blockers.is_empty() {
             vol.waiting.remove(dir);
         } else {
-            vol.waiting.entry(dir.to_string()).or_insert(now);
+            vol.waiting.entry(dir.to_string()).or_insert_with(|| Waiting {
+                since: now,
+                node: node.to_string(),
+                marker: marker.to_string(),
+            });
         }
         blockers
     }
@@ -146,10 +157,10 @@ impl Registry {
                 waiting: vol
                     .waiting
                     .iter()
-                    .map(|(dir, since)| proto::WaitingCheckpoint {
+                    .map(|(dir, w)| proto::WaitingCheckpoint {
                         dir: dir.clone(),
-                        waiting_seconds: now.saturating_duration_since(*since).as_secs(),
-                        blockers: blockers(vol, "", dir, "", now),
+                        waiting_seconds: now.saturating_duration_since(w.since).as_secs(),
+                        blockers: blockers(vol, &w.node, dir, &w.marker, now),
                     })
                     .collect(),
             })
@@ -219,7 +230,13 @@ mod tests {
         assert_eq!(b[1].example, "step-2/__1_0.distcp");
         r.apply(&report("n1", &[], &["step-2/__0_0.distcp"]), now);
         r.apply(&report("n2", &[], &["step-2/__1_0.distcp"]), now);
-        assert_eq!(r.status(now)[0].waiting.len(), 1, "remembered as waiting");
+        let status = r.status(now);
+        assert_eq!(status[0].waiting.len(), 1, "remembered as waiting");
+        assert_eq!(
+            nodes(&status[0].waiting[0].blockers),
+            Vec::<&str>::new(),
+            "all settled now; the marker is not its own blocker"
+        );
         assert!(r.may_commit("v", "n1", "step-2", "step-2/.metadata", now).is_empty());
         assert!(r.status(now)[0].waiting.is_empty());
         // The marker itself holds back a commit asked for by another node.

@@ -43,6 +43,10 @@ use granary_store::source::{SourceConfigError, SourceTuning};
 use granary_store::{ErrorKind, StoreError};
 use inodes::PathInodes;
 
+/// How long a closed file waits before its upload starts: a file renamed within it (DCP
+/// writes `.metadata.tmp`, then renames it) is uploaded once, under its final name.
+const UPLOAD_GRACE: Duration = Duration::from_millis(200);
+
 /// What one checkpoint volume writes where.
 #[derive(Debug, Clone)]
 pub struct CheckpointMount {
@@ -393,6 +397,7 @@ fn start(
         );
     }
 
+    tracker.set_upload_grace(UPLOAD_GRACE);
     let tracker = Arc::new(tracker);
     let peer = match &config.coordinator {
         None => None,

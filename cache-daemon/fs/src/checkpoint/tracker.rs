@@ -415,6 +415,11 @@ impl Tracker {
         super::writeback_state::marks_commit(self.marker.as_deref(), path)
     }
 
+    /// Holds each closed version `grace` before its upload starts.
+    pub fn set_upload_grace(&self, grace: std::time::Duration) {
+        self.lock().0.set_upload_grace(grace);
+    }
+
     /// Markers also wait for the commit coordinator (a volume written by several nodes).
     pub fn set_coordinated(&self, on: bool) {
         self.lock().0.set_coordinated(on);

@@ -129,7 +129,8 @@ impl Uploader {
                 Err(e) => tracing::warn!(error = %e, "cannot list the committed checkpoints yet"),
             }
         }
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        // Often enough that a held upload (the grace after close, a retry) starts on time.
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
         loop {
             let free = self.tuning.files_at_once().saturating_sub(running.len());
             for work in self.tracker.take_work(free) {

@@ -179,6 +179,9 @@ pub struct WritebackState {
     upload_pending: u64,
     /// Markers wait for the commit coordinator too (other nodes write the same volume).
     coordinated: bool,
+    /// How long a closed file waits before its upload starts, so a file renamed right after
+    /// close (DCP's `.metadata.tmp`) is uploaded once, under its final name.
+    upload_grace: Duration,
     /// Markers the coordinator cleared: no node has anything unsettled in their directory.
     /// Not journaled: after a restart the coordinator is asked again.
     cleared: HashSet<String>,
@@ -264,6 +267,11 @@ impl WritebackState {
         self.unsettled_under(parent_of(path)) == own
     }
 
+    /// Holds each closed version `grace` before its upload (see `upload_grace`).
+    pub fn set_upload_grace(&mut self, grace: Duration) {
+        self.upload_grace = grace;
+    }
+
     /// Makes markers wait for [`Self::clear_marker`] as well (see `coordinated`).
     pub fn set_coordinated(&mut self, on: bool) {
         self.coordinated = on;
@@ -309,12 +317,13 @@ impl WritebackState {
                 self.touch(path);
             }
             Record::Closed { path, seq } => {
+                let grace = self.upload_grace;
                 let e = self.entry(path, *seq, now);
                 e.want = Want::Upload;
                 e.want_seq = *seq;
                 e.closed_at = Some(now);
                 e.failures = 0;
-                e.retry_at = None;
+                e.retry_at = (!grace.is_zero()).then(|| now + grace);
                 // The upload overwrites whatever the store has at this path.
                 self.deletes.remove(path);
                 self.touch(path);
