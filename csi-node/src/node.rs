@@ -24,6 +24,7 @@ use crate::proto::node_service_capability::{Rpc, Type as CapabilityType};
 use crate::proto::volume_usage::Unit;
 use crate::proto::*;
 use crate::volume_context::{VolumeContext, VolumeTrust};
+use granary_node_api::volume_mark::COMMIT_TOKEN_SECRET;
 
 pub struct NodeService {
     pub node_id: String,
@@ -173,7 +174,14 @@ impl NodeService {
                 )));
             }
         }
-        let secrets: BTreeMap<String, String> = req.secrets.into_iter().collect();
+        let mut secrets: BTreeMap<String, String> = req.secrets.into_iter().collect();
+        // A pod's Secret must not choose the node's coordinator token.
+        secrets.remove(COMMIT_TOKEN_SECRET);
+        if let VolumeTrust::Marked(key) = &self.trust {
+            if context.attributes.contains_key("commitCoordinator") {
+                secrets.insert(COMMIT_TOKEN_SECRET.to_string(), key.commit_token(&volume_id));
+            }
+        }
         let source = self
             .daemon
             .mount(&volume_id, &target, context.attributes, secrets)

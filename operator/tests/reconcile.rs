@@ -524,6 +524,7 @@ async fn a_checkpoint_policy_becomes_a_volume_and_reports_the_latest_committed_c
             writeback_roots: vec!["/mnt/nvme0".into()],
             ..fs_sources_allowed()
         },
+        node_name: Some("node-a".into()),
     };
     let mount = checkpoint_mount(
         &attributes(&pv),
@@ -540,6 +541,36 @@ async fn a_checkpoint_policy_becomes_a_volume_and_reports_the_latest_committed_c
     assert_eq!(mount.writeback_dir, std::path::PathBuf::from("/mnt/nvme0/granary/vol"));
     let pvc = fake.get(PVCS, "llama-checkpoint").expect("the PVC");
     assert_eq!(pvc["spec"]["accessModes"], json!(["ReadWriteMany"]));
+    // Several nodes write the volume: each reports to the policy's commit coordinator, as
+    // the node it is, with the token the operator gave the coordinator.
+    let coordination = mount.coordinator.as_ref().expect("a coordinated volume");
+    assert_eq!(coordination.address, "llama-commit.ml.svc:7071");
+    assert_eq!(coordination.node, "node-a");
+    let sts = fake
+        .get(STATEFULSETS, "llama-commit")
+        .expect("the coordinator's StatefulSet");
+    assert_eq!(sts["spec"]["replicas"], json!(1));
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        json!("state"),
+        "its journal is on a PVC"
+    );
+    let args = sts["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert_eq!(args[0], json!("commit-coordinator"));
+    assert!(
+        fake.get(SERVICES, "llama-commit").is_some(),
+        "the coordinator's Service"
+    );
+    let secret = fake.get(SECRETS, "llama-commit-token").expect("the token Secret");
+    let handle = pv["spec"]["csi"]["volumeHandle"].as_str().expect("handle").to_string();
+    assert_eq!(
+        secret["stringData"]["token"]
+            .as_str()
+            .or(secret["data"]["token"].as_str())
+            .map(str::to_string),
+        Some(test_volume_key().commit_token(&handle)),
+        "the token granary-csi derives for the nodes"
+    );
 
     let policy: CheckpointPolicy = serde_json::from_value(fake.get(POLICIES, "llama").expect("policy")).expect("parse");
     let status = policy.status.expect("status");

@@ -23,6 +23,10 @@ pub const MARK_ATTRIBUTE: &str = "granary.dev/mark";
 /// Keys the kubelet adds to every volume context of a pod; never part of a volume's spec.
 pub const KUBELET_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// The key, among the secrets granary-csi hands the node daemon, of the token a checkpoint
+/// volume's node presents to its commit coordinator (see [`VolumeKey::commit_token`]).
+pub const COMMIT_TOKEN_SECRET: &str = "granary.dev/commit-token";
+
 /// The shortest key accepted: 32 bytes, the output size of SHA-256.
 pub const MIN_KEY_BYTES: usize = 32;
 
@@ -90,6 +94,15 @@ impl VolumeKey {
     /// The mark of a volume, as hex.
     pub fn sign(&self, volume_id: &str, attributes: &BTreeMap<String, String>) -> String {
         let tag = hmac::sign(&self.key, &Self::message(volume_id, attributes));
+        tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The token of the commit coordinator of volume `volume_id`: derived from the key, so
+    /// the operator (which gives it to the coordinator) and granary-csi (which gives it to
+    /// the node daemon) agree without another Secret, and a pod, which has no key, cannot
+    /// make one.
+    pub fn commit_token(&self, volume_id: &str) -> String {
+        let tag = hmac::sign(&self.key, format!("granary.dev/commit-token\0{volume_id}").as_bytes());
         tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
     }
 

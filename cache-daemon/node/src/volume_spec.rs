@@ -16,6 +16,7 @@
 //! | `writebackDir` | checkpoint: host directory holding the write-back area (an NVMe mount, `/dev/shm/…`; default: the node's state dir) |
 //! | `uploadConcurrency` | checkpoint: multipart parts in flight |
 //! | `partSize` | checkpoint: multipart part size (`16MiB`) |
+//! | `commitCoordinator` | checkpoint: `host:port` of the commit coordinator every node of the volume reports to (the CheckpointPolicy's Service) |
 //! | `option.<name>` | a store option, e.g. `option.endpoint`, `option.region` |
 //!
 //! What a volume may reach of the host (`writebackDir`, `fs://` stores, `credentials=auto`)
@@ -27,8 +28,9 @@ use std::str::FromStr;
 use std::path::PathBuf;
 
 use granary_cache::client::parse_worker_list;
-use granary_fs::checkpoint::CheckpointMount;
+use granary_fs::checkpoint::{CheckpointMount, CommitCoordination};
 use granary_fs::dataset::DatasetMount;
+use granary_node_api::volume_mark::COMMIT_TOKEN_SECRET;
 use granary_store::units::{ByteSize, MetadataTtl};
 
 use crate::host_access::{AccessError, HostAccess};
@@ -39,6 +41,8 @@ pub enum SpecError {
     MissingKind,
     #[error("volume kind {0:?} is not served by this node daemon; supported: dataset, checkpoint")]
     UnsupportedKind(String),
+    #[error("the volume has a commit coordinator, but this node daemon has no --node-name; run it with --node-name \"$NODE_NAME\" (the downward API's spec.nodeName)")]
+    NoNodeName,
     #[error("a checkpoint volume needs `target` (the store URI checkpoints must reach)")]
     NoTarget,
     #[error("a dataset volume needs `workers` (host:port list) or `source` (store URI), or both")]
@@ -63,6 +67,8 @@ pub struct NodeDefaults {
     pub writeback_size: u64,
     /// What of the host volumes may reach.
     pub access: HostAccess,
+    /// This node's name, as checkpoint volumes' commit coordinators know it.
+    pub node_name: Option<String>,
 }
 
 /// What a volume's attributes ask for.
@@ -139,6 +145,17 @@ pub fn checkpoint_mount(
                 mount.writeback_dir = host_dir.join(own);
             }
             "partSize" => mount.upload.part_size = size()?,
+            "commitCoordinator" => {
+                let Some(node) = defaults.node_name.clone() else {
+                    return Err(SpecError::NoNodeName);
+                };
+                let token = secrets.get(COMMIT_TOKEN_SECRET).cloned();
+                mount.coordinator = Some(CommitCoordination {
+                    address: value.clone(),
+                    token,
+                    node,
+                });
+            }
             "uploadConcurrency" => {
                 mount.upload.concurrency = value
                     .parse::<usize>()
@@ -162,7 +179,15 @@ pub fn checkpoint_mount(
             reason: "retention counts committed checkpoints: set commitMarker too".into(),
         });
     }
-    for (key, value) in secrets {
+    if mount.coordinator.is_some() && mount.commit_marker.is_none() {
+        return Err(SpecError::Invalid {
+            key: "commitCoordinator".into(),
+            value: attributes.get("commitCoordinator").cloned().unwrap_or_default(),
+            reason: "the coordinator gates commits, which commitMarker defines: set commitMarker too".into(),
+        });
+    }
+    // The coordinator's token is the node's, not a store option.
+    for (key, value) in secrets.iter().filter(|(k, _)| k.as_str() != COMMIT_TOKEN_SECRET) {
         mount.target_options.insert(key.clone(), value.clone());
     }
     defaults.access.store(&mount.target, &mount.target_options)?;
@@ -285,6 +310,7 @@ mod tests {
                 writeback_roots: vec!["/mnt/nvme0".into()],
                 ..HostAccess::default()
             },
+            node_name: Some("node-a".into()),
         };
         let build = |pairs: &[(&str, &str)]| {
             volume_mount(

@@ -54,6 +54,10 @@ pub struct NodeArgs {
     /// Hand no descriptors to a keeper: a restart then breaks the mounts pods use.
     #[arg(long, conflicts_with = "fd_keeper")]
     pub no_fd_keeper: bool,
+    /// This node's name (the Kubernetes node name, from the downward API): checkpoint
+    /// volumes written by several nodes report to their commit coordinator as it.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
     #[command(flatten)]
     pub fuse: FuseTuning,
 }
@@ -81,6 +85,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
                 fs_store_roots: args.fs_store_roots,
                 allow_auto_credentials: args.allow_auto_credentials,
             },
+            node_name: args.node_name.clone().filter(|n| !n.trim().is_empty()),
         },
         fd_keeper,
     })

@@ -13,6 +13,8 @@ use super::common::{ByteQuantity, StoreRef};
 
 pub const TARGET_REACHABLE: &str = "TargetReachable";
 pub const READY: &str = "Ready";
+/// False while a checkpoint's marker waits on a node that stopped reporting (likely lost).
+pub const COMMITS_FLOWING: &str = "CommitsFlowing";
 
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -123,4 +125,29 @@ pub struct CheckpointPolicyStatus {
     pub committed_count: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// Checkpoints written (their marker closed) but not committed: some node's files are
+    /// not in the store yet. From the commit coordinator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub incomplete: Vec<IncompleteCheckpoint>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IncompleteCheckpoint {
+    /// The checkpoint directory.
+    pub dir: String,
+    /// Seconds its marker has waited.
+    pub waiting_seconds: u64,
+    pub waiting_for: Vec<PendingNode>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingNode {
+    pub node: String,
+    /// Its files of the checkpoint not yet in the store, and one of them.
+    pub pending_files: u64,
+    pub example: String,
+    /// Seconds since the node last reported; a node silent for over a minute is likely lost.
+    pub silent_seconds: u64,
 }

@@ -3,10 +3,11 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use granary_commit::CommitClient;
 use granary_store::retention::oldest_first;
 use granary_store::source::SourceTuning;
 use granary_store::target::TargetStore;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
@@ -14,12 +15,12 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Api, ResourceExt};
 
-use crate::api::checkpoint_policy::{READY, TARGET_REACHABLE};
+use crate::api::checkpoint_policy::{IncompleteCheckpoint, PendingNode, COMMITS_FLOWING, READY, TARGET_REACHABLE};
 use crate::api::common::{condition_is_true, set_condition};
 use crate::api::{validate, CheckpointPolicy, CheckpointPolicyStatus};
-use crate::resources::{names, volumes};
+use crate::resources::{commit_coordinator, names, volumes};
 
-use super::apply::{create_if_absent, delete_if_present, patch_status};
+use super::apply::{apply_namespaced, create_if_absent, delete_if_present, patch_status};
 use super::{store_probe, Context, Error, VOLUME_FINALIZER};
 
 /// How often the target store is listed for new checkpoints.
@@ -70,6 +71,17 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
             ctx.event(policy, EventType::Warning, "InvalidSpec", message).await;
         }
         return Ok(Action::await_change());
+    }
+    if policy.spec.commit_marker.is_some() {
+        // Several nodes write the volume: its commits go through the policy's coordinator.
+        let handle = volumes::checkpoint_handle(policy);
+        create_if_absent(
+            &Api::<Secret>::namespaced(ctx.client.clone(), namespace),
+            &commit_coordinator::secret(policy, &ctx.volume_key, &handle),
+        )
+        .await?;
+        apply_namespaced(&ctx.client, &commit_coordinator::service(policy)).await?;
+        apply_namespaced(&ctx.client, &commit_coordinator::statefulset(policy, &ctx.worker_image)).await?;
     }
     let (pv, pvc) = volumes::checkpoint_volume(policy, &ctx.volume_key).map_err(|e| Error::Build(e.to_string()))?;
     let existing = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
@@ -138,9 +150,57 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
             set_condition(&mut status.conditions, READY, false, "TargetUnreachable", e, generation);
         }
     }
+    let lost = match commits_waiting(policy, namespace, ctx).await {
+        Ok(incomplete) => {
+            let lost: Vec<String> = incomplete
+                .iter()
+                .flat_map(|c| {
+                    c.waiting_for
+                        .iter()
+                        .filter(|n| n.silent_seconds >= NODE_SILENT_AFTER.as_secs())
+                        .map(move |n| {
+                            format!(
+                                "{} is not committed: node {} has {} of its files not in the store (e.g. {}) and has not reported for {}s; restart its node daemon with its write-back area, or if that node is gone for good, `granary-cache commit-coordinator forget-node --volume {} --node {}` in the coordinator pod",
+                                c.dir, n.node, n.pending_files, n.example, n.silent_seconds, policy.spec.target.uri, n.node
+                            )
+                        })
+                })
+                .collect();
+            status.incomplete = incomplete;
+            lost
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "the commit coordinator did not answer");
+            Vec::new()
+        }
+    };
+    if policy.spec.commit_marker.is_some() {
+        match lost.first() {
+            Some(message) => set_condition(
+                &mut status.conditions,
+                COMMITS_FLOWING,
+                false,
+                "NodeSilent",
+                message,
+                generation,
+            ),
+            None => set_condition(
+                &mut status.conditions,
+                COMMITS_FLOWING,
+                true,
+                "AllNodesReporting",
+                "no checkpoint waits on a silent node",
+                generation,
+            ),
+        }
+    }
     let previous_latest = policy.status.as_ref().and_then(|s| s.latest_checkpoint.clone());
     let latest = status.latest_checkpoint.clone();
     if write_status(policy, namespace, ctx, status).await? {
+        for message in &lost {
+            ctx.event(policy, EventType::Warning, "CheckpointIncomplete", message.clone())
+                .await;
+        }
         if let Err(e) = &listed {
             if was_reachable || policy.status.is_none() {
                 ctx.event(policy, EventType::Warning, "TargetUnreachable", e.clone())
@@ -163,6 +223,44 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
 }
 
 type Latest = Option<(String, Option<SystemTime>)>;
+
+/// A node silent this long while a checkpoint waits on it is reported as likely lost.
+const NODE_SILENT_AFTER: Duration = Duration::from_secs(60);
+
+/// The checkpoints the policy's commit coordinator holds back, and on whom.
+async fn commits_waiting(
+    policy: &CheckpointPolicy,
+    namespace: &str,
+    ctx: &Context,
+) -> Result<Vec<IncompleteCheckpoint>, String> {
+    if policy.spec.commit_marker.is_none() {
+        return Ok(Vec::new());
+    }
+    let address = names::commit_coordinator_address(&policy.name_any(), namespace);
+    let token = commit_coordinator::token(&ctx.volume_key, &volumes::checkpoint_handle(policy));
+    let client = CommitClient::new(&address, Some(&token), ctx.store_timeout).map_err(|e| e.to_string())?;
+    let status = client.status().await.map_err(|e| e.to_string())?;
+    Ok(status
+        .volumes
+        .into_iter()
+        .filter(|v| v.volume == policy.spec.target.uri)
+        .flat_map(|v| v.waiting)
+        .map(|w| IncompleteCheckpoint {
+            dir: w.dir,
+            waiting_seconds: w.waiting_seconds,
+            waiting_for: w
+                .blockers
+                .into_iter()
+                .map(|b| PendingNode {
+                    node: b.node,
+                    pending_files: b.pending,
+                    example: b.example,
+                    silent_seconds: b.silent_seconds,
+                })
+                .collect(),
+        })
+        .collect())
+}
 
 /// Committed checkpoints in the target: every directory holding the commit marker. Without a
 /// marker nothing is called committed, and the listing only proves the store answers.

@@ -1,6 +1,7 @@
 //! The Kubernetes objects a Dataset or CheckpointPolicy becomes, built as pure functions of
 //! the resource so reconciling twice yields the same objects.
 
+pub mod commit_coordinator;
 pub mod names;
 pub mod volume_attributes;
 pub mod volumes;

@@ -35,3 +35,16 @@ pub fn dataset_claim(dataset: &str) -> String {
 pub fn checkpoint_claim(policy: &str) -> String {
     format!("{policy}-checkpoint")
 }
+pub const COMMIT_GRPC_PORT: i32 = 7071;
+pub const COMMIT_METRICS_PORT: i32 = 9465;
+/// The commit coordinator of a CheckpointPolicy: its StatefulSet and Service.
+pub fn commit_coordinator(policy: &str) -> String {
+    format!("{policy}-commit")
+}
+pub fn commit_token_secret(policy: &str) -> String {
+    format!("{policy}-commit-token")
+}
+/// Where every node of the policy's volume reaches its coordinator.
+pub fn commit_coordinator_address(policy: &str, namespace: &str) -> String {
+    format!("{}.{namespace}.svc:{COMMIT_GRPC_PORT}", commit_coordinator(policy))
+}

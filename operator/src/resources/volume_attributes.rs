@@ -8,6 +8,8 @@ use crate::api::checkpoint_policy::LocalMedium;
 use crate::api::common::QuantityError;
 use crate::api::{CheckpointPolicy, Dataset};
 
+use kube::ResourceExt;
+
 use super::names;
 
 /// The host directory of Memory write-back areas (the host's tmpfs).
@@ -48,6 +50,12 @@ pub fn checkpoint(policy: &CheckpointPolicy) -> Result<BTreeMap<String, String>,
     }
     if let Some(marker) = &spec.commit_marker {
         attrs.insert("commitMarker".into(), marker.clone());
+        // Several nodes write the volume: every one reports to the policy's coordinator.
+        let namespace = policy.namespace().unwrap_or_default();
+        attrs.insert(
+            "commitCoordinator".into(),
+            names::commit_coordinator_address(&policy.name_any(), &namespace),
+        );
     }
     if let Some(retention) = &spec.retention {
         attrs.insert("keepLast".into(), retention.keep_last.max(0).to_string());

@@ -127,7 +127,7 @@ fn checkpoint_plan(policy: &CheckpointPolicy) -> Result<VolumePlan, QuantityErro
     Ok(VolumePlan {
         pv_name: names::checkpoint_pv(&namespace, &name),
         claim_name: names::checkpoint_claim(&name),
-        handle: format!("checkpoint.{namespace}.{name}.{}", policy.uid().unwrap_or_default()),
+        handle: checkpoint_handle(policy),
         attributes: volume_attributes::checkpoint(policy)?,
         access_mode: "ReadWriteMany",
         capacity: policy.spec.local_cache.size.bytes()?,
@@ -135,6 +135,16 @@ fn checkpoint_plan(policy: &CheckpointPolicy) -> Result<VolumePlan, QuantityErro
         store: policy.spec.target.clone(),
         namespace,
     })
+}
+
+/// The CSI volume handle of a CheckpointPolicy's PV (its commit token is derived from it).
+pub fn checkpoint_handle(policy: &CheckpointPolicy) -> String {
+    format!(
+        "checkpoint.{}.{}.{}",
+        policy.namespace().unwrap_or_default(),
+        policy.name_any(),
+        policy.uid().unwrap_or_default()
+    )
 }
 
 pub fn dataset_volume(
