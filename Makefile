@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test lint unit chart-test e2e bench fuse-bench ckpt-bench build release crds dashboards image e2e-cluster
+.PHONY: demo test lint unit chart-test e2e bench fuse-bench ckpt-bench ckpt-multinode build release crds dashboards image e2e-cluster
 
 ## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
 demo: release
@@ -59,6 +59,11 @@ fuse-bench: release
 ## and a direct PUT, with the store behind a rate-limited link (root; ip, tc, curl).
 ckpt-bench: release
 	e2e/ckpt-bench.sh
+
+## Three nodes, one checkpoint volume, a commit coordinator, a node killed mid-upload (root,
+## /dev/fuse); ends with the "multi-node checkpoint: …" line.
+ckpt-multinode:
+	GRANARY_REQUIRE_MOUNTS=1 $(CARGO) test -p granary-daemon --test checkpoint_multinode -- --nocapture 2>&1 | tee /dev/stderr | grep -q '^multi-node checkpoint: '
 
 ## Regenerate crds/granary.dev.yaml from the Rust types (a test fails when it is stale).
 crds:

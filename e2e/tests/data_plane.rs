@@ -80,6 +80,9 @@ struct WorkerSlot {
     cache_dir: PathBuf,
 }
 
+/// The CSI handle of the CheckpointPolicy below (namespace ml, name llama, uid cp-uid-1).
+const CHECKPOINT_HANDLE: &str = "checkpoint.ml.llama.cp-uid-1";
+
 fn start_worker(launcher: &mut Launcher, slot: &WorkerSlot, i: usize, s3: &str) -> Proc {
     let args: Vec<String> = [
         "worker",
@@ -130,6 +133,8 @@ fn start_node_daemon(launcher: &mut Launcher, root: &Path, metrics: SocketAddr) 
         "8MiB".into(),
         "--checkpoint-writeback-size".into(),
         "1GiB".into(),
+        "--node-name".into(),
+        "node-a".into(),
     ];
     let proc = launcher.launch("node-daemon", &binary("granary-cache"), &args);
     wait_for_path(&socket, "the node daemon");
@@ -137,7 +142,12 @@ fn start_node_daemon(launcher: &mut Launcher, root: &Path, metrics: SocketAddr) 
     proc
 }
 
-fn operator_context(client: kube::Client, workers: Vec<String>, registry: &mut Registry) -> Arc<Context> {
+fn operator_context(
+    client: kube::Client,
+    workers: Vec<String>,
+    commit_coordinator: String,
+    registry: &mut Registry,
+) -> Arc<Context> {
     let metrics = Arc::new(OperatorMetrics::new(registry));
     let reporter = Reporter {
         controller: "granary-operator".into(),
@@ -151,6 +161,7 @@ fn operator_context(client: kube::Client, workers: Vec<String>, registry: &mut R
         fake_api::test_volume_key(),
     );
     ctx.addressing = WorkerAddressing::Fixed(workers);
+    ctx.commit_coordinator = Some(commit_coordinator);
     Arc::new(ctx)
 }
 
@@ -344,12 +355,33 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
     wait_for_port(csi_metrics, "granary-csi's metrics");
     step("node daemon and granary-csi up");
 
+    // The CheckpointPolicy's commit coordinator, as its StatefulSet runs it, with the token
+    // the operator derives for the policy's volume (granary-csi derives the same).
+    let coordinator = free_addr();
+    let token_file = root.join("commit-token");
+    std::fs::write(&token_file, fake_api::test_volume_key().commit_token(CHECKPOINT_HANDLE)).expect("token");
+    let _coordinator = launcher.launch(
+        "commit-coordinator",
+        &binary("granary-cache"),
+        &[
+            "commit-coordinator".into(),
+            "--listen".into(),
+            coordinator.to_string(),
+            "--state-dir".into(),
+            root.join("commit-coordinator").to_string_lossy().into_owned(),
+            "--token-file".into(),
+            token_file.to_string_lossy().into_owned(),
+        ],
+    );
+    wait_for_port(coordinator, "the commit coordinator");
+
     // The operator's reconciles, with its metrics served for Prometheus.
     let (fake, client) = FakeApi::new();
     let mut registry = Registry::default();
     let ctx = operator_context(
         client,
         slots.iter().map(|s| s.grpc.to_string()).collect(),
+        coordinator.to_string(),
         &mut registry,
     );
     let (operator_metrics, _) = granary_process::metrics_http::serve(

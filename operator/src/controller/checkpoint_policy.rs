@@ -83,7 +83,9 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
         apply_namespaced(&ctx.client, &commit_coordinator::service(policy)).await?;
         apply_namespaced(&ctx.client, &commit_coordinator::statefulset(policy, &ctx.worker_image)).await?;
     }
-    let (pv, pvc) = volumes::checkpoint_volume(policy, &ctx.volume_key).map_err(|e| Error::Build(e.to_string()))?;
+    let coordinator = ctx.commit_coordinator_address(policy, namespace);
+    let (pv, pvc) =
+        volumes::checkpoint_volume(policy, &ctx.volume_key, &coordinator).map_err(|e| Error::Build(e.to_string()))?;
     let existing = create_if_absent(&Api::<PersistentVolume>::all(ctx.client.clone()), &pv).await?;
     create_if_absent(
         &Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), namespace),
@@ -236,7 +238,7 @@ async fn commits_waiting(
     if policy.spec.commit_marker.is_none() {
         return Ok(Vec::new());
     }
-    let address = names::commit_coordinator_address(&policy.name_any(), namespace);
+    let address = ctx.commit_coordinator_address(policy, namespace);
     let token = commit_coordinator::token(&ctx.volume_key, &volumes::checkpoint_handle(policy));
     let client = CommitClient::new(&address, Some(&token), ctx.store_timeout).map_err(|e| e.to_string())?;
     let status = client.status().await.map_err(|e| e.to_string())?;

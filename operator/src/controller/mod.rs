@@ -42,6 +42,9 @@ pub struct Context {
     recorder: Recorder,
     pub worker_image: String,
     pub addressing: WorkerAddressing,
+    /// Where every CheckpointPolicy's nodes reach its commit coordinator instead of its
+    /// Service (an operator run outside the cluster, tests).
+    pub commit_coordinator: Option<String>,
     pub prewarms: Prewarms,
     pub metrics: Arc<OperatorMetrics>,
     /// Marks the attributes of every PV made, so the nodes serve them.
@@ -53,6 +56,14 @@ pub struct Context {
 }
 
 impl Context {
+    /// Where the nodes of `policy`'s volume, and the operator, reach its commit coordinator.
+    pub fn commit_coordinator_address(&self, policy: &crate::api::CheckpointPolicy, namespace: &str) -> String {
+        use kube::ResourceExt;
+        self.commit_coordinator
+            .clone()
+            .unwrap_or_else(|| crate::resources::names::commit_coordinator_address(&policy.name_any(), namespace))
+    }
+
     pub fn new(
         client: Client,
         reporter: Reporter,
@@ -65,6 +76,7 @@ impl Context {
             client,
             worker_image,
             addressing: WorkerAddressing::ClusterDns,
+            commit_coordinator: None,
             prewarms: Prewarms::default(),
             metrics,
             volume_key,

@@ -8,8 +8,6 @@ use crate::api::checkpoint_policy::LocalMedium;
 use crate::api::common::QuantityError;
 use crate::api::{CheckpointPolicy, Dataset};
 
-use kube::ResourceExt;
-
 use super::names;
 
 /// The host directory of Memory write-back areas (the host's tmpfs).
@@ -34,7 +32,9 @@ pub fn dataset(ds: &Dataset, namespace: &str) -> BTreeMap<String, String> {
     attrs
 }
 
-pub fn checkpoint(policy: &CheckpointPolicy) -> Result<BTreeMap<String, String>, QuantityError> {
+/// `coordinator`: where the volume's nodes reach its commit coordinator (the policy's
+/// Service unless the operator was told otherwise).
+pub fn checkpoint(policy: &CheckpointPolicy, coordinator: &str) -> Result<BTreeMap<String, String>, QuantityError> {
     let spec = &policy.spec;
     let mut attrs = BTreeMap::from([
         ("kind".to_string(), "checkpoint".to_string()),
@@ -51,11 +51,7 @@ pub fn checkpoint(policy: &CheckpointPolicy) -> Result<BTreeMap<String, String>,
     if let Some(marker) = &spec.commit_marker {
         attrs.insert("commitMarker".into(), marker.clone());
         // Several nodes write the volume: every one reports to the policy's coordinator.
-        let namespace = policy.namespace().unwrap_or_default();
-        attrs.insert(
-            "commitCoordinator".into(),
-            names::commit_coordinator_address(&policy.name_any(), &namespace),
-        );
+        attrs.insert("commitCoordinator".into(), coordinator.to_string());
     }
     if let Some(retention) = &spec.retention {
         attrs.insert("keepLast".into(), retention.keep_last.max(0).to_string());

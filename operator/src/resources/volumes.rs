@@ -121,14 +121,14 @@ fn dataset_plan(ds: &Dataset) -> Result<VolumePlan, QuantityError> {
     })
 }
 
-fn checkpoint_plan(policy: &CheckpointPolicy) -> Result<VolumePlan, QuantityError> {
+fn checkpoint_plan(policy: &CheckpointPolicy, coordinator: &str) -> Result<VolumePlan, QuantityError> {
     let namespace = policy.namespace().unwrap_or_default();
     let name = policy.name_any();
     Ok(VolumePlan {
         pv_name: names::checkpoint_pv(&namespace, &name),
         claim_name: names::checkpoint_claim(&name),
         handle: checkpoint_handle(policy),
-        attributes: volume_attributes::checkpoint(policy)?,
+        attributes: volume_attributes::checkpoint(policy, coordinator)?,
         access_mode: "ReadWriteMany",
         capacity: policy.spec.local_cache.size.bytes()?,
         labels: labels("volume", CHECKPOINT_POLICY_LABEL, &name),
@@ -158,7 +158,8 @@ pub fn dataset_volume(
 pub fn checkpoint_volume(
     policy: &CheckpointPolicy,
     key: &VolumeKey,
+    coordinator: &str,
 ) -> Result<(PersistentVolume, PersistentVolumeClaim), QuantityError> {
-    let plan = checkpoint_plan(policy)?;
+    let plan = checkpoint_plan(policy, coordinator)?;
     Ok((pv(&plan, key), pvc(&plan, policy)))
 }

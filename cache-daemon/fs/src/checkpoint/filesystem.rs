@@ -8,7 +8,7 @@
 //! passthrough instead.
 
 use crate::fs_core::ToErrno;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -63,8 +63,11 @@ pub struct Ctx {
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     io_modes: IoModes,
-    /// One copy from the store at a time: two opens of the same file must not both fetch it.
-    fetching: tokio::sync::Mutex<()>,
+    /// One copy from the store per file at a time (two opens of the same file must not both
+    /// fetch it); copies of different files run in parallel, as ranks restore their shards.
+    fetching: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bytes of copies under way, counted against the area before they land.
+    fetch_reserved: std::sync::Mutex<u64>,
     /// One take-over of an inherited handle at a time (each counts a writer once).
     adopting: std::sync::Mutex<()>,
 }
@@ -332,7 +335,23 @@ impl Ctx {
         if self.local_md(path).is_some() {
             return Ok(true);
         }
-        let _one = self.fetching.lock().await;
+        let lock = Arc::clone(
+            self.fetching
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(path.to_string())
+                .or_default(),
+        );
+        let fetched = {
+            let _one = lock.lock().await;
+            self.fetch_once(path).await
+        };
+        self.fetching.lock().unwrap_or_else(|p| p.into_inner()).remove(path);
+        fetched
+    }
+
+    /// [`Self::ensure_local`]'s copy, under the file's lock.
+    async fn fetch_once(&self, path: &str) -> Result<bool, CkptFsError> {
         if self.local_md(path).is_some() {
             return Ok(true);
         }
@@ -353,13 +372,27 @@ impl Ctx {
             }));
         }
         let tracker = Arc::clone(&self.tracker);
-        self.make_room(|| Ok(tracker.used() + size <= tracker.limit())).await?;
-        let tmp_dir = self.tracker.files_root().with_file_name("tmp");
-        std::fs::create_dir_all(&tmp_dir)?;
-        let tmp = tmp_dir.join(format!("fetch-{}", xxhash_rust::xxh3::xxh3_64(path.as_bytes())));
-        self.target
-            .download(path, &tmp, size, self.part_size, self.concurrency)
-            .await?;
+        self.make_room(|| {
+            let mut reserved = self.fetch_reserved.lock().unwrap_or_else(|p| p.into_inner());
+            let fits = tracker.used() + *reserved + size <= tracker.limit();
+            if fits {
+                *reserved += size;
+            }
+            Ok(fits)
+        })
+        .await?;
+        let downloaded = async {
+            let tmp_dir = self.tracker.files_root().with_file_name("tmp");
+            std::fs::create_dir_all(&tmp_dir)?;
+            let tmp = tmp_dir.join(format!("fetch-{}", xxhash_rust::xxh3::xxh3_64(path.as_bytes())));
+            self.target
+                .download(path, &tmp, size, self.part_size, self.concurrency)
+                .await?;
+            Ok::<_, CkptFsError>(tmp)
+        }
+        .await;
+        *self.fetch_reserved.lock().unwrap_or_else(|p| p.into_inner()) -= size;
+        let tmp = downloaded?;
         let local = self.tracker.local_path(path);
         if let Some(dir) = local.parent() {
             std::fs::create_dir_all(dir)?;
@@ -441,7 +474,8 @@ impl CheckpointFs {
             files: Handles::with_epoch(incarnation.epoch),
             dirs: Handles::with_epoch(incarnation.epoch),
             io_modes: IoModes::default(),
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: std::sync::Mutex::new(HashMap::new()),
+            fetch_reserved: std::sync::Mutex::new(0),
             adopting: std::sync::Mutex::new(()),
         });
         CheckpointFs {
