@@ -198,6 +198,13 @@ class Chart(unittest.TestCase):
         self.assertNotIn("--allow-auto-credentials", daemon["args"])
         self.assertEqual([a for a in daemon["args"] if a.startswith("--writeback-root=")], ["--writeback-root=/dev/shm/granary"])
         self.assertFalse([a for a in daemon["args"] if a.startswith("--fs-store-root")])
+        # Checkpoint volumes report to their commit coordinator as this node (its name from
+        # the downward API), and the operator may make each coordinator's token Secret.
+        node_name = next(e for e in daemon["env"] if e["name"] == "NODE_NAME")
+        self.assertEqual(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName")
+        cluster_rules = find(docs, "ClusterRole")["rules"]
+        secret_rules = [r for r in cluster_rules if "secrets" in r["resources"]]
+        self.assertEqual([sorted(r["verbs"]) for r in secret_rules], [["create", "get"]])
         # Upgrades restart node daemons only: the keeper (granary-csi) waits for OnDelete.
         self.assertEqual(find(docs, "DaemonSet", "granary-csi")["spec"]["updateStrategy"]["type"], "OnDelete")
 

@@ -353,6 +353,57 @@ async fn retention_keeps_the_last_n_and_the_latest_restores_without_store_reads(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_ranks_restore_store_only_shards_in_parallel_each_copied_once() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let shards: Vec<(String, Vec<u8>)> = (0..8u64)
+        .map(|r| (format!("step_9/__{r}_0.distcp"), pattern(4 * MIB as usize, 900 + r)))
+        .collect();
+    for (key, data) in &shards {
+        env.put(&format!("restore/{key}"), data).await;
+    }
+    let wb = env.dir.path().join("writeback");
+    let ckpt = mount(config(&env, "restore", &wb, 1 << 30));
+    // Every GET waits, as over a remote link: copies made one after another would add up.
+    env.s3.set_get_delay(Duration::from_millis(200));
+    env.s3.clear_log();
+    let root = ckpt.path().to_path_buf();
+    let one = Instant::now();
+    let first = tokio::task::block_in_place(|| std::fs::read(root.join(&shards[0].0))).expect("read one");
+    let one = one.elapsed();
+    assert!(first == shards[0].1);
+    let started = Instant::now();
+    let read: Vec<Vec<u8>> = tokio::task::block_in_place(|| {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = shards[1..]
+                .iter()
+                .chain(shards[..1].iter())
+                .map(|(key, _)| {
+                    let path = root.join(key);
+                    s.spawn(move || std::fs::read(path).expect("restore a shard"))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("rank")).collect()
+        })
+    });
+    let all = started.elapsed();
+    for ((key, data), got) in shards[1..].iter().chain(shards[..1].iter()).zip(&read) {
+        assert!(got == data, "{key} restored differs");
+        // One copy per file (a 4 MiB object is one ranged GET of a 5 MiB part).
+        assert_eq!(
+            env.s3.object_gets(&format!("restore/{key}")),
+            1,
+            "{key} copied more than once"
+        );
+    }
+    println!("restore of 1 store-only shard: {one:?}; of 7 more by 8 threads at once: {all:?} (one GET waits 200 ms)");
+    env.s3.set_get_delay(Duration::ZERO);
+    ckpt.unmount().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_targets_and_a_write_back_area_too_small_fail_clearly_and_store_nothing_partial() {
     if !fuse_possible() {
         return;

@@ -589,6 +589,122 @@ async fn a_checkpoint_policy_becomes_a_volume_and_reports_the_latest_committed_c
         .any(|(r, n)| r == "CheckpointCommitted" && n.contains("step-10")));
 }
 
+/// The policy's status tells what only its commit coordinator knows: the checkpoint whose
+/// marker waits, on which node and file, that node gone silent, and a node whose uploads
+/// the target refuses. A real coordinator on loopback, reached with the derived token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_waiting_on_a_silent_node_and_refused_uploads_are_on_the_policy() {
+    use granary_commit::proto::{MayCommitRequest, ReportRequest};
+    let target = tempfile::tempdir().expect("tempdir");
+    let (fake, client) = FakeApi::new();
+    fake.put(
+        POLICIES,
+        json!({"apiVersion": "granary.dev/v1alpha1", "kind": "CheckpointPolicy", "metadata": {"name": "llama", "namespace": "ml", "uid": "u-1"},
+               "spec": {"target": {"uri": format!("fs://{}", target.path().display())}, "commitMarker": ".metadata"}}),
+    );
+    let policy: CheckpointPolicy = serde_json::from_value(fake.get(POLICIES, "llama").expect("policy")).expect("parse");
+    let token = test_volume_key().commit_token(&granary_operator::resources::volumes::checkpoint_handle(&policy));
+    let state = tempfile::tempdir().expect("state");
+    let metrics = Arc::new(granary_commit::metrics::CoordinatorMetrics::register(
+        &mut Registry::default(),
+    ));
+    let service =
+        granary_commit::server::CoordinatorService::open(state.path(), Some(token.clone()), metrics).expect("open");
+    let (addr, _server) =
+        granary_commit::server::serve("127.0.0.1:0".parse().expect("addr"), service, std::future::pending())
+            .await
+            .expect("serve");
+    let nodes =
+        granary_commit::CommitClient::new(&addr.to_string(), Some(&token), Duration::from_secs(5)).expect("client");
+    let volume = policy.spec.target.uri.clone();
+    let report = |node: &str, pending: &[&str], refusal: &str| ReportRequest {
+        volume: volume.clone(),
+        node: node.into(),
+        pending: pending.iter().map(|p| p.to_string()).collect(),
+        settled: vec![],
+        replace: true,
+        upload_refusal: refusal.into(),
+    };
+    nodes
+        .report(report("node-a", &["step-5/.metadata"], ""))
+        .await
+        .expect("report a");
+    nodes
+        .report(report(
+            "node-b",
+            &["step-5/__1_0.distcp"],
+            "uploads to s3://x are refused: access denied",
+        ))
+        .await
+        .expect("report b");
+    let answer = nodes
+        .may_commit(MayCommitRequest {
+            volume: volume.clone(),
+            node: "node-a".into(),
+            dir: "step-5".into(),
+            marker: "step-5/.metadata".into(),
+        })
+        .await
+        .expect("may commit");
+    assert!(!answer.ready, "node-b's shard is pending");
+
+    let mut registry = Registry::default();
+    let mut ctx = Context::new(
+        client,
+        Reporter {
+            controller: "granary-operator".into(),
+            instance: None,
+        },
+        "granary:test".into(),
+        Arc::new(OperatorMetrics::new(&mut registry)),
+        test_volume_key(),
+    );
+    ctx.commit_coordinator = Some(addr.to_string());
+    ctx.node_silent_after = Duration::ZERO;
+    ctx.store_timeout = Duration::from_secs(3);
+    let ctx = Arc::new(ctx);
+    // The first reconcile adds the finalizer, the second does the work.
+    for _ in 0..2 {
+        let p: CheckpointPolicy = serde_json::from_value(fake.get(POLICIES, "llama").expect("policy")).expect("parse");
+        checkpoint_policy::reconcile(Arc::new(p), Arc::clone(&ctx))
+            .await
+            .expect("reconcile");
+    }
+    drop(policy);
+    let policy: CheckpointPolicy = serde_json::from_value(fake.get(POLICIES, "llama").expect("policy")).expect("parse");
+    let status = policy.status.expect("status");
+    assert_eq!(status.incomplete.len(), 1, "{status:?}");
+    assert_eq!(status.incomplete[0].dir, "step-5");
+    let waiting: Vec<(&str, &str)> = status.incomplete[0]
+        .waiting_for
+        .iter()
+        .map(|n| (n.node.as_str(), n.example.as_str()))
+        .collect();
+    assert_eq!(
+        waiting,
+        vec![("node-b", "step-5/__1_0.distcp")],
+        "the marker is not its own blocker"
+    );
+    let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t).cloned().expect(t);
+    let flowing = condition("CommitsFlowing");
+    assert_eq!(flowing.status, "False");
+    assert!(
+        flowing.message.contains("step-5") && flowing.message.contains("node-b"),
+        "{}",
+        flowing.message
+    );
+    let uploads = condition("UploadsAccepted");
+    assert_eq!(uploads.status, "False");
+    assert!(uploads.message.contains("access denied"), "{}", uploads.message);
+    let events = events(&fake);
+    assert!(events
+        .iter()
+        .any(|(r, n)| r == "CheckpointIncomplete" && n.contains("forget-node")));
+    assert!(events
+        .iter()
+        .any(|(r, n)| r == "UploadsRefused" && n.contains("node-b")));
+}
+
 /// A PV an older Granary made carries no mark, which every node refuses; the operator
 /// cannot change its attributes, so it says what to do.
 #[tokio::test]

@@ -32,6 +32,8 @@ pub enum Record {
 struct NodeState {
     pending: BTreeSet<String>,
     last_seen: Instant,
+    /// Why the target refuses the node's uploads (live, not journaled).
+    upload_refusal: String,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,7 @@ impl Registry {
                 let state = vol.nodes.entry(node.clone()).or_insert_with(|| NodeState {
                     pending: BTreeSet::new(),
                     last_seen: now,
+                    upload_refusal: String::new(),
                 });
                 state.last_seen = now;
                 if *replace {
@@ -102,11 +105,21 @@ impl Registry {
         }
     }
 
-    /// Marks `node` alive without a change (a replayed journal has no times).
-    pub fn seen(&mut self, volume: &str, node: &str, now: Instant) {
-        if let Some(state) = self.volumes.get_mut(volume).and_then(|v| v.nodes.get_mut(node)) {
-            state.last_seen = now;
-        }
+    /// Marks `node` alive, with its uploads' state, without a change to its paths.
+    pub fn seen(&mut self, volume: &str, node: &str, upload_refusal: &str, now: Instant) {
+        let state = self
+            .volumes
+            .entry(volume.to_string())
+            .or_default()
+            .nodes
+            .entry(node.to_string())
+            .or_insert_with(|| NodeState {
+                pending: BTreeSet::new(),
+                last_seen: now,
+                upload_refusal: String::new(),
+            });
+        state.last_seen = now;
+        state.upload_refusal = upload_refusal.to_string();
     }
 
     pub fn pending_of(&self, volume: &str, node: &str) -> u64 {
@@ -152,6 +165,7 @@ impl Registry {
                         node: node.clone(),
                         pending: n.pending.len() as u64,
                         silent_seconds: now.saturating_duration_since(n.last_seen).as_secs(),
+                        upload_refusal: n.upload_refusal.clone(),
                     })
                     .collect(),
                 waiting: vol

@@ -113,9 +113,9 @@ impl CommitCoordinator for CoordinatorService {
         let now = Instant::now();
         let mut guard = self.lock();
         let (registry, journal) = &mut *guard;
+        registry.seen(&r.volume, &r.node, &r.upload_refusal, now);
         let pending = if r.pending.is_empty() && r.settled.is_empty() && !r.replace {
             // A heartbeat: nothing to make durable.
-            registry.seen(&r.volume, &r.node, now);
             registry.pending_of(&r.volume, &r.node)
         } else {
             let record = Record::Report {

@@ -15,6 +15,9 @@ pub const TARGET_REACHABLE: &str = "TargetReachable";
 pub const READY: &str = "Ready";
 /// False while a checkpoint's marker waits on a node that stopped reporting (likely lost).
 pub const COMMITS_FLOWING: &str = "CommitsFlowing";
+/// False while some node reports the target refusing its uploads (bad credentials, no
+/// bucket): retrying cannot cure it, the Secret or the bucket must be fixed.
+pub const UPLOADS_ACCEPTED: &str = "UploadsAccepted";
 
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

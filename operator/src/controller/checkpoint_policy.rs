@@ -15,7 +15,9 @@ use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as Finalize};
 use kube::{Api, ResourceExt};
 
-use crate::api::checkpoint_policy::{IncompleteCheckpoint, PendingNode, COMMITS_FLOWING, READY, TARGET_REACHABLE};
+use crate::api::checkpoint_policy::{
+    IncompleteCheckpoint, PendingNode, COMMITS_FLOWING, READY, TARGET_REACHABLE, UPLOADS_ACCEPTED,
+};
 use crate::api::common::{condition_is_true, set_condition};
 use crate::api::{validate, CheckpointPolicy, CheckpointPolicyStatus};
 use crate::resources::{commit_coordinator, names, volumes};
@@ -152,14 +154,14 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
             set_condition(&mut status.conditions, READY, false, "TargetUnreachable", e, generation);
         }
     }
-    let lost = match commits_waiting(policy, namespace, ctx).await {
-        Ok(incomplete) => {
+    let (lost, refused) = match coordinator_status(policy, namespace, ctx).await {
+        Ok((incomplete, refusals)) => {
             let lost: Vec<String> = incomplete
                 .iter()
                 .flat_map(|c| {
                     c.waiting_for
                         .iter()
-                        .filter(|n| n.silent_seconds >= NODE_SILENT_AFTER.as_secs())
+                        .filter(|n| n.silent_seconds >= ctx.node_silent_after.as_secs())
                         .map(move |n| {
                             format!(
                                 "{} is not committed: node {} has {} of its files not in the store (e.g. {}) and has not reported for {}s; restart its node daemon with its write-back area, or if that node is gone for good, `granary-cache commit-coordinator forget-node --volume {} --node {}` in the coordinator pod",
@@ -169,13 +171,37 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
                 })
                 .collect();
             status.incomplete = incomplete;
-            lost
+            let refused: Vec<String> = refusals
+                .into_iter()
+                .map(|(node, refusal)| format!("node {node}: {refusal}"))
+                .collect();
+            (lost, refused)
         }
         Err(e) => {
             tracing::debug!(error = %e, "the commit coordinator did not answer");
-            Vec::new()
+            (Vec::new(), Vec::new())
         }
     };
+    if policy.spec.commit_marker.is_some() {
+        match refused.first() {
+            Some(message) => set_condition(
+                &mut status.conditions,
+                UPLOADS_ACCEPTED,
+                false,
+                "UploadsRefused",
+                message,
+                generation,
+            ),
+            None => set_condition(
+                &mut status.conditions,
+                UPLOADS_ACCEPTED,
+                true,
+                "Accepted",
+                "no node reports its uploads refused by the target",
+                generation,
+            ),
+        }
+    }
     if policy.spec.commit_marker.is_some() {
         match lost.first() {
             Some(message) => set_condition(
@@ -203,6 +229,10 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
             ctx.event(policy, EventType::Warning, "CheckpointIncomplete", message.clone())
                 .await;
         }
+        for message in &refused {
+            ctx.event(policy, EventType::Warning, "UploadsRefused", message.clone())
+                .await;
+        }
         if let Err(e) = &listed {
             if was_reachable || policy.status.is_none() {
                 ctx.event(policy, EventType::Warning, "TargetUnreachable", e.clone())
@@ -226,26 +256,35 @@ async fn apply(policy: &CheckpointPolicy, namespace: &str, ctx: &Context) -> Res
 
 type Latest = Option<(String, Option<SystemTime>)>;
 
-/// A node silent this long while a checkpoint waits on it is reported as likely lost.
-const NODE_SILENT_AFTER: Duration = Duration::from_secs(60);
+type Refusals = Vec<(String, String)>;
 
-/// The checkpoints the policy's commit coordinator holds back, and on whom.
-async fn commits_waiting(
+/// From the policy's commit coordinator: the checkpoints it holds back and on whom, and the
+/// nodes whose uploads the target refuses (and why).
+async fn coordinator_status(
     policy: &CheckpointPolicy,
     namespace: &str,
     ctx: &Context,
-) -> Result<Vec<IncompleteCheckpoint>, String> {
+) -> Result<(Vec<IncompleteCheckpoint>, Refusals), String> {
     if policy.spec.commit_marker.is_none() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     }
     let address = ctx.commit_coordinator_address(policy, namespace);
     let token = commit_coordinator::token(&ctx.volume_key, &volumes::checkpoint_handle(policy));
     let client = CommitClient::new(&address, Some(&token), ctx.store_timeout).map_err(|e| e.to_string())?;
     let status = client.status().await.map_err(|e| e.to_string())?;
-    Ok(status
+    let volumes: Vec<_> = status
         .volumes
         .into_iter()
         .filter(|v| v.volume == policy.spec.target.uri)
+        .collect();
+    let refusals = volumes
+        .iter()
+        .flat_map(|v| &v.nodes)
+        .filter(|n| !n.upload_refusal.is_empty())
+        .map(|n| (n.node.clone(), n.upload_refusal.clone()))
+        .collect();
+    let incomplete = volumes
+        .into_iter()
         .flat_map(|v| v.waiting)
         .map(|w| IncompleteCheckpoint {
             dir: w.dir,
@@ -261,7 +300,8 @@ async fn commits_waiting(
                 })
                 .collect(),
         })
-        .collect())
+        .collect();
+    Ok((incomplete, refusals))
 }
 
 /// Committed checkpoints in the target: every directory holding the commit marker. Without a

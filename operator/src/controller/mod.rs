@@ -45,6 +45,8 @@ pub struct Context {
     /// Where every CheckpointPolicy's nodes reach its commit coordinator instead of its
     /// Service (an operator run outside the cluster, tests).
     pub commit_coordinator: Option<String>,
+    /// A node silent this long while a checkpoint waits on it is reported as likely lost.
+    pub node_silent_after: Duration,
     pub prewarms: Prewarms,
     pub metrics: Arc<OperatorMetrics>,
     /// Marks the attributes of every PV made, so the nodes serve them.
@@ -77,6 +79,7 @@ impl Context {
             worker_image,
             addressing: WorkerAddressing::ClusterDns,
             commit_coordinator: None,
+            node_silent_after: Duration::from_secs(60),
             prewarms: Prewarms::default(),
             metrics,
             volume_key,

@@ -39,6 +39,8 @@ const ROUND: Duration = Duration::from_millis(200);
 struct Reported {
     /// What the coordinator holds unsettled for this node.
     paths: BTreeSet<String>,
+    /// The upload refusal last told.
+    refusal: String,
     /// Whether the whole set was sent since this process started (the coordinator may hold
     /// paths of a previous run that are settled now).
     synced: bool,
@@ -54,6 +56,9 @@ pub struct CommitPeer {
     reported: Mutex<Reported>,
     /// Directories whose refusal was logged, so a wait is logged once, not per round.
     logged_waits: std::sync::Mutex<BTreeSet<String>>,
+    /// Whether the target refuses this node's uploads, told with every report (the operator
+    /// shows it on the CheckpointPolicy).
+    health: Arc<super::uploader::UploadHealth>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +74,7 @@ impl CommitPeer {
         config: &CommitCoordination,
         volume: &str,
         runtime: tokio::runtime::Handle,
+        health: Arc<super::uploader::UploadHealth>,
     ) -> Result<Self, CommitPeerError> {
         if config.node.trim().is_empty() {
             return Err(CommitPeerError::NoNodeName);
@@ -81,10 +87,12 @@ impl CommitPeer {
             node: config.node.clone(),
             reported: Mutex::new(Reported {
                 paths: BTreeSet::new(),
+                refusal: String::new(),
                 synced: false,
                 last_sent: Instant::now(),
             }),
             logged_waits: std::sync::Mutex::new(BTreeSet::new()),
+            health,
         })
     }
 
@@ -99,6 +107,7 @@ impl CommitPeer {
             pending,
             settled,
             replace,
+            upload_refusal: self.health.refusal().unwrap_or_default(),
         }
     }
 
@@ -152,14 +161,18 @@ impl CommitPeer {
         let request = if reported.synced {
             let pending: Vec<String> = now.difference(&reported.paths).cloned().collect();
             let settled: Vec<String> = reported.paths.difference(&now).cloned().collect();
-            if pending.is_empty() && settled.is_empty() && reported.last_sent.elapsed() < HEARTBEAT {
+            let refusal_changed = self.health.refusal().unwrap_or_default() != reported.refusal;
+            if pending.is_empty() && settled.is_empty() && !refusal_changed && reported.last_sent.elapsed() < HEARTBEAT
+            {
                 return Ok(());
             }
             self.request(pending, settled, false)
         } else {
             self.request(now.iter().cloned().collect(), Vec::new(), true)
         };
+        let refusal = request.upload_refusal.clone();
         self.client.report(request).await?;
+        reported.refusal = refusal;
         reported.paths = now;
         reported.synced = true;
         reported.last_sent = Instant::now();

@@ -399,6 +399,7 @@ fn start(
 
     tracker.set_upload_grace(UPLOAD_GRACE);
     let tracker = Arc::new(tracker);
+    let health = Arc::new(uploader::UploadHealth::default());
     let peer = match &config.coordinator {
         None => None,
         Some(coordination) => {
@@ -406,6 +407,7 @@ fn start(
                 coordination,
                 &config.target,
                 runtime.clone(),
+                Arc::clone(&health),
             )?);
             tracker.set_coordinated(true);
             // The coordinator learns this node's whole unsettled set (its journal's) before a
@@ -426,7 +428,6 @@ fn start(
         }
     };
     let view = Arc::new(store_view::StoreView::new(target.clone(), config.listing_ttl));
-    let health = Arc::new(uploader::UploadHealth::default());
     let uploader = Arc::new(uploader::Uploader {
         tracker: Arc::clone(&tracker),
         target: target.clone(),
