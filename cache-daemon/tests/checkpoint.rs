@@ -353,6 +353,81 @@ async fn retention_keeps_the_last_n_and_the_latest_restores_without_store_reads(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_written_in_order_uploads_its_parts_before_close_and_a_rewrite_falls_back() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let wb = env.dir.path().join("writeback");
+    let ckpt = mount(config(&env, "stream", &wb, 1 << 30));
+    let big = pattern(64 * MIB as usize, 77);
+    let parts_sent = || {
+        env.s3
+            .requests()
+            .iter()
+            .filter(|r| r.method == "PUT" && r.path.ends_with("stream/big.pt") && r.query.contains("partNumber"))
+            .count()
+    };
+    // Written in order and held open: the parts already whole go up meanwhile.
+    let path = ckpt.path().join("big.pt");
+    let file = tokio::task::block_in_place(|| {
+        let mut f = std::fs::File::create(&path).expect("create");
+        for chunk in big.chunks(MIB as usize) {
+            f.write_all(chunk).expect("write");
+        }
+        f
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while parts_sent() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} parts sent before close",
+            parts_sent()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stored(&env, "stream/big.pt").is_none(), "nothing visible before close");
+    drop(file);
+    ckpt.drain().await;
+    assert!(
+        stored(&env, "stream/big.pt").as_deref() == Some(big.as_slice()),
+        "the streamed object differs"
+    );
+    assert_eq!(ckpt.metric("granary_checkpoint_streamed_files_total"), 1.0);
+    let parts = parts_sent();
+    assert!(
+        parts <= 13,
+        "each of the 13 parts sent once, not uploaded again after close: {parts}"
+    );
+
+    // A rewrite of bytes already sent: the stream is dropped, the file goes up whole after close.
+    let rewritten = tokio::task::block_in_place(|| {
+        let mut data = pattern(24 * MIB as usize, 78);
+        let mut f = std::fs::File::create(ckpt.path().join("rewritten.pt")).expect("create");
+        f.write_all(&data).expect("write");
+        // Past the kernel's cache: the daemon has the bytes, and streams the whole parts.
+        f.sync_data().expect("fsync");
+        use std::io::{Seek, SeekFrom};
+        f.seek(SeekFrom::Start(MIB)).expect("seek");
+        f.write_all(&[9u8; 4096]).expect("rewrite");
+        data[MIB as usize..MIB as usize + 4096].fill(9);
+        drop(f);
+        data
+    });
+    ckpt.drain().await;
+    assert!(
+        stored(&env, "stream/rewritten.pt").as_deref() == Some(rewritten.as_slice()),
+        "a rewritten file must reach the store as last written"
+    );
+    assert_eq!(
+        ckpt.metric("granary_checkpoint_streamed_files_total"),
+        1.0,
+        "not streamed"
+    );
+    ckpt.unmount().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eight_ranks_restore_store_only_shards_in_parallel_each_copied_once() {
     if !fuse_possible() {
         return;

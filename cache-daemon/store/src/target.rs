@@ -45,6 +45,47 @@ fn target_error(op: &'static str, path: &str, err: opendal::Error) -> StoreError
     StoreError::from_opendal(op, path, err).in_target()
 }
 
+/// A multipart upload fed in order as its bytes become available: parts go out as they fill,
+/// and the object appears only at [`StreamingUpload::close`] (an abort, or a dropped upload,
+/// leaves nothing visible).
+pub struct StreamingUpload {
+    writer: opendal::Writer,
+    key: String,
+    written: u64,
+}
+
+impl StreamingUpload {
+    /// Appends `data` (parts are sent once full, several at once).
+    pub async fn write(&mut self, data: Bytes) -> Result<(), StoreError> {
+        let len = data.len() as u64;
+        self.writer
+            .write(data)
+            .await
+            .map_err(|e| target_error("upload", &self.key, e))?;
+        self.written += len;
+        Ok(())
+    }
+
+    /// Bytes handed over so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Sends the last part and completes the upload: the object is visible now.
+    pub async fn close(mut self) -> Result<u64, StoreError> {
+        self.writer
+            .close()
+            .await
+            .map_err(|e| target_error("upload", &self.key, e))?;
+        Ok(self.written)
+    }
+
+    /// Gives the upload up (best effort: the store drops its parts).
+    pub async fn abort(mut self) {
+        let _ = self.writer.abort().await;
+    }
+}
+
 /// Clones share the store, credentials rotation included (see [`SourceStore::rotate`]).
 #[derive(Clone)]
 pub struct TargetStore {
@@ -144,6 +185,28 @@ impl TargetStore {
         }
         writer.close().await.map_err(store_err)?;
         Ok(size)
+    }
+
+    /// Starts a multipart upload of `key` fed part by part while its file is still written
+    /// (see [`StreamingUpload`]); nothing is visible until it is closed.
+    pub async fn start_streaming(
+        &self,
+        key: &str,
+        part_size: u64,
+        concurrency: usize,
+    ) -> Result<StreamingUpload, StoreError> {
+        let writer = self
+            .operator()
+            .writer_with(key)
+            .chunk(part_size as usize)
+            .concurrent(concurrency.max(1))
+            .await
+            .map_err(|e| target_error("upload", key, e))?;
+        Ok(StreamingUpload {
+            writer,
+            key: key.to_string(),
+            written: 0,
+        })
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -25,6 +25,7 @@ use super::commit_peer::CommitPeer;
 use super::error::CkptFsError;
 use super::inodes::{PathInodes, ROOT};
 use super::store_view::StoreView;
+use super::streaming::Streams;
 use super::tracker::{parent_of, Tracker, Want};
 use crate::fs_core::attr::{self, Owner};
 use crate::fs_core::handles::Handles;
@@ -59,6 +60,8 @@ pub struct Ctx {
     pub concurrency: usize,
     /// The commit coordinator's client, on a volume written by several nodes.
     pub peer: Option<Arc<CommitPeer>>,
+    /// Uploads of files still written in order.
+    pub streams: Option<Arc<Streams>>,
     inodes: PathInodes,
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
@@ -199,6 +202,20 @@ fn attr_of(ino: u64, found: &Found) -> FileAttr {
 }
 
 impl Ctx {
+    /// Stops streaming `path` (and what is under it): it no longer grows in order.
+    fn stop_streaming(&self, path: &str) {
+        if let Some(streams) = &self.streams {
+            streams.drop_under(path);
+        }
+    }
+
+    /// `len` bytes landed at `offset` of `path` (an unlinked file has no path).
+    fn wrote(&self, path: Option<&str>, offset: u64, len: usize) {
+        if let (Some(streams), Some(path)) = (&self.streams, path) {
+            streams.wrote(path, offset, len as u64);
+        }
+    }
+
     /// Opens `path` for writing in the tracker, told to the commit coordinator first on a
     /// volume several nodes write.
     async fn begin_write(&self, path: &str) -> std::io::Result<()> {
@@ -470,6 +487,7 @@ impl CheckpointFs {
             part_size: parts.part_size,
             concurrency: parts.concurrency,
             peer: parts.peer,
+            streams: parts.streams,
             inodes: incarnation.inodes,
             files: Handles::with_epoch(incarnation.epoch),
             dirs: Handles::with_epoch(incarnation.epoch),
@@ -543,6 +561,7 @@ impl CheckpointFs {
             let local = ctx.tracker.local_path(&path);
             if let Some(size) = set.size {
                 let writer = open.as_ref().filter(|o| o.writable);
+                ctx.stop_streaming(&path);
                 if writer.is_none() {
                     ctx.begin_write(&path).await?;
                 }
@@ -628,6 +647,7 @@ impl CheckpointFs {
             if !local_removed && !in_store {
                 return Err(CkptFsError::NotFound(path.clone()));
             }
+            ctx.stop_streaming(&path);
             ctx.tracker.removed(&path, in_store)?;
             ctx.inodes.unlinked(&path);
             Ok(())
@@ -689,6 +709,8 @@ impl CheckpointFs {
                 return Err(CkptFsError::Exists(to.clone()));
             }
             ctx.local_parents(&to)?;
+            ctx.stop_streaming(&from);
+            ctx.stop_streaming(&to);
             std::fs::rename(&local_from, ctx.tracker.local_path(&to))?;
             ctx.tracker.moved(&from, &to)?;
             if let Some(peer) = &ctx.peer {
@@ -733,10 +755,16 @@ impl CheckpointFs {
         ctx.begin_write_blocking(&path)?;
         let md = file.metadata()?;
         ctx.tracker.set_size(&path, md.len());
+        let file = Arc::new(file);
+        match &ctx.streams {
+            // A new, empty version: its parts may go up as they fill.
+            Some(streams) if md.len() == 0 => streams.begin(&path, Arc::clone(&file)),
+            _ => ctx.stop_streaming(&path),
+        }
         let ino = ctx.inodes.remember(&path);
         ctx.io_modes.open(ino, || None);
         let fh = ctx.files.insert(OpenFile {
-            file: Arc::new(file),
+            file,
             ino,
             writable: true,
             failed: AtomicI32::new(0),
@@ -772,10 +800,16 @@ impl CheckpointFs {
             .create(truncate)
             .truncate(truncate)
             .open(&local)?;
+        let file = Arc::new(file);
         if writable {
             ctx.begin_write(&path).await?;
             if truncate {
                 ctx.tracker.set_size(&path, 0);
+            }
+            match &ctx.streams {
+                Some(streams) if truncate => streams.begin(&path, Arc::clone(&file)),
+                // Written again in place: whatever was streamed may change.
+                _ => ctx.stop_streaming(&path),
             }
         }
         let busy_writing = ctx.tracker.entry(&path).is_some_and(|e| e.writers > 0);
@@ -792,7 +826,7 @@ impl CheckpointFs {
             }
         });
         let fh = ctx.files.insert(OpenFile {
-            file: Arc::new(file),
+            file,
             ino,
             writable,
             failed: AtomicI32::new(0),
@@ -836,7 +870,10 @@ impl CheckpointFs {
         };
         match room {
             Ok(true) => Step::Ready(match open.file.write_all_at(data, offset) {
-                Ok(()) => Ok(data.len() as u32),
+                Ok(()) => {
+                    ctx.wrote(path.as_deref(), offset, data.len());
+                    Ok(data.len() as u32)
+                }
                 Err(e) => {
                     let e = CkptFsError::Local(e);
                     write_failed(ctx, &open, path.as_deref(), &e);
@@ -859,7 +896,10 @@ impl CheckpointFs {
                         .await
                         .and_then(|()| Ok(open.file.write_all_at(&data, offset)?));
                     match written {
-                        Ok(()) => Ok(data.len() as u32),
+                        Ok(()) => {
+                            ctx.wrote(Some(&path), offset, data.len());
+                            Ok(data.len() as u32)
+                        }
                         Err(e) => {
                             write_failed(&ctx, &open, Some(&path), &e);
                             Err(e)
@@ -1013,6 +1053,7 @@ pub struct CtxParts {
     pub part_size: u64,
     pub concurrency: usize,
     pub peer: Option<Arc<CommitPeer>>,
+    pub streams: Option<Arc<Streams>>,
 }
 
 fn system_time(t: TimeOrNow) -> SystemTime {

@@ -16,6 +16,7 @@ mod inodes;
 pub mod journal;
 pub mod retention;
 mod store_view;
+mod streaming;
 #[cfg(test)]
 mod tests;
 pub mod tracker;
@@ -428,7 +429,14 @@ fn start(
         }
     };
     let view = Arc::new(store_view::StoreView::new(target.clone(), config.listing_ttl));
+    let streams = Arc::new(streaming::Streams::new(
+        target.clone(),
+        config.upload.part_size,
+        config.upload.parts_per_file(),
+        runtime.clone(),
+    ));
     let uploader = Arc::new(uploader::Uploader {
+        streams: Some(Arc::clone(&streams)),
         tracker: Arc::clone(&tracker),
         target: target.clone(),
         view: Arc::clone(&view),
@@ -476,6 +484,7 @@ fn start(
         part_size: config.upload.part_size,
         concurrency: config.upload.concurrency,
         peer,
+        streams: Some(streams),
     });
     let passthrough = fs.passthrough_flag();
     let fs = fuse_adapter::CheckpointFuse::new(fs, runtime.clone(), config.passthrough);

@@ -69,6 +69,7 @@ fn env(limit: u64) -> Env {
         part_size: 5 << 20,
         concurrency: 2,
         peer: None,
+        streams: None,
     });
     Env {
         _dir: dir,

@@ -10,6 +10,7 @@ use tokio::task::JoinSet;
 
 use super::retention;
 use super::store_view::StoreView;
+use super::streaming::Streams;
 use super::tracker::{parent_of, Tracker, Work};
 use crate::metrics::checkpoint::{CheckpointMetrics, TargetLabel, UploadFailureLabel};
 use granary_store::target::{TargetStore, TransferError};
@@ -31,12 +32,14 @@ impl UploadTuning {
         self.concurrency.clamp(1, 4)
     }
 
-    fn parts_per_file(&self) -> usize {
+    pub(super) fn parts_per_file(&self) -> usize {
         self.concurrency.div_ceil(self.files_at_once()).max(1)
     }
 }
 
 pub struct Uploader {
+    /// Files whose parts went up while they were written: finished, not uploaded again.
+    pub streams: Option<Arc<Streams>>,
     pub tracker: Arc<Tracker>,
     pub target: TargetStore,
     pub view: Arc<StoreView>,
@@ -192,10 +195,24 @@ impl Uploader {
     async fn upload(&self, path: String, seq: u64, size: u64) {
         let started = Instant::now();
         let local = self.tracker.local_path(&path);
-        let result = self
-            .target
-            .upload(&path, &local, self.tuning.part_size, self.tuning.parts_per_file())
-            .await;
+        let streamed = match &self.streams {
+            Some(streams) => streams.finish(&path, size).await,
+            None => None,
+        };
+        let result = match streamed {
+            Some(Ok(bytes)) => {
+                self.metrics.streamed_files.inc();
+                Ok(bytes)
+            }
+            other => {
+                if let Some(Err(e)) = other {
+                    tracing::debug!(path, error = %e, "the streaming upload failed; uploading the file whole");
+                }
+                self.target
+                    .upload(&path, &local, self.tuning.part_size, self.tuning.parts_per_file())
+                    .await
+            }
+        };
         let ok = match &result {
             Ok(bytes) => {
                 self.metrics.uploaded_bytes.inc_by(*bytes);

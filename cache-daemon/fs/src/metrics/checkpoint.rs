@@ -30,6 +30,8 @@ pub struct CheckpointMetrics {
     pub writeback_limit_bytes: Family<TargetLabel, Gauge>,
     pub uploaded_bytes: Counter,
     pub uploaded_files: Counter,
+    /// Files whose parts were uploaded while they were written (finished at close).
+    pub streamed_files: Counter,
     pub upload_seconds: Histogram,
     pub upload_retries: Counter,
     pub upload_failures: Family<UploadFailureLabel, Counter>,
@@ -53,6 +55,7 @@ impl CheckpointMetrics {
             writeback_limit_bytes: Family::default(),
             uploaded_bytes: Counter::default(),
             uploaded_files: Counter::default(),
+            streamed_files: Counter::default(),
             // 10 ms .. ~3 h
             upload_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 20)),
             upload_retries: Counter::default(),
@@ -101,6 +104,11 @@ impl CheckpointMetrics {
             "uploaded_files",
             "Files uploaded to the target store",
             m.uploaded_files.clone(),
+        );
+        r.register(
+            "streamed_files",
+            "Files whose parts were uploaded while they were written, finished at close",
+            m.streamed_files.clone(),
         );
         r.register(
             "upload_seconds",
