@@ -34,8 +34,21 @@ impl Drop for Coordinator {
 }
 
 fn start_coordinator(dir: &Path, token_file: &Path) -> Coordinator {
+    start_coordinator_at(dir, token_file, "127.0.0.1:0")
+}
+
+fn start_coordinator_at(dir: &Path, token_file: &Path, listen: &str) -> Coordinator {
     let mut child = Command::new(env!("CARGO_BIN_EXE_granary-cache"))
-        .args(["commit-coordinator", "--listen", "127.0.0.1:0", "--state-dir"])
+        // The shortest grace allowed: a restarted coordinator commits nothing before every
+        // live node has reported (one heartbeat).
+        .args([
+            "commit-coordinator",
+            "--resync-grace",
+            "6s",
+            "--listen",
+            listen,
+            "--state-dir",
+        ])
         .arg(dir.join("coordinator"))
         .arg("--token-file")
         .arg(token_file)
@@ -199,7 +212,15 @@ async fn wait_for(what: &str, timeout: Duration, nodes: &[&Node], mut done: impl
 
 /// Asserts the marker of `step` became visible after every shard listed.
 fn assert_marker_last(env: &S3Env, step: u32, shards: &[(String, Vec<u8>)]) {
-    let marker = completed_at(env, &format!("step_{step}/.metadata")).expect("marker in the log");
+    // The object's file can appear a moment before the server logs its completion.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let marker = loop {
+        match completed_at(env, &format!("step_{step}/.metadata")) {
+            Some(at) => break at,
+            None if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            None => panic!("step_{step}'s marker is not in the completion log"),
+        }
+    };
     for (key, data) in shards {
         let at = completed_at(env, key).unwrap_or_else(|| panic!("{key} never completed"));
         assert!(at < marker, "{key} became visible after step_{step}'s marker");
@@ -388,4 +409,56 @@ async fn three_nodes_commit_a_step_only_when_every_shard_is_in_the_store_and_a_l
         "multi-node checkpoint: {} steps committed, marker last across nodes, 0 incomplete committed, node loss: {node_loss}; a node lost for good left step_3 uncommitted and retention kept steps {committed:?}",
         3
     );
+}
+
+/// A coordinator that comes back without its journal (its PVC lost) relearns what the live
+/// nodes have not settled: they see its new incarnation and send their whole sets, so a
+/// shard pending across the restart still holds the marker back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_restarted_without_its_journal_relearns_the_live_nodes_pending_shards() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let root = env.dir.path().to_path_buf();
+    let token_file = root.join("token");
+    std::fs::write(&token_file, TOKEN).expect("token");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .to_string();
+    let mut coordinator = start_coordinator_at(&root, &token_file, &listen);
+    let mut nodes: Vec<Node> = ["n1", "n2"].iter().map(|n| Node::new(&root, n)).collect();
+    tokio::task::block_in_place(|| {
+        for n in &mut nodes {
+            n.start(&env, &coordinator.addr, &token_file);
+        }
+    });
+    // n2's shard uploads slowly, so it is pending while the coordinator goes away.
+    env.s3.set_write_delay(Duration::from_millis(800));
+    let shard1 = pattern(12 * MIB, 41);
+    let shard0 = pattern(MIB, 40);
+    tokio::task::block_in_place(|| {
+        nodes[1].write(&shard(1, 1), &shard1);
+        nodes[0].write(&shard(1, 0), &shard0);
+    });
+    drop(coordinator);
+    std::fs::remove_dir_all(root.join("coordinator")).expect("wipe the journal");
+    coordinator = start_coordinator_at(&root, &token_file, &listen);
+    assert_eq!(coordinator.addr, listen);
+    tokio::task::block_in_place(|| nodes[0].write_marker(1));
+    wait_for(
+        "step_1 committed",
+        Duration::from_secs(90),
+        &nodes.iter().collect::<Vec<_>>(),
+        || stored(&env, "step_1/.metadata").is_some(),
+    )
+    .await;
+    assert_marker_last(&env, 1, &[(shard(1, 0), shard0), (shard(1, 1), shard1)]);
+    assert!(
+        nodes[1].log_text().contains("the commit coordinator restarted"),
+        "n2 noticed the restart: {}",
+        nodes[1].log_text()
+    );
+    env.s3.set_write_delay(Duration::ZERO);
 }

@@ -365,6 +365,8 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
         &binary("granary-cache"),
         &[
             "commit-coordinator".into(),
+            "--resync-grace".into(),
+            "6s".into(),
             "--listen".into(),
             coordinator.to_string(),
             "--state-dir".into(),

@@ -609,7 +609,8 @@ async fn a_checkpoint_waiting_on_a_silent_node_and_refused_uploads_are_on_the_po
         &mut Registry::default(),
     ));
     let service =
-        granary_commit::server::CoordinatorService::open(state.path(), Some(token.clone()), metrics).expect("open");
+        granary_commit::server::CoordinatorService::open(state.path(), Some(token.clone()), Duration::ZERO, metrics)
+            .expect("open");
     let (addr, _server) =
         granary_commit::server::serve("127.0.0.1:0".parse().expect("addr"), service, std::future::pending())
             .await

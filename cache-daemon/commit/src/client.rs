@@ -101,12 +101,12 @@ impl CommitClient {
         }
     }
 
-    pub async fn report(&self, request: ReportRequest) -> Result<u64, CommitClientError> {
+    pub async fn report(&self, request: ReportRequest) -> Result<ReportResponse, CommitClientError> {
         let mut client = self.client.clone();
         client
             .report(request)
             .await
-            .map(|r| r.into_inner().pending)
+            .map(|r| r.into_inner())
             .map_err(|s| self.error(s))
     }
 

@@ -25,6 +25,13 @@ pub enum ServeError {
 
 pub struct CoordinatorService {
     state: Mutex<(Registry, Journal)>,
+    /// This process's start (see ReportResponse.incarnation).
+    incarnation: u64,
+    started: Instant,
+    /// How long after its start no commit is allowed: every live node reports within its
+    /// heartbeat, sees the new incarnation and sends its whole set (a journal that missed a
+    /// registration, or was lost, is made whole by then).
+    resync_grace: std::time::Duration,
     token: Option<String>,
     metrics: Arc<CoordinatorMetrics>,
 }
@@ -39,14 +46,23 @@ impl CoordinatorService {
     pub fn open(
         state_dir: &std::path::Path,
         token: Option<String>,
+        resync_grace: std::time::Duration,
         metrics: Arc<CoordinatorMetrics>,
     ) -> Result<Self, ServeError> {
         let (journal, registry) = Journal::open(state_dir, Instant::now()).map_err(|source| ServeError::Journal {
             dir: state_dir.to_path_buf(),
             source,
         })?;
+        let incarnation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            .max(1);
         let service = CoordinatorService {
             state: Mutex::new((registry, journal)),
+            incarnation,
+            started: Instant::now(),
+            resync_grace,
             token,
             metrics,
         };
@@ -134,7 +150,10 @@ impl CommitCoordinator for CoordinatorService {
         };
         drop(guard);
         self.metrics.pending_paths.get_or_create(&label).set(pending as i64);
-        Ok(Response::new(ReportResponse { pending }))
+        Ok(Response::new(ReportResponse {
+            pending,
+            incarnation: self.incarnation,
+        }))
     }
 
     async fn may_commit(&self, request: Request<MayCommitRequest>) -> Result<Response<MayCommitResponse>, Status> {
@@ -145,7 +164,17 @@ impl CommitCoordinator for CoordinatorService {
             .lock()
             .0
             .may_commit(&r.volume, &r.node, &r.dir, &r.marker, Instant::now());
-        let ready = blockers.is_empty();
+        let since_start = self.started.elapsed();
+        let reason = if blockers.is_empty() && since_start < self.resync_grace {
+            format!(
+                "the coordinator started {}s ago and waits {}s for every node to report its unsettled files",
+                since_start.as_secs(),
+                self.resync_grace.as_secs()
+            )
+        } else {
+            String::new()
+        };
+        let ready = blockers.is_empty() && reason.is_empty();
         self.metrics
             .decisions
             .get_or_create(&DecisionLabel {
@@ -162,7 +191,11 @@ impl CommitCoordinator for CoordinatorService {
         } else {
             tracing::debug!(volume = r.volume, dir = r.dir, blockers = ?blockers, "the checkpoint waits for other nodes");
         }
-        Ok(Response::new(MayCommitResponse { ready, blockers }))
+        Ok(Response::new(MayCommitResponse {
+            ready,
+            blockers,
+            reason,
+        }))
     }
 
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {

@@ -33,6 +33,10 @@ pub struct CoordinatorArgs {
     /// Address for Prometheus /metrics and /ready.
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// How long after a start no checkpoint is committed, so every live node (reporting at
+    /// least every 5 s) sends its whole unsettled set first; keep it above 5s.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    pub resync_grace: std::time::Duration,
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,7 +127,10 @@ pub async fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     let mut registry = Registry::default();
     let metrics = Arc::new(CoordinatorMetrics::register(&mut registry));
-    let service = CoordinatorService::open(&state_dir, token, metrics)?;
+    if args.resync_grace < std::time::Duration::from_secs(6) {
+        config_error!("--resync-grace must exceed the nodes' 5s heartbeat (e.g. 12s), or a restarted coordinator could commit before a node tells it its pending files");
+    }
+    let service = CoordinatorService::open(&state_dir, token, args.resync_grace, metrics)?;
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = super::shutdown_signal();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -41,10 +41,24 @@ struct Reported {
     paths: BTreeSet<String>,
     /// The upload refusal last told.
     refusal: String,
+    /// The coordinator's incarnation last seen (0: none yet).
+    incarnation: u64,
     /// Whether the whole set was sent since this process started (the coordinator may hold
     /// paths of a previous run that are settled now).
     synced: bool,
     last_sent: Instant,
+}
+
+/// A coordinator that restarted may have lost what it was told (its PVC gone, a machine
+/// crash before its journal reached the disk): tell it the whole set at the next round.
+fn note_incarnation(reported: &mut Reported, incarnation: u64) {
+    if reported.incarnation != 0 && reported.incarnation != incarnation {
+        tracing::info!("the commit coordinator restarted; sending it this node's whole unsettled set");
+        reported.synced = false;
+    }
+    if reported.synced {
+        reported.incarnation = incarnation;
+    }
 }
 
 pub struct CommitPeer {
@@ -88,6 +102,7 @@ impl CommitPeer {
             reported: Mutex::new(Reported {
                 paths: BTreeSet::new(),
                 refusal: String::new(),
+                incarnation: 0,
                 synced: false,
                 last_sent: Instant::now(),
             }),
@@ -124,7 +139,10 @@ impl CommitPeer {
                     .report(self.request(vec![path.to_string()], Vec::new(), false))
                     .await
                 {
-                    Ok(_) => break,
+                    Ok(answer) => {
+                        note_incarnation(&mut reported, answer.incarnation);
+                        break;
+                    }
                     Err(e) if e.is_transient() && Instant::now() + pause < deadline => {
                         tracing::warn!(path, error = %e, "the commit coordinator did not take a new file; retrying");
                         tokio::time::sleep(pause).await;
@@ -171,10 +189,16 @@ impl CommitPeer {
             self.request(now.iter().cloned().collect(), Vec::new(), true)
         };
         let refusal = request.upload_refusal.clone();
-        self.client.report(request).await?;
+        let replace = request.replace;
+        let answer = self.client.report(request).await?;
         reported.refusal = refusal;
         reported.paths = now;
         reported.synced = true;
+        if replace {
+            reported.incarnation = answer.incarnation;
+        } else {
+            note_incarnation(&mut reported, answer.incarnation);
+        }
         reported.last_sent = Instant::now();
         Ok(())
     }
@@ -211,6 +235,7 @@ impl CommitPeer {
                             b.node, b.pending, b.example, b.silent_seconds
                         )
                     })
+                    .chain((!answer.reason.is_empty()).then(|| answer.reason.clone()))
                     .collect();
                 tracing::info!(
                     checkpoint = dir,
