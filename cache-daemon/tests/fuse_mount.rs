@@ -388,11 +388,21 @@ async fn a_locally_complete_file_is_read_by_the_kernel_through_passthrough() {
     .await
     .unwrap();
     assert_eq!(mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""), 0.0);
+    let released = || mount.counter("granary_fuse_ops_total", "op=\"release\"");
+    let opened = mount.counter("granary_fuse_opens_total", "");
     drop(held);
 
     // Every open closed: the next one is passthrough, and it reads correct bytes with the
-    // store and the workers gone, because the kernel reads the local file.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // store and the workers gone, because the kernel reads the local file. The kernel sends
+    // the last RELEASE after close() returns: wait for it to reach the daemon.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while released() < opened {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel never released the held handle"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     worker.shutdown().await.unwrap();
     env.s3.set_outage(true);
     let replied_before = mount.counter("granary_fuse_reply_bytes_total", "");

@@ -184,8 +184,10 @@ impl Filesystem for DatasetFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let started = Instant::now();
         self.fs.release(fh.0);
         reply.ok();
+        observe(&self.fs, "release", started, Ok(()));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
