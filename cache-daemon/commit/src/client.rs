@@ -46,7 +46,6 @@ impl tonic::service::Interceptor for Token {
 pub struct CommitClient {
     client: CommitCoordinatorClient<InterceptedService<Channel, Token>>,
     address: String,
-    timeout: Duration,
 }
 
 impl CommitClient {
@@ -74,16 +73,11 @@ impl CommitClient {
         Ok(CommitClient {
             client: CommitCoordinatorClient::with_interceptor(channel, Token(token)),
             address: address.to_string(),
-            timeout,
         })
     }
 
     pub fn address(&self) -> &str {
         &self.address
-    }
-
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     fn error(&self, status: Status) -> CommitClientError {

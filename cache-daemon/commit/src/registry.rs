@@ -36,6 +36,16 @@ struct NodeState {
     upload_refusal: String,
 }
 
+impl NodeState {
+    fn new(now: Instant) -> Self {
+        NodeState {
+            pending: BTreeSet::new(),
+            last_seen: now,
+            upload_refusal: String::new(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Waiting {
     since: Instant,
@@ -81,11 +91,7 @@ impl Registry {
                 replace,
             } => {
                 let vol = self.volumes.entry(volume.clone()).or_default();
-                let state = vol.nodes.entry(node.clone()).or_insert_with(|| NodeState {
-                    pending: BTreeSet::new(),
-                    last_seen: now,
-                    upload_refusal: String::new(),
-                });
+                let state = vol.nodes.entry(node.clone()).or_insert_with(|| NodeState::new(now));
                 state.last_seen = now;
                 if *replace {
                     state.pending.clear();
@@ -113,11 +119,7 @@ impl Registry {
             .or_default()
             .nodes
             .entry(node.to_string())
-            .or_insert_with(|| NodeState {
-                pending: BTreeSet::new(),
-                last_seen: now,
-                upload_refusal: String::new(),
-            });
+            .or_insert_with(|| NodeState::new(now));
         state.last_seen = now;
         state.upload_refusal = upload_refusal.to_string();
     }

@@ -37,6 +37,8 @@ impl UploadTuning {
     }
 }
 
+const GAUGE_PERIOD: Duration = Duration::from_millis(500);
+
 pub struct Uploader {
     /// Files whose parts went up while they were written: finished, not uploaded again.
     pub streams: Option<Arc<Streams>>,
@@ -134,14 +136,20 @@ impl Uploader {
         }
         // Often enough that a held upload (the grace after close, a retry) starts on time.
         let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // The gauges scan every file: twice a second is plenty for a scrape.
+        let mut published: Option<Instant> = None;
         loop {
             let free = self.tuning.files_at_once().saturating_sub(running.len());
             for work in self.tracker.take_work(free) {
                 let me = Arc::clone(&self);
                 running.spawn(async move { me.perform(work).await });
             }
-            self.publish_gauges(&label);
-            if *stop.borrow() && running.is_empty() {
+            let stopping = *stop.borrow() && running.is_empty();
+            if stopping || published.is_none_or(|t| t.elapsed() >= GAUGE_PERIOD) {
+                self.publish_gauges(&label);
+                published = Some(Instant::now());
+            }
+            if stopping {
                 return;
             }
             tokio::select! {
