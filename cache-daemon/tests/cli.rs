@@ -228,3 +228,50 @@ async fn an_https_store_is_reached_over_tls_and_an_untrusted_certificate_is_name
         "no TLS ClientHello reached the store: {stderr}"
     );
 }
+
+/// A worker whose store is unreachable says so at start, before any read, and keeps
+/// serving: its probe is a real request (the root's stat needs none).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_says_at_start_that_its_store_is_unreachable() {
+    use std::io::BufRead;
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_granary-cache"))
+        .args(["worker", "--source", "s3://bucket/data/", "--listen", "127.0.0.1:0"])
+        .args(["--source-option", &format!("endpoint=http://{closed}")])
+        .args(["--source-option", "region=us-east-1", "--source-retries", "0"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test-secret")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the worker starts");
+    let stderr = worker.stderr.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let done = line.contains("not reachable");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(60), lines)
+        .await
+        .expect("the worker said nothing about its store within 60 s")
+        .unwrap();
+    let still_running = worker.try_wait().unwrap().is_none();
+    let _ = worker.kill();
+    let _ = worker.wait();
+    let last = lines.last().cloned().unwrap_or_default();
+    assert!(
+        last.contains("not reachable") && last.contains("endpoint"),
+        "{}",
+        lines.join("\n")
+    );
+    assert!(still_running, "the worker keeps serving its cache");
+}

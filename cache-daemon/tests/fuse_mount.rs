@@ -464,3 +464,33 @@ async fn a_sequential_read_fetches_each_block_about_once_under_a_small_budget() 
     );
     drop(mount);
 }
+
+/// The file a loader stat'ed (or listed) is replaced in the store before it opens it: the
+/// mount's and the worker's cached metadata name a version the store no longer has. The
+/// fresh open reads the new bytes, with the new size, and does not fail with ESTALE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_replaced_after_it_was_stated_is_read_whole_in_its_new_version() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    env.put("changing/sample.bin", &pattern(100_000, 1)).await;
+    let worker = start(env.config("changing")).await;
+    let config = s3_mount_config(&env, "changing", &[worker.addr.to_string()]);
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
+    let path = mount.path().join("sample.bin");
+    let listed = std::fs::read_dir(mount.path()).unwrap().count();
+    assert_eq!(listed, 1);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 100_000);
+    // Larger, so a reader held to the old size would come up short.
+    let new = pattern(300_000, 2);
+    env.put("changing/sample.bin", &new).await;
+    let read = tokio::task::spawn_blocking(move || std::fs::read(path)).await.unwrap();
+    let got = read.expect("a fresh open of the replaced file reads it (no ESTALE)");
+    assert_eq!(got.len(), new.len(), "the new size is read");
+    assert!(got == new, "the new version's bytes");
+    assert_eq!(mount.counter("granary_fuse_reopened_changed_total", ""), 1.0);
+    drop(mount);
+}

@@ -191,3 +191,51 @@ async fn listings_stream_entries_and_stat_is_cached_for_the_ttl() {
     assert_ne!(fresh.version, before.version);
     assert_eq!(fresh.size, 8);
 }
+
+/// TCP connections of this process whose one end is `port`: (accepted by the worker,
+/// TCP_NODELAY set).
+fn connections_on(port: u16) -> Vec<(bool, bool)> {
+    use std::os::fd::FromRawFd;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").expect("/proc/self/fd").flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let is_socket = std::fs::read_link(entry.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"));
+        if !is_socket {
+            continue;
+        }
+        // SAFETY: the fd is open in this process (listed just now); ManuallyDrop means this
+        // view never closes it. A socket closed meanwhile only makes the calls below fail.
+        let socket = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+        let (Ok(local), Ok(peer)) = (socket.local_addr(), socket.peer_addr()) else {
+            continue;
+        };
+        if local.port() != port && peer.port() != port {
+            continue;
+        }
+        found.push((local.port() == port, socket.nodelay().unwrap_or(false)));
+    }
+    found
+}
+
+/// Nagle's algorithm meeting delayed ACKs holds a small reply for about 40 ms: a first
+/// epoch over small files ran at 0.07× of local disk. Both ends of every worker connection
+/// must set TCP_NODELAY (the server's accepted sockets are not covered by tonic's option).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_ends_of_a_worker_connection_disable_nagle() {
+    let env = s3_env().await;
+    env.put("ds/a.bin", &pattern(1000, 1)).await;
+    let worker = start(env.config("ds")).await;
+    let pool = pool(&[&worker], 1);
+    assert_eq!(read_all(&pool, "/a.bin").await.unwrap(), pattern(1000, 1));
+    let connections = connections_on(worker.addr.port());
+    assert!(
+        connections.iter().any(|(accepted, _)| *accepted) && connections.iter().any(|(accepted, _)| !*accepted),
+        "expected the client's and the worker's end of the connection: {connections:?}"
+    );
+    for (accepted, nodelay) in connections {
+        let end = if accepted { "worker's accepted" } else { "client's" };
+        assert!(nodelay, "the {end} socket has Nagle's algorithm on (TCP_NODELAY unset)");
+    }
+}

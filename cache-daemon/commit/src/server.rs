@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::journal::Journal;
@@ -252,31 +252,9 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ServeError::Listen { addr: listen, source })?;
     // Accepted connections get TCP_NODELAY: a report is a small request a create() waits on.
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .add_service(CommitCoordinatorServer::new(service))
-        .serve_with_incoming_shutdown(NoDelay(incoming), shutdown);
+        .serve_with_incoming_shutdown(incoming, shutdown);
     Ok((addr, tokio::spawn(server)))
-}
-
-/// Sets TCP_NODELAY on every accepted connection (tonic's own option applies only to
-/// listeners it binds).
-struct NoDelay(TcpListenerStream);
-
-impl tokio_stream::Stream for NoDelay {
-    type Item = std::io::Result<tokio::net::TcpStream>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        std::pin::Pin::new(&mut self.0).poll_next(cx).map(|item| {
-            item.map(|conn| {
-                conn.inspect(|stream| {
-                    let _ = stream.set_nodelay(true);
-                })
-            })
-        })
-    }
 }

@@ -134,6 +134,14 @@ impl S3TestServer {
                             || (faults.fail_list_continuations.load(Ordering::Relaxed)
                                 && record.query.contains("continuation-token"));
                         let object_get = record.is_object_get();
+                        // s3s-fs ignores If-Match on GET; S3 answers 412 when the object's
+                        // ETag differs, and readers of a version depend on that.
+                        let if_match = req
+                            .headers()
+                            .get("if-match")
+                            .and_then(|v| v.to_str().ok())
+                            .filter(|_| object_get)
+                            .map(str::to_string);
                         // A PUT of a whole object (not a part), or a multipart completion.
                         let completes_object = (record.method == "PUT" && !record.query.contains("partNumber"))
                             || (record.method == "POST" && record.query.contains("uploadId"));
@@ -172,6 +180,16 @@ impl S3TestServer {
                                 tokio::time::sleep(Duration::from_millis(write_delay)).await;
                             }
                             let response = Service::call(&s3, req).await;
+                            if let (Some(wanted), Ok(r)) = (&if_match, &response) {
+                                let etag = r.headers().get("etag").and_then(|v| v.to_str().ok());
+                                if r.status().is_success() && etag != Some(wanted.as_str()) {
+                                    let body = "<?xml version=\"1.0\"?><Error><Code>PreconditionFailed</Code><Message>At least one of the pre-conditions you specified did not hold</Message></Error>";
+                                    return Ok(http::Response::builder()
+                                        .status(412)
+                                        .body(s3s::Body::from(body.to_string()))
+                                        .expect("static response"));
+                                }
+                            }
                             if completes_object {
                                 if let Ok(r) = &response {
                                     if r.status().is_success() {

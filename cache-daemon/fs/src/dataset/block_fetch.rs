@@ -122,6 +122,7 @@ impl BlockFetcher {
             .read_bytes
             .get_or_create(&origin.label())
             .inc_by(data.len() as u64);
+        self.metrics.block_fetches.get_or_create(&origin.label()).inc();
         if !matches!(origin, Origin::Local) {
             if let Some(local) = &self.local {
                 // Only with memory to spare: the local copy is an optimisation.

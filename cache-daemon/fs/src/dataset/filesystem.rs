@@ -6,7 +6,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -35,9 +35,28 @@ pub struct Ownership {
 }
 
 struct OpenFile {
-    info: FileInfo,
+    /// The version this handle reads. It changes only while the handle has returned no
+    /// byte (see [`DatasetFs::adopt_new_version`]).
+    info: Mutex<Arc<FileInfo>>,
+    /// Whether a read of this handle returned bytes (of `info`'s version).
+    served: AtomicBool,
     readahead: Mutex<Readahead>,
     ino: u64,
+}
+
+impl OpenFile {
+    fn new(info: Arc<FileInfo>, ino: u64, max_readahead: u64) -> Self {
+        OpenFile {
+            readahead: Mutex::new(Readahead::new(info.block_size, max_readahead)),
+            info: Mutex::new(info),
+            served: AtomicBool::new(false),
+            ino,
+        }
+    }
+
+    fn info(&self) -> Arc<FileInfo> {
+        Arc::clone(&self.info.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+    }
 }
 
 struct OpenDir {
@@ -112,6 +131,8 @@ struct Inner {
     /// Passthrough was asked for, and the kernel agreed at init.
     passthrough: Arc<AtomicBool>,
     max_readahead: u64,
+    /// Tells the kernel to drop what it holds of an inode; set once the session runs.
+    notifier: OnceLock<fuser::Notifier>,
 }
 
 pub(super) fn root_info() -> FileInfo {
@@ -168,8 +189,14 @@ impl DatasetFs {
                 ownership,
                 passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
                 max_readahead,
+                notifier: OnceLock::new(),
             }),
         }
+    }
+
+    /// Gives the filesystem the session's notifier (once the session runs).
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.inner.notifier.set(notifier);
     }
 
     /// Whether the kernel agreed to passthrough (shared with the mount, which hands it on).
@@ -267,11 +294,9 @@ impl DatasetFs {
                 }
             }
         });
-        let fh = inner.files.insert(OpenFile {
-            info: (*info).clone(),
-            readahead: Mutex::new(Readahead::new(info.block_size, inner.max_readahead)),
-            ino,
-        });
+        let fh = inner
+            .files
+            .insert(OpenFile::new(Arc::clone(&info), ino, inner.max_readahead));
         Ok(match opened {
             Opened::Passthrough(backing) => OpenedFile::Passthrough { fh, backing },
             Opened::Cached => OpenedFile::Cached { fh },
@@ -289,14 +314,7 @@ impl DatasetFs {
             return Err(FsError::BadHandle(fh));
         }
         let info = self.fresh_info(ino).await?;
-        Ok(inner.files.adopt(
-            fh,
-            OpenFile {
-                info: (*info).clone(),
-                readahead: Mutex::new(Readahead::new(info.block_size, inner.max_readahead)),
-                ino,
-            },
-        ))
+        Ok(inner.files.adopt(fh, OpenFile::new(info, ino, inner.max_readahead)))
     }
 
     /// Reads `size` bytes at `offset` of the open file `fh`. The readahead decision is made
@@ -311,33 +329,81 @@ impl DatasetFs {
     ) -> impl std::future::Future<Output = Result<Bytes, FsError>> + Send + 'static {
         let fs = self.clone();
         let known = self.inner.files.get(fh).map(|file| {
-            let ahead = plan_read(&file, offset, size);
-            (file, ahead)
+            let planned = plan_read(&file, offset, size);
+            (file, planned)
         });
         async move {
-            let (file, ahead) = match known {
-                Some(planned) => planned,
+            let (file, planned) = match known {
+                Some(known) => known,
                 // Opened before this daemon took the mount over: rebuild the handle first.
                 None => {
                     let file = fs.open_file(fh, ino).await?;
-                    let ahead = plan_read(&file, offset, size);
-                    (file, ahead)
+                    let planned = plan_read(&file, offset, size);
+                    (file, planned)
                 }
             };
-            let Some(ahead) = ahead else { return Ok(Bytes::new()) };
-            fs.serve_read(&file, offset, size, ahead).await
+            let (info, Some(ahead)) = planned else {
+                return Ok(Bytes::new());
+            };
+            match fs.serve_read(&info, offset, size, ahead.clone()).await {
+                Ok(data) => {
+                    file.served.store(true, Ordering::Relaxed);
+                    Ok(data)
+                }
+                Err(FsError::Changed(_)) if !file.served.load(Ordering::Relaxed) => {
+                    // Opened from metadata cached before the file changed in the store:
+                    // nothing of the old version was returned, so the handle reads the new.
+                    let info = fs.adopt_new_version(&file, &info).await?;
+                    let data = fs.serve_read(&info, offset, size, ahead).await?;
+                    file.served.store(true, Ordering::Relaxed);
+                    Ok(data)
+                }
+                Err(e) => Err(e),
+            }
         }
+    }
+
+    /// Moves a handle that has returned no byte from `old`, a version the store no longer
+    /// has, to the store's current one: its metadata is asked for afresh (past the mount's
+    /// and the workers' caches) and the kernel is told to drop the attributes it holds (the
+    /// size may differ). A version that did not change, or is no longer a file, stays
+    /// `Changed` (ESTALE): a handle that returned bytes never mixes two versions.
+    async fn adopt_new_version(&self, file: &OpenFile, old: &Arc<FileInfo>) -> Result<Arc<FileInfo>, FsError> {
+        let inner = &self.inner;
+        let changed = || FsError::Changed(old.path.clone());
+        let current = match inner.metadata.refresh(&old.path).await {
+            Ok(info) if !info.is_dir && info.version != old.version => info,
+            Ok(_) | Err(FsError::NotFound(_)) => return Err(changed()),
+            Err(e) => return Err(e),
+        };
+        {
+            let mut held = file.info.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if Arc::ptr_eq(&held, old) {
+                *held = Arc::clone(&current);
+            }
+        }
+        inner.inodes.update(file.ino, Arc::clone(&current));
+        inner.fetcher.metrics.reopened_changed.inc();
+        tracing::info!(path = %current.path, old = %old.version, new = %current.version, "the file changed in the store before its first read; reading the new version");
+        if let Some(notifier) = inner.notifier.get() {
+            // Attributes only (offset -1): the kernel takes no page lock for it, so it is
+            // safe while this read's pages wait for the reply. It lands before the reply,
+            // so the reader's next read past the old end asks for the new size.
+            if let Err(e) = notifier.inval_inode(fuser::INodeNo(file.ino), -1, 0) {
+                tracing::debug!(ino = file.ino, error = %e, "the kernel did not take an attribute invalidation");
+            }
+        }
+        Ok(current)
     }
 
     async fn serve_read(
         &self,
-        file: &OpenFile,
+        info: &FileInfo,
         offset: u64,
         size: u32,
         ahead: super::readahead::Ahead,
     ) -> Result<Bytes, FsError> {
         let fetcher = &self.inner.fetcher;
-        let info = &file.info;
         let end = offset.saturating_add(size as u64).min(info.size);
         let fetch = ahead.fetch.start..ahead.fetch.end.min(info.size);
         if !fetch.is_empty() {
@@ -502,18 +568,19 @@ impl DatasetFs {
     }
 }
 
-/// The readahead decision for one read, or none when it is past the end.
-fn plan_read(file: &OpenFile, offset: u64, size: u32) -> Option<super::readahead::Ahead> {
-    let end = offset.saturating_add(size as u64).min(file.info.size);
+/// The version a read is for, and its readahead decision (none when it is past the end).
+fn plan_read(file: &OpenFile, offset: u64, size: u32) -> (Arc<FileInfo>, Option<super::readahead::Ahead>) {
+    let info = file.info();
+    let end = offset.saturating_add(size as u64).min(info.size);
     if offset >= end {
-        return None;
+        return (info, None);
     }
-    Some(
-        file.readahead
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .on_read(offset, end - offset),
-    )
+    let ahead = file
+        .readahead
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .on_read(offset, end - offset);
+    (info, Some(ahead))
 }
 
 /// A sequential reader that has read a block to its end will not read it again (and the

@@ -212,6 +212,15 @@ impl Metadata {
         }
     }
 
+    /// Metadata of `path` asked for afresh, past this mount's cache and the workers' (a
+    /// read found the cached version gone from the store).
+    pub async fn refresh(&self, path: &str) -> Result<Arc<FileInfo>, FsError> {
+        self.metrics.metadata_requests.get_or_create(&REMOTE).inc();
+        let info = Arc::new(self.remote.stat_fresh(path).await?);
+        self.remember(&mut self.lock(), Arc::clone(&info));
+        Ok(info)
+    }
+
     /// The listing of directory `path`: the cached one while fresh (complete or still
     /// arriving), else a new one.
     pub fn listing(&self, path: &str) -> Arc<DirListing> {

@@ -346,7 +346,7 @@ pub fn mount(
     let (fs, source) = build_fs(config, resources, runtime.clone(), Incarnation::first(inodes))?;
     let passthrough = fs.passthrough_flag();
     let (session, device) = start_session(
-        fuse_adapter::DatasetFuse::new(fs, runtime, config.passthrough),
+        fuse_adapter::DatasetFuse::new(fs.clone(), runtime, config.passthrough),
         mountpoint,
         session_config(config),
         config.restart_log.is_some(),
@@ -356,6 +356,7 @@ pub fn mount(
         path: mountpoint.to_path_buf(),
         source,
     })?;
+    fs.set_notifier(session.notifier());
     raise_kernel_readahead(mountpoint);
     resources.metrics.mounts.inc();
     tracing::info!(mountpoint = %mountpoint.display(), source = ?config.source, workers = ?config.workers, "mounted");
@@ -412,7 +413,7 @@ pub fn resume(
     };
     let (fs, source) = build_fs(config, resources, runtime.clone(), incarnation)?;
     let passthrough = fs.passthrough_flag();
-    let fuse = fuse_adapter::DatasetFuse::new(fs, runtime, config.passthrough);
+    let fuse = fuse_adapter::DatasetFuse::new(fs.clone(), runtime, config.passthrough);
     let (session, device) =
         start_session(fuse, mountpoint, session_config(config), true, Some(takeover.fd)).map_err(|source| {
             MountError::Takeover {
@@ -420,6 +421,7 @@ pub fn resume(
                 source,
             }
         })?;
+    fs.set_notifier(session.notifier());
     resources.metrics.mounts.inc();
     tracing::info!(mountpoint = %mountpoint.display(), epoch, inherited, "took the mount over");
     Ok(MountedFs {

@@ -124,10 +124,19 @@ impl Remote {
         })
     }
 
-    /// Metadata of `path` ("" is the root).
+    /// Metadata of `path` ("" is the root), as the workers have it cached.
     pub async fn stat(&self, path: &str) -> Result<FileInfo, FsError> {
+        self.stat_with(path, false).await
+    }
+
+    /// Metadata of `path` from the store itself (the workers refresh their cache).
+    pub async fn stat_fresh(&self, path: &str) -> Result<FileInfo, FsError> {
+        self.stat_with(path, true).await
+    }
+
+    async fn stat_with(&self, path: &str, refresh: bool) -> Result<FileInfo, FsError> {
         if let Route::Workers(workers) = self.route()? {
-            match workers.stat(path, false).await {
+            match workers.stat(path, refresh).await {
                 Ok(info) => {
                     self.worker_answered();
                     return Ok(info);

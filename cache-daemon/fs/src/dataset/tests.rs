@@ -226,13 +226,41 @@ fn a_directory_lists_whole_in_pages_with_dot_entries() {
 }
 
 #[test]
-fn a_file_replaced_under_an_open_handle_is_stale_not_mixed() {
+fn a_file_replaced_under_a_handle_that_returned_bytes_is_stale_not_mixed() {
     let env = env();
-    let ino = env.ino("train/b.bin");
+    let ino = env.ino("train/a.bin");
     let fh = env.open(ino).expect("open");
+    assert_eq!(env.read(ino, fh, 0, 16).expect("read"), pattern(1, 16));
     // Another writer replaces the file in the store (new size and mtime: a new version).
     std::thread::sleep(std::time::Duration::from_millis(20));
-    write(&env.root, "train/b.bin", &pattern(9, 2 * BLOCK as usize));
-    let err = env.read(ino, fh, 0, 16).expect_err("the old version is gone");
+    write(&env.root, "train/a.bin", &pattern(9, 3 * BLOCK as usize));
+    // Block 2 was never fetched: only the new version is left to read it from.
+    let err = env.read(ino, fh, 2 * BLOCK, 16).expect_err("the old version is gone");
     assert_eq!(err.errno(), fuser::Errno::ESTALE, "{err}");
+}
+
+/// A DataLoader stats (or lists) its files, another writer replaces one, the loader opens it:
+/// the mount's cached metadata names a version the store no longer has. The first read
+/// finds that out and the handle reads the new version; ESTALE here killed the loader.
+#[test]
+fn a_file_changed_after_its_metadata_was_cached_opens_with_the_new_bytes() {
+    let env = env();
+    let ino = env.ino("train/b.bin");
+    env.lookup(ROOT, "train").expect("lookup");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let new = pattern(7, 2 * BLOCK as usize + 100);
+    write(&env.root, "train/b.bin", &new);
+    let fh = env.open(ino).expect("open");
+    assert_eq!(
+        env.read(ino, fh, 0, new.len() as u32).expect("the new version is read"),
+        new
+    );
+    let attr = env.runtime.block_on(env.fs.getattr(ino)).expect("getattr").attr;
+    assert_eq!(attr.size, new.len() as u64, "the inode shows the new size");
+    // A second handle opens the new version straight away.
+    let again = env.open(ino).expect("open");
+    assert_eq!(
+        env.read(ino, again, BLOCK, 16).expect("read"),
+        new[BLOCK as usize..][..16]
+    );
 }

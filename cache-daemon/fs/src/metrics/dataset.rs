@@ -32,6 +32,8 @@ pub struct FuseMetrics {
     pub reply_bytes: Counter,
     pub opens: Family<OriginLabel, Counter>,
     pub fallback_reads: Counter,
+    pub block_fetches: Family<OriginLabel, Counter>,
+    pub reopened_changed: Counter,
     pub prefetched_blocks: Counter,
     pub warmed_ahead: Counter,
     pub memory_used_bytes: Gauge,
@@ -55,6 +57,8 @@ impl FuseMetrics {
             reply_bytes: Counter::default(),
             opens: Family::default(),
             fallback_reads: Counter::default(),
+            block_fetches: Family::default(),
+            reopened_changed: Counter::default(),
             prefetched_blocks: Counter::default(),
             warmed_ahead: Counter::default(),
             memory_used_bytes: Gauge::default(),
@@ -102,6 +106,16 @@ impl FuseMetrics {
             "granary_fuse_fallback_reads",
             "Blocks read from the source store directly because the workers were unreachable",
             m.fallback_reads.clone(),
+        );
+        r.register(
+            "granary_fuse_block_fetches",
+            "Blocks the mount fetched into memory, by where they came from (a block read twice by one sequential reader counts twice)",
+            m.block_fetches.clone(),
+        );
+        r.register(
+            "granary_fuse_reopened_changed",
+            "Open files moved to a file's new version at their first read, because the version their open saw was gone from the store",
+            m.reopened_changed.clone(),
         );
         r.register(
             "granary_fuse_prefetched_blocks",
