@@ -457,9 +457,12 @@ async fn a_sequential_read_fetches_each_block_about_once_under_a_small_budget() 
         mount.counter("granary_fuse_prefetched_blocks_total", "") > 0.0,
         "readahead ran"
     );
+    // The kernel's reads of one stream run concurrently: a block finished by one read may be
+    // wanted by another still on its way; it is demoted, not dropped, so it is not fetched
+    // twice (blocks were: 1.04-1.10x of the file before).
     assert!(
-        fetched <= 1.25 * data.len() as f64,
-        "{fetched} bytes fetched for a {} byte file: readahead thrashes",
+        fetched <= 1.03 * data.len() as f64,
+        "{fetched} bytes fetched for a {} byte file: blocks are fetched twice",
         data.len()
     );
     drop(mount);

@@ -45,7 +45,12 @@ pub struct BoundedIndex<K, V> {
     entries: HashMap<K, Slot<V>>,
     recency: BTreeMap<u64, K>,
     tick: u64,
+    /// Ticks of demoted entries: below every `tick`, so they go first, oldest demotion first.
+    demoted_tick: u64,
 }
+
+/// Where ordinary ticks start; demoted entries get ticks below it.
+const FIRST_TICK: u64 = 1 << 62;
 
 impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
     pub fn new(capacity: u64, policy: EvictionPolicy) -> Self {
@@ -55,7 +60,8 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
             policy,
             entries: HashMap::new(),
             recency: BTreeMap::new(),
-            tick: 0,
+            tick: FIRST_TICK,
+            demoted_tick: 0,
         }
     }
 
@@ -88,6 +94,18 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
         slot.tick = tick;
         self.recency.insert(tick, key.clone());
         Some(&mut slot.value)
+    }
+
+    /// Marks an entry as the next to evict (after entries demoted before it); a later
+    /// [`BoundedIndex::get`] makes it recently used again.
+    pub fn demote(&mut self, key: &K) {
+        self.demoted_tick = (self.demoted_tick + 1).min(FIRST_TICK - 1);
+        let tick = self.demoted_tick;
+        if let Some(slot) = self.entries.get_mut(key) {
+            self.recency.remove(&slot.tick);
+            slot.tick = tick;
+            self.recency.insert(tick, key.clone());
+        }
     }
 
     pub fn contains(&self, key: &K) -> bool {
@@ -183,6 +201,24 @@ mod tests {
         assert!(idx.contains(&"a") && idx.contains(&"c") && !idx.contains(&"b"));
         assert_eq!(idx.used(), 8);
         assert_eq!(idx.insert("huge", 9, 11), Admission::Rejected);
+    }
+
+    #[test]
+    fn demoted_entries_go_first_in_the_order_they_were_demoted() {
+        let mut idx = BoundedIndex::new(100, EvictionPolicy::Lru);
+        for (i, k) in ["a", "b", "c", "d"].into_iter().enumerate() {
+            idx.insert(k, i, 1);
+        }
+        idx.demote(&"c");
+        idx.demote(&"b");
+        idx.demote(&"gone");
+        let order: Vec<&str> = std::iter::from_fn(|| idx.pop_lru().map(|(k, ..)| k)).collect();
+        assert_eq!(order, ["c", "b", "a", "d"]);
+        idx.insert("e", 0, 1);
+        idx.insert("f", 0, 1);
+        idx.demote(&"e");
+        idx.get(&"e");
+        assert_eq!(idx.pop_lru().map(|(k, ..)| k), Some("f"), "a read undoes the demotion");
     }
 
     #[test]

@@ -279,9 +279,24 @@ impl DiskTier {
 /// worker: the short circuit. `None` when the block is not there or its file does not verify
 /// (it may be mid-write or evicted; the caller asks the worker instead).
 pub fn read_block_file_in(cache_dir: &Path, key: &BlockKey) -> Option<Bytes> {
+    read_block_file_into(cache_dir, key, Vec::new())
+}
+
+/// [`read_block_file_in`], reading the file into `buffer` (a reused one saves the page
+/// faults of a fresh allocation); the block is a view of it.
+pub fn read_block_file_into<B>(cache_dir: &Path, key: &BlockKey, mut buffer: B) -> Option<Bytes>
+where
+    B: AsRef<[u8]> + AsMut<Vec<u8>> + Send + 'static,
+{
+    use std::io::Read;
     let path = block_path(&cache_dir.join("blocks"), &key.name());
-    let file = std::fs::read(path).ok()?;
-    block_file::decode(Bytes::from(file), key).ok()
+    let mut file = std::fs::File::open(path).ok()?;
+    let len = file.metadata().ok()?.len() as usize;
+    let bytes = buffer.as_mut();
+    bytes.clear();
+    bytes.reserve(len);
+    file.read_to_end(bytes).ok()?;
+    block_file::decode(Bytes::from_owner(buffer), key).ok()
 }
 
 fn block_path(blocks_dir: &Path, name: &BlockName) -> PathBuf {

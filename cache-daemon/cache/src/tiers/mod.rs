@@ -7,5 +7,5 @@ mod memory;
 
 pub use block_file::CorruptBlock;
 pub use bounded_index::{Admission, BoundedIndex, EvictionPolicy};
-pub use disk::{read_block_file_in, DiskOpenReport, DiskRead, DiskTier, DiskWrite};
+pub use disk::{read_block_file_in, read_block_file_into, DiskOpenReport, DiskRead, DiskTier, DiskWrite};
 pub use memory::{InsertOutcome, MemoryTier};

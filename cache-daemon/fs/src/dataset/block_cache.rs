@@ -36,10 +36,10 @@ impl BlockCache {
         self.lock().contains(name)
     }
 
-    /// Drops a block (its lease is released).
-    pub fn remove(&self, name: &BlockName) {
-        let removed = self.lock().remove(name);
-        drop(removed);
+    /// Makes a block the first to go when memory is needed (a reader is done with it; a
+    /// read arriving late, out of the kernel's order, still finds it).
+    pub fn demote(&self, name: &BlockName) {
+        self.lock().demote(name);
     }
 
     pub fn insert(&self, name: BlockName, data: Bytes, lease: MemoryLease) {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::block_buffers::BlockBuffers;
 use super::block_cache::BlockCache;
 use super::error::FsError;
 use super::local_files::LocalFileCache;
@@ -17,12 +18,13 @@ use crate::metrics::FuseMetrics;
 use granary_cache::block::{block_range, BlockKey, BlockName};
 use granary_cache::proto::FileInfo;
 use granary_cache::singleflight::SingleFlight;
-use granary_cache::tiers::read_block_file_in;
+use granary_cache::tiers::read_block_file_into;
 
 pub struct BlockFetcher {
     pub remote: Arc<Remote>,
     pub cache: BlockCache,
     pub budget: Arc<MemoryBudget>,
+    buffers: Arc<BlockBuffers>,
     pub local: Option<Arc<LocalFileCache>>,
     /// Cache directories of workers on this node, read directly.
     pub short_circuit: Arc<[PathBuf]>,
@@ -44,6 +46,7 @@ impl BlockFetcher {
         metrics: Arc<FuseMetrics>,
     ) -> Self {
         BlockFetcher {
+            buffers: BlockBuffers::new(remote.block_size(), Arc::clone(&budget)),
             remote,
             cache: BlockCache::default(),
             budget,
@@ -136,8 +139,9 @@ impl BlockFetcher {
     }
 
     async fn fetch_uncached(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
+        let len = block_len(file, index) as usize;
         if let Some(local) = &self.local {
-            if let Some(data) = local.read_block(file, index).await {
+            if let Some(data) = local.read_block(file, index, self.buffers.take(len)).await {
                 return Ok((data, Origin::Local));
             }
         }
@@ -148,14 +152,25 @@ impl BlockFetcher {
                 index,
             };
             let dirs = Arc::clone(&self.short_circuit);
-            let found = tokio::task::spawn_blocking(move || dirs.iter().find_map(|dir| read_block_file_in(dir, &key)))
-                .await
-                .ok()
-                .flatten();
+            let buffers = Arc::clone(&self.buffers);
+            let found = tokio::task::spawn_blocking(move || {
+                dirs.iter()
+                    .find_map(|dir| read_block_file_into(dir, &key, buffers.take(len + 4096)))
+            })
+            .await
+            .ok()
+            .flatten();
             if let Some(data) = found {
                 return Ok((data, Origin::ShortCircuit));
             }
         }
-        self.remote.read_block(file, index).await
+        let (data, origin) = self.remote.read_block(file, index).await?;
+        Ok(match origin {
+            // A view into gRPC's receive buffer, which can be larger than the block: a copy
+            // into a pooled buffer makes the memory held the memory counted, and lets the
+            // receive buffer be reused for the next message.
+            Origin::Worker => (self.buffers.copy_of(&data), origin),
+            _ => (data, origin),
+        })
     }
 }

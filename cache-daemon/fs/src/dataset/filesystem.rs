@@ -584,15 +584,17 @@ fn plan_read(file: &OpenFile, offset: u64, size: u32) -> (Arc<FileInfo>, Option<
 }
 
 /// A sequential reader that has read a block to its end will not read it again (and the
-/// kernel's page cache serves any re-read): free its memory for the blocks ahead, which
-/// least-recently-used order would otherwise evict first.
+/// kernel's page cache serves any re-read): its memory goes first to the blocks ahead, which
+/// least-recently-used order would otherwise evict first. It is demoted, not dropped: the
+/// kernel's reads of one stream run concurrently, and one for an earlier part of the block
+/// may arrive after this one (dropping it made that read fetch the block again).
 fn drop_behind(fetcher: &BlockFetcher, info: &FileInfo, end: u64) {
     let bs = info.block_size.max(1);
     let index = (end - 1) / bs;
     if block_range(info.size, bs, index).end == end {
         fetcher
             .cache
-            .remove(&granary_cache::block::BlockName::of(&info.path, &info.version, index));
+            .demote(&granary_cache::block::BlockName::of(&info.path, &info.version, index));
     }
 }
 

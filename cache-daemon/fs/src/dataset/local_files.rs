@@ -147,7 +147,10 @@ impl LocalFileCache {
     }
 
     /// Reads block `index` of `file` when it is on local disk.
-    pub async fn read_block(&self, file: &FileInfo, index: u64) -> Option<Bytes> {
+    pub async fn read_block<B>(&self, file: &FileInfo, index: u64, mut buffer: B) -> Option<Bytes>
+    where
+        B: AsRef<[u8]> + AsMut<Vec<u8>> + Send + 'static,
+    {
         let key = key_of(file);
         let path = match self.lock().get(&key) {
             Some(e) if e.complete => self.complete_path(key),
@@ -157,9 +160,11 @@ impl LocalFileCache {
         let range = block_range(file.size, file.block_size.max(1), index);
         let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let f = File::open(path)?;
-            let mut buf = vec![0u8; (range.end - range.start) as usize];
-            f.read_exact_at(&mut buf, range.start)?;
-            Ok(Bytes::from(buf))
+            let bytes = buffer.as_mut();
+            bytes.clear();
+            bytes.resize((range.end - range.start) as usize, 0);
+            f.read_exact_at(bytes, range.start)?;
+            Ok(Bytes::from_owner(buffer))
         })
         .await;
         match read {
@@ -294,10 +299,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Arc::new(LocalFileCache::open(dir.path(), 1 << 20, Gauge::default()).unwrap());
         let file = info("a/b.bin", 10, 4);
-        assert!(cache.read_block(&file, 0).await.is_none());
+        assert!(cache.read_block(&file, 0, Vec::new()).await.is_none());
         cache.write_block(&file, 1, b"4567").unwrap();
-        assert_eq!(&cache.read_block(&file, 1).await.unwrap()[..], b"4567");
-        assert!(cache.read_block(&file, 0).await.is_none(), "block 0 was never written");
+        assert_eq!(&cache.read_block(&file, 1, Vec::new()).await.unwrap()[..], b"4567");
+        assert!(cache.read_block(&file, 0, Vec::new()).await.is_none(), "block 0 was never written");
         assert!(cache.open_complete(&file).is_none());
         cache.write_block(&file, 0, b"0123").unwrap();
         cache.write_block(&file, 2, b"89").unwrap();
@@ -306,10 +311,10 @@ mod tests {
         drop(cache);
 
         let reopened = LocalFileCache::open(dir.path(), 1 << 20, Gauge::default()).unwrap();
-        assert_eq!(&reopened.read_block(&file, 2).await.unwrap()[..], b"89");
+        assert_eq!(&reopened.read_block(&file, 2, Vec::new()).await.unwrap()[..], b"89");
         let mut other_version = file.clone();
         other_version.version = "v2".into();
-        assert!(reopened.read_block(&other_version, 0).await.is_none());
+        assert!(reopened.read_block(&other_version, 0, Vec::new()).await.is_none());
     }
 
     #[tokio::test]
@@ -324,7 +329,7 @@ mod tests {
         assert!(cache.lock().used() <= 3 * 4096);
         let on_disk = std::fs::read_dir(dir.path().join("files")).unwrap().count();
         assert_eq!(on_disk, 3, "evicted files are deleted");
-        assert!(cache.read_block(&info("f0", 100, 4096), 0).await.is_none());
-        assert_eq!(cache.read_block(&info("f4", 100, 4096), 0).await.unwrap()[0], 4);
+        assert!(cache.read_block(&info("f0", 100, 4096), 0, Vec::new()).await.is_none());
+        assert_eq!(cache.read_block(&info("f4", 100, 4096), 0, Vec::new()).await.unwrap()[0], 4);
     }
 }

@@ -8,6 +8,7 @@
 //! or from the workers and, while they are down, the source store ([`remote`]).
 //! [`readahead`] fetches ahead of sequential readers; [`memory_budget`] bounds it all.
 
+mod block_buffers;
 mod block_cache;
 mod block_fetch;
 pub mod error;

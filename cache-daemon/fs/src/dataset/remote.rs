@@ -78,6 +78,11 @@ impl Remote {
         }
     }
 
+    /// Block size of files described by the source directly.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64 + 1
     }
@@ -215,10 +220,8 @@ impl Remote {
             match workers.read_block(file, index, 0, 0).await {
                 Ok((data, _tier)) => {
                     self.worker_answered();
-                    // The block arrives as a view into gRPC's receive buffer, which can be
-                    // larger than the block; a copy makes the memory held equal to the memory
-                    // counted against the budget.
-                    return Ok((Bytes::copy_from_slice(&data), Origin::Worker));
+                    // A view into gRPC's receive buffer: the caller settles it.
+                    return Ok((data, Origin::Worker));
                 }
                 Err(e) => self.worker_failed(&file.path, e)?,
             }
