@@ -120,23 +120,35 @@ print(f"{len(files) / (time.time() - t):.0f}")
 PY
 }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$MOUNT_PID/status"; }
+# System CPU seconds the mount process has used (all its threads).
+mount_sys_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", $15 / hz}' "/proc/$MOUNT_PID/stat"; }
+block_fetches() {
+    curl -s "http://$MOUNT_METRICS/metrics" | awk '/^granary_fuse_block_fetches_total/ {n += $2} END {printf "%d", n}'
+}
 
 RESULTS=$WORK/results.tsv
-printf "state\tseq MB/s\trand MB/s\tepoch files/s\tstat walk s\tpeak RSS MiB\n" >"$RESULTS"
+printf "state\tseq MB/s\trand MB/s\tepoch files/s\tstat walk s\tpeak RSS MiB\tsys s/GiB\tblock fetches\n" >"$RESULTS"
 run_state() {
     local state=$1 dir=$2
     echo "== $state"
     local s r w e
     w=$(stat_walk "$dir"); echo "   stat walk of $SMALL files: ${w}s"
     e=$(epoch "$dir"); echo "   epoch: $e files/s"
+    local sys0 fetches0 sys=- fetches=-
+    if [ "$dir" = "$MNT" ]; then sys0=$(mount_sys_s); fetches0=$(block_fetches); fi
     s=$(seq_read "$dir"); echo "   sequential read: $s MB/s"
+    if [ "$dir" = "$MNT" ]; then
+        sys=$(python3 -c "print('%.2f' % (($(mount_sys_s) - $sys0) / ($FILE_MIB / 1024)))")
+        fetches="$(($(block_fetches) - fetches0))/$(((FILE_MIB + 3) / 4))"
+        echo "   the mount's system time: $sys s per GiB read; block fetches/blocks: $fetches"
+    fi
     r=$(rand_read "$dir"); echo "   random 1 MiB reads, 4 jobs: $r MB/s"
     local rss=-
     if [ "$dir" = "$MNT" ]; then
         rss=$(peak_rss_mib)
         echo "   mount so far: $(curl -s "http://$MOUNT_METRICS/metrics" | grep -E '^granary_fuse_(opens|read_bytes|warmed_ahead)_total' | tr '\n' ' ')"
     fi
-    printf "%s\t%s\t%s\t%s\t%s\t%s\n" "$state" "$s" "$r" "$e" "$w" "$rss" >>"$RESULTS"
+    printf "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n" "$state" "$s" "$r" "$e" "$w" "$rss" "$sys" "$fetches" >>"$RESULTS"
 }
 
 run_state "local disk" "$DATA"
@@ -174,8 +186,8 @@ import csv, sys
 rows = list(csv.reader(open(sys.argv[1]), delimiter="\t"))
 head, data = rows[0], {r[0]: r for r in rows[1:]}
 local = data["local disk"]
-print("| state | seq MB/s | rand 1M MB/s | epoch files/s | stat walk s | peak RSS MiB |")
-print("|---|---:|---:|---:|---:|---:|")
+print("| state | seq MB/s | rand 1M MB/s | epoch files/s | stat walk s | peak RSS MiB | mount sys s/GiB (seq) | block fetches/blocks (seq) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, r in data.items():
     def ratio(i, inverse=False):
         try:
@@ -183,6 +195,6 @@ for name, r in data.items():
             return f"{r[i]} ({(b / a if inverse else a / b):.2f}×)" if name != "local disk" else r[i]
         except ValueError:
             return r[i]
-    print(f"| {name} | {ratio(1)} | {ratio(2)} | {ratio(3)} | {r[4]} ({float(r[4]) / float(local[4]):.1f}× local) | {r[5]} |")
+    print(f"| {name} | {ratio(1)} | {ratio(2)} | {ratio(3)} | {r[4]} ({float(r[4]) / float(local[4]):.1f}× local) | {r[5]} | {r[6]} | {r[7]} |")
 print(f"\nratios are to local disk in the same run; cold sequential is {float(data['cold'][1]) / float(sys.argv[2]):.2f}× the link as the workers see it")
 PY

@@ -119,3 +119,76 @@ async fn a_listing_that_fails_midway_is_reported_once_and_the_listed_files_load(
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert!(failed[0].starts_with("big: listing stopped"), "{failed:?}");
 }
+
+fn store_listings(env: &S3Env) -> usize {
+    env.s3
+        .requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.query.contains("list-type"))
+        .count()
+}
+
+async fn listed(pool: &granary_cache::client::WorkerPool, dir: &str) -> Vec<String> {
+    let stream = pool.list(dir, false).await.expect("list");
+    let mut names: Vec<String> = stream.map(|e| e.expect("entry").path).collect().await;
+    names.sort();
+    names
+}
+
+/// After a prewarm, a fresh mount's walk is answered by the workers' listing caches: no
+/// listing reaches the store. Without one, eight nodes listing one directory make one
+/// store listing, not eight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_are_listed_once_for_every_node_and_a_prewarm_lists_them_ahead() {
+    let env = s3_env().await;
+    for d in 0..3 {
+        for i in 0..5 {
+            env.put(&format!("ds/train/{d}/{i}.jpg"), &pattern(100, i)).await;
+        }
+    }
+    for i in 0..4 {
+        env.put(&format!("ds/val/{i}.jpg"), &pattern(100, i)).await;
+    }
+    let workers = [start(env.config("ds")).await, start(env.config("ds")).await];
+    let (_, failed) = run_load(&pool(&[&workers[0], &workers[1]], 1), "/train").await;
+    assert!(failed.is_empty(), "{failed:?}");
+
+    env.s3.clear_log();
+    let nodes: Vec<_> = (0..8).map(|_| pool(&[&workers[0], &workers[1]], 1)).collect();
+    for node in &nodes {
+        assert_eq!(listed(node, "/train").await, ["train/0", "train/1", "train/2"]);
+        for d in 0..3 {
+            assert_eq!(listed(node, &format!("/train/{d}")).await.len(), 5);
+        }
+    }
+    assert_eq!(
+        store_listings(&env),
+        0,
+        "the prewarm listed every directory: {:?}",
+        env.s3.requests()
+    );
+
+    // Not prewarmed: the first node's listing is the only one the store sees.
+    for node in &nodes {
+        assert_eq!(listed(node, "/val").await.len(), 4);
+    }
+    assert_eq!(store_listings(&env), 1);
+    let source_lists: u64 = workers.iter().map(|w| w.state.metrics.source_lists.get()).sum();
+    let hits: u64 = workers
+        .iter()
+        .map(|w| {
+            w.state
+                .metrics
+                .listings
+                .get_or_create(&granary_cache::metrics::StateLabel { state: "hit" })
+                .get()
+        })
+        .sum();
+    assert_eq!(
+        hits,
+        8 * 4 + 7,
+        "every listing after the first of each directory is a hit"
+    );
+    // The prewarm's walk, its four directory listings, and /val.
+    assert_eq!(source_lists, 1 + 4 + 1);
+}

@@ -49,6 +49,8 @@ pub struct WorkerMetrics {
     pub singleflight_shared: Counter,
     pub disk_write_pending_bytes: Gauge,
     pub metadata_requests: Family<StateLabel, Counter>,
+    pub listings: Family<StateLabel, Counter>,
+    pub source_lists: Counter,
     pub request_duration: Family<MethodLabel, Histogram>,
     pub prewarm_files: Family<StateLabel, Gauge>,
     pub prewarm_bytes: Family<StateLabel, Gauge>,
@@ -74,6 +76,8 @@ impl WorkerMetrics {
             singleflight_shared: Counter::default(),
             disk_write_pending_bytes: Gauge::default(),
             metadata_requests: Family::default(),
+            listings: Family::default(),
+            source_lists: Counter::default(),
             request_duration: Family::new_with_constructor(|| {
                 // 50 µs .. ~26 s
                 Histogram::new(exponential_buckets(0.00005, 2.0, 20))
@@ -162,6 +166,16 @@ impl WorkerMetrics {
             "granary_metadata_requests",
             "Stat requests by metadata cache outcome (hit, miss)",
             metrics.metadata_requests.clone(),
+        );
+        r.register(
+            "granary_listings",
+            "Directory listings served, by listing cache outcome (hit, miss)",
+            metrics.listings.clone(),
+        );
+        r.register(
+            "granary_source_lists",
+            "Listings this worker started against the source store (one per directory listed or prewarm walk, however many pages it took)",
+            metrics.source_lists.clone(),
         );
         r.register(
             "granary_worker_request_duration_seconds",

@@ -1,6 +1,7 @@
 //! The cache worker: a gRPC server over a tiered block cache of one source store.
 
 mod block_store;
+mod listing_cache;
 mod metadata_cache;
 mod prewarm;
 mod service;
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
 pub use block_store::BlockStore;
+pub use listing_cache::ListingCache;
 pub use metadata_cache::MetadataCache;
 
 use crate::client::{FRAME_SIZE, MAX_MESSAGE};
@@ -100,6 +102,7 @@ pub enum StartError {
 pub struct WorkerState {
     pub store: Arc<BlockStore>,
     pub metadata: MetadataCache,
+    pub listings: ListingCache,
     pub metrics: Arc<WorkerMetrics>,
     pub eviction: EvictionPolicy,
     pub load_parallelism: usize,
@@ -188,6 +191,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
             config.metadata_max_entries,
             Arc::clone(&metrics),
         ),
+        listings: ListingCache::new(config.metadata_ttl, config.metadata_max_entries),
         metrics,
         eviction: config.eviction,
         load_parallelism: config.load_parallelism,

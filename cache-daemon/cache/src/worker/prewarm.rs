@@ -4,7 +4,7 @@
 //! failed file is reported by name and does not stop the rest. A client that goes away stops
 //! the prewarm; running it again is quick because cached blocks are skipped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,6 +21,11 @@ use crate::client::WorkerPool;
 use crate::metrics::StateLabel;
 use crate::proto::{FileFailure, FileInfo, LoadProgress, LoadRequest, Tier};
 use granary_store::source::{FileMeta, ListedEntry};
+
+/// Directories whose listings a prewarm warms at most (beyond, mounts list them cold).
+const MAX_LISTED_DIRS: usize = 100_000;
+/// Directory listings warmed at once.
+const LISTINGS_AT_ONCE: usize = 8;
 
 /// How far the listing may run ahead of the fetching, in files.
 const LISTING_AHEAD: usize = 65_536;
@@ -155,15 +160,20 @@ async fn run(
     let lister = {
         let state = Arc::clone(&state);
         let counters = Arc::clone(&counters);
+        let fetcher_for_listings = fetcher.clone();
         tokio::spawn(async move {
             let add = |meta: &FileMeta| {
                 counters.files_total.fetch_add(1, Ordering::Relaxed);
                 counters.bytes_total.fetch_add(meta.size, Ordering::Relaxed);
                 FileInfo::from_meta(meta, block_size)
             };
+            // Directories seen, whose listings a fresh mount's walk will ask for.
+            let mut dirs = HashSet::from([root.path.clone()]);
             if !root.is_dir {
                 let _ = files_tx.send(add(&root)).await;
+                dirs.clear();
             } else {
+                state.metrics.source_lists.inc();
                 match state.store.source().list(&root.path, true).await {
                     Err(e) => {
                         counters.fail(&root.path, e.to_string());
@@ -188,6 +198,9 @@ async fn run(
                                 Ok(meta) if meta.is_dir => {}
                                 Ok(meta) => {
                                     state.metadata.insert(meta.clone());
+                                    if dirs.len() < MAX_LISTED_DIRS {
+                                        note_parents(&mut dirs, &meta.path, &root.path);
+                                    }
                                     if files_tx.send(add(&meta)).await.is_err() {
                                         break;
                                     }
@@ -202,6 +215,8 @@ async fn run(
                 }
             }
             counters.listing_done.store(true, Ordering::Relaxed);
+            drop(files_tx);
+            warm_listings(&state, &fetcher_for_listings, dirs).await;
         })
     };
 
@@ -294,4 +309,47 @@ fn record(state: &WorkerState, p: &LoadProgress) {
     for (s, v) in [("total", p.bytes_total), ("done", p.bytes_done)] {
         m.prewarm_bytes.get_or_create(&StateLabel { state: s }).set(v as i64);
     }
+}
+
+/// Adds the directories between `path` (a file) and `root` to `dirs`.
+fn note_parents(dirs: &mut HashSet<String>, path: &str, root: &str) {
+    let mut dir = path;
+    while let Some(cut) = dir.rfind('/') {
+        dir = &dir[..cut];
+        if dir.len() < root.len() || !dirs.insert(dir.to_string()) {
+            return;
+        }
+    }
+}
+
+/// Has each directory listed once by the worker that serves its listing, so a fresh mount's
+/// walk is answered from the workers' listing caches. A failure only leaves that directory
+/// cold.
+async fn warm_listings(state: &Arc<WorkerState>, fetcher: &Fetcher, dirs: HashSet<String>) {
+    let count = dirs.len();
+    let failed = futures::stream::iter(dirs)
+        .map(|dir| async move {
+            let listed = match fetcher {
+                Fetcher::Local(_) => match super::service::list(Arc::clone(state), &dir, false).await {
+                    Ok(stream) => stream
+                        .map(|r| r.map(|_| ()).map_err(|s| s.message().to_string()))
+                        .boxed(),
+                    Err(s) => futures::stream::once(async move { Err(s.message().to_string()) }).boxed(),
+                },
+                Fetcher::Owners(pool) => match pool.list(&dir, false).await {
+                    Ok(stream) => stream.map(|r| r.map(|_| ()).map_err(|e| e.to_string())).boxed(),
+                    Err(e) => futures::stream::once(async move { Err(e.to_string()) }).boxed(),
+                },
+            };
+            let failure = listed.filter_map(|r| futures::future::ready(r.err())).next().await;
+            if let Some(e) = &failure {
+                tracing::debug!(dir, error = %e, "warming a directory listing failed");
+            }
+            failure.is_some()
+        })
+        .buffer_unordered(LISTINGS_AT_ONCE)
+        .filter(|failed| futures::future::ready(*failed))
+        .count()
+        .await;
+    tracing::info!(directories = count, failed, "prewarm listed the directories for mounts");
 }

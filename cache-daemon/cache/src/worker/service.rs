@@ -12,7 +12,7 @@ use super::prewarm;
 use super::status::{from_source, invalid, status};
 use super::WorkerState;
 use crate::block::{block_count, block_range, BlockKey};
-use crate::metrics::{MethodLabel, TierLabel};
+use crate::metrics::{MethodLabel, StateLabel, TierLabel};
 use crate::proto::cache_worker_server::CacheWorker;
 use crate::proto::{
     BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, ReadBlockRequest,
@@ -107,41 +107,9 @@ impl CacheWorker for WorkerService {
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<Self::ListStream>, Status> {
         let req = request.into_inner();
-        let state = Arc::clone(&self.state);
-        let block_size = state.store.block_size();
-        let listing = state
-            .store
-            .source()
-            .list(&req.path, req.recursive)
-            .await
-            .map_err(|e| from_source(&e))?;
-        let entries = listing
-            .map(move |entry| {
-                let state = Arc::clone(&state);
-                async move {
-                    let meta = match entry {
-                        Ok(ListedEntry::Known(meta)) => meta,
-                        Ok(ListedEntry::NeedsStat(path)) => state.metadata.stat(&path, false).await?,
-                        Err(e) => return Err(e),
-                    };
-                    if !meta.is_dir {
-                        state.metadata.insert(meta.clone());
-                    }
-                    Ok(FileInfo::from_meta(&meta, block_size))
-                }
-            })
-            // Stores whose listings lack the version (no ETag) cost a stat per entry; run
-            // them concurrently, in order.
-            .buffered(LIST_STATS_AT_ONCE)
-            .chunks(LIST_BATCH)
-            .map(|batch| {
-                let entries = batch
-                    .into_iter()
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| from_source(&e))?;
-                Ok(ListResponse { entries })
-            });
-        Ok(Response::new(Box::pin(entries)))
+        Ok(Response::new(
+            list(Arc::clone(&self.state), &req.path, req.recursive).await?,
+        ))
     }
 
     type ReadBlockStream = BoxStream<BlockChunk>;
@@ -235,4 +203,97 @@ impl CacheWorker for WorkerService {
             disk_write_pending_bytes: state.store.pending_write_bytes(),
         }))
     }
+}
+
+/// The entries under `path` (a directory's own, or everything below it), in batches. A
+/// directory's listing comes from the listing cache while fresh; otherwise it streams from
+/// the store as it arrives, and is kept once complete.
+pub(super) async fn list(
+    state: Arc<WorkerState>,
+    path: &str,
+    recursive: bool,
+) -> Result<BoxStream<ListResponse>, Status> {
+    let dir = normalize_path(path).map_err(|e| from_source(&e))?;
+    if !recursive {
+        if let Some(entries) = state.listings.get(&dir) {
+            state.metrics.listings.get_or_create(&StateLabel { state: "hit" }).inc();
+            let batches: Vec<Result<ListResponse, Status>> = entries
+                .chunks(LIST_BATCH)
+                .map(|batch| {
+                    Ok(ListResponse {
+                        entries: batch.to_vec(),
+                    })
+                })
+                .collect();
+            return Ok(Box::pin(futures::stream::iter(batches)));
+        }
+        state
+            .metrics
+            .listings
+            .get_or_create(&StateLabel { state: "miss" })
+            .inc();
+    }
+    let block_size = state.store.block_size();
+    let listed_at = Instant::now();
+    state.metrics.source_lists.inc();
+    let listing = state
+        .store
+        .source()
+        .list(&dir, recursive)
+        .await
+        .map_err(|e| from_source(&e))?;
+    let entries = {
+        let state = Arc::clone(&state);
+        listing.map(move |entry| {
+            let state = Arc::clone(&state);
+            async move {
+                let meta = match entry {
+                    Ok(ListedEntry::Known(meta)) => meta,
+                    Ok(ListedEntry::NeedsStat(path)) => state.metadata.stat(&path, false).await?,
+                    Err(e) => return Err(e),
+                };
+                if !meta.is_dir {
+                    state.metadata.insert(meta.clone());
+                }
+                Ok(FileInfo::from_meta(&meta, block_size))
+            }
+        })
+    };
+    // Stores whose listings lack the version (no ETag) cost a stat per entry; run them
+    // concurrently, in order.
+    let batches = entries.buffered(LIST_STATS_AT_ONCE).chunks(LIST_BATCH).map(|batch| {
+        batch
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| from_source(&e))
+    });
+    if recursive {
+        return Ok(Box::pin(
+            batches.map(|entries| entries.map(|entries| ListResponse { entries })),
+        ));
+    }
+    // Kept while it streams, as long as it stays within what the cache would keep.
+    let mut kept: Option<Vec<FileInfo>> = Some(Vec::new());
+    let mut batches = Box::pin(batches);
+    let stream = futures::stream::poll_fn(move |cx| {
+        let next = std::task::ready!(batches.as_mut().poll_next(cx));
+        match &next {
+            Some(Ok(entries)) => {
+                if let Some(all) = kept.as_mut() {
+                    all.extend_from_slice(entries);
+                    if !state.listings.would_keep(all.len()) {
+                        kept = None;
+                    }
+                }
+            }
+            Some(Err(_)) => kept = None,
+            None => {
+                if let Some(all) = kept.take() {
+                    state.listings.insert(dir.clone(), all, listed_at);
+                }
+            }
+        }
+        std::task::Poll::Ready(next.map(|entries| entries.map(|entries| ListResponse { entries })))
+    });
+    Ok(Box::pin(stream))
 }

@@ -302,7 +302,10 @@ mod tests {
         assert!(cache.read_block(&file, 0, Vec::new()).await.is_none());
         cache.write_block(&file, 1, b"4567").unwrap();
         assert_eq!(&cache.read_block(&file, 1, Vec::new()).await.unwrap()[..], b"4567");
-        assert!(cache.read_block(&file, 0, Vec::new()).await.is_none(), "block 0 was never written");
+        assert!(
+            cache.read_block(&file, 0, Vec::new()).await.is_none(),
+            "block 0 was never written"
+        );
         assert!(cache.open_complete(&file).is_none());
         cache.write_block(&file, 0, b"0123").unwrap();
         cache.write_block(&file, 2, b"89").unwrap();
@@ -330,6 +333,9 @@ mod tests {
         let on_disk = std::fs::read_dir(dir.path().join("files")).unwrap().count();
         assert_eq!(on_disk, 3, "evicted files are deleted");
         assert!(cache.read_block(&info("f0", 100, 4096), 0, Vec::new()).await.is_none());
-        assert_eq!(cache.read_block(&info("f4", 100, 4096), 0, Vec::new()).await.unwrap()[0], 4);
+        assert_eq!(
+            cache.read_block(&info("f4", 100, 4096), 0, Vec::new()).await.unwrap()[0],
+            4
+        );
     }
 }
