@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use granary_fs::dataset::DatasetMount;
 use granary_store::units::MetadataTtl;
-use support::{fuse_possible, pattern, s3_env, start, BLOCK, BUCKET};
+use support::{block_files, fuse_possible, pattern, pool, s3_env, start, BLOCK, BUCKET};
 
 /// Writes `files` (path, bytes) under `root`.
 fn write_tree(root: &Path, files: &[(String, Vec<u8>)]) {
@@ -349,6 +349,11 @@ async fn a_locally_complete_file_is_read_by_the_kernel_through_passthrough() {
     if !fuse_possible() {
         return;
     }
+    // Why an open was not passthrough is a warning of the mount's: show it with the failure.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("granary_fs=info")
+        .with_test_writer()
+        .try_init();
     let env = s3_env().await;
     let data = pattern(5 * BLOCK as usize + 123, 11);
     env.put("pt/shard.bin", &data).await;
@@ -495,5 +500,65 @@ async fn a_file_replaced_after_it_was_stated_is_read_whole_in_its_new_version() 
     assert_eq!(got.len(), new.len(), "the new size is read");
     assert!(got == new, "the new version's bytes");
     assert_eq!(mount.counter("granary_fuse_reopened_changed_total", ""), 1.0);
+    drop(mount);
+}
+
+/// After a prewarm, a small file's block sits in a co-located worker's block files: its first
+/// open copies it into the node-local cache and hands it to the kernel (passthrough), so a
+/// prewarmed epoch reads like a warm one, with no read entering the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_prewarmed_small_file_opens_through_passthrough_at_its_first_open() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let small = pattern(BLOCK as usize - 10, 5);
+    env.put("pre/s.jpg", &small).await;
+    env.put("pre/big.bin", &pattern(3 * BLOCK as usize, 6)).await;
+    let cache_dir = env.cache_dir("worker-disk");
+    let worker =
+        start(env.config_with_disk("pre", &cache_dir, 64 << 20, granary_cache::tiers::EvictionPolicy::Lru)).await;
+    let pool = pool(&[&worker], 1);
+    let mut load = std::pin::pin!(pool.load("/", 4).await.expect("load"));
+    while let Some(progress) = futures::StreamExt::next(&mut load).await {
+        progress.expect("progress");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while block_files(&cache_dir).len() < 4 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never wrote its block files"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut config = s3_mount_config(&env, "pre", &[worker.addr.to_string()]);
+    config.local_cache = Some((env.dir.path().join("node-cache"), 64 << 20));
+    config.short_circuit = vec![cache_dir.clone()];
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
+    let path = mount.path().join("s.jpg");
+    let got = tokio::task::spawn_blocking(move || std::fs::read(path).unwrap())
+        .await
+        .unwrap();
+    assert!(got == small, "the bytes of the prewarmed file");
+    assert_eq!(
+        mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""),
+        1.0,
+        "{}",
+        mount.metrics_text()
+    );
+    assert_eq!(
+        mount.counter("granary_fuse_reply_bytes_total", ""),
+        0.0,
+        "no read entered the daemon"
+    );
+    // A file of several blocks is read through the daemon (its copy is made block by block).
+    let big = mount.path().join("big.bin");
+    let read = tokio::task::spawn_blocking(move || std::fs::read(big).unwrap())
+        .await
+        .unwrap();
+    assert!(read == pattern(3 * BLOCK as usize, 6));
+    assert_eq!(mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""), 1.0);
     drop(mount);
 }

@@ -98,14 +98,14 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
 
     /// Marks an entry as the next to evict (after entries demoted before it); a later
     /// [`BoundedIndex::get`] makes it recently used again.
-    pub fn demote(&mut self, key: &K) {
+    pub fn demote(&mut self, key: &K) -> Option<&mut V> {
         self.demoted_tick = (self.demoted_tick + 1).min(FIRST_TICK - 1);
         let tick = self.demoted_tick;
-        if let Some(slot) = self.entries.get_mut(key) {
-            self.recency.remove(&slot.tick);
-            slot.tick = tick;
-            self.recency.insert(tick, key.clone());
-        }
+        let slot = self.entries.get_mut(key)?;
+        self.recency.remove(&slot.tick);
+        slot.tick = tick;
+        self.recency.insert(tick, key.clone());
+        Some(&mut slot.value)
     }
 
     pub fn contains(&self, key: &K) -> bool {
@@ -117,6 +117,20 @@ impl<K: Hash + Eq + Clone, V> BoundedIndex<K, V> {
         self.recency.remove(&slot.tick);
         self.used -= slot.size;
         Some(slot.value)
+    }
+
+    /// Removes and returns the least recently used entry for which `pred` holds (demoted
+    /// entries first).
+    pub fn pop_lru_where(&mut self, pred: impl Fn(&V) -> bool) -> Option<(K, V, u64)> {
+        let key = self
+            .recency
+            .values()
+            .find(|key| self.entries.get(*key).is_some_and(|slot| pred(&slot.value)))?
+            .clone();
+        let slot = self.entries.remove(&key)?;
+        self.recency.remove(&slot.tick);
+        self.used -= slot.size;
+        Some((key, slot.value, slot.size))
     }
 
     /// Removes and returns the least recently used entry with its size.
@@ -219,6 +233,13 @@ mod tests {
         idx.demote(&"e");
         idx.get(&"e");
         assert_eq!(idx.pop_lru().map(|(k, ..)| k), Some("f"), "a read undoes the demotion");
+        idx.insert("g", 1, 1);
+        idx.insert("h", 2, 1);
+        assert_eq!(idx.pop_lru_where(|v| *v == 2).map(|(k, ..)| k), Some("h"));
+        idx.demote(&"e");
+        assert_eq!(idx.pop_lru_where(|_| true).map(|(k, ..)| k), Some("e"), "demoted first");
+        assert!(idx.pop_lru_where(|v| *v == 9).is_none());
+        assert_eq!(idx.len(), 1);
     }
 
     #[test]

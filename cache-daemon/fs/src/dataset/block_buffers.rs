@@ -51,10 +51,11 @@ impl BlockBuffers {
         self.free.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// An empty buffer with room for `len` bytes. Small blocks (the last of a file, files
-    /// smaller than a block) come from the allocator: its heap serves them without faults.
+    /// An empty buffer with room for `len` bytes. Blocks well short of a whole one (the last
+    /// of a file, files smaller than a block) come from the allocator: a pooled buffer once
+    /// filled is resident whole, and the caller's lease counts only `len`.
     pub fn take(self: &Arc<Self>, len: usize) -> BlockBuffer {
-        if self.keep == 0 || len > self.buffer_bytes || len < self.buffer_bytes / 4 {
+        if self.keep == 0 || len > self.buffer_bytes || len < self.buffer_bytes - self.buffer_bytes / 8 {
             return BlockBuffer {
                 bytes: Vec::with_capacity(len),
                 pool: None,
@@ -149,9 +150,9 @@ mod tests {
             (4 << 20) + HEADER_ROOM as u64,
             "a free buffer holds a lease"
         );
-        let second = pool.copy_of(&vec![2u8; 3 << 20]);
+        let second = pool.copy_of(&vec![2u8; (4 << 20) - 1000]);
         assert_eq!(second.as_ptr(), address, "the freed buffer is taken again");
-        assert_eq!(second.len(), 3 << 20);
+        assert_eq!(second.len(), (4 << 20) - 1000);
         assert!(second.iter().all(|b| *b == 2));
         assert_eq!(budget.used(), 0, "a taken buffer's lease is the caller's to hold");
         // A slice keeps the buffer alive; it returns when the last view goes.
@@ -171,7 +172,12 @@ mod tests {
         drop(held);
         assert_eq!(pool.free_buffers(), 1);
         drop(pool.copy_of(&[7u8; 1000]));
-        assert_eq!(pool.free_buffers(), 1, "a small block is not pooled");
+        drop(pool.copy_of(&vec![7u8; 1 << 19]));
+        assert_eq!(
+            pool.free_buffers(),
+            1,
+            "blocks well short of a whole one are not pooled"
+        );
         // A full budget keeps nothing free: the memory goes back to the allocator.
         let full = budget_of(64 << 20);
         let pool = BlockBuffers::new(1 << 20, Arc::clone(&full));

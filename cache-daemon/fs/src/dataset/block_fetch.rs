@@ -12,7 +12,7 @@ use super::block_buffers::BlockBuffers;
 use super::block_cache::BlockCache;
 use super::error::FsError;
 use super::local_files::LocalFileCache;
-use super::memory_budget::{MemoryBudget, MemoryLease, Reclaim};
+use super::memory_budget::{MemoryBudget, MemoryLease};
 use super::remote::{Origin, Remote};
 use crate::metrics::FuseMetrics;
 use granary_cache::block::{block_range, BlockKey, BlockName};
@@ -69,17 +69,19 @@ impl BlockFetcher {
             .flights
             .run(name, async move {
                 let lease = this.budget.reserve(block_len(&file, index), &this.cache).await;
-                this.fetch(file, index, name, lease).await
+                this.fetch(file, index, name, lease, true).await
             })
             .await;
         result
     }
 
     /// Memory for work that may be skipped (readahead, local copies): taken from free memory,
-    /// else from the oldest cached blocks, else not at all. Readers' memory is never taken.
+    /// else from cached blocks readers have taken (finished ones first), else not at all.
+    /// Neither readers' memory nor blocks read ahead and not read yet are taken (taking
+    /// those made a sequential read fetch some blocks twice).
     fn reserve_without_waiting(&self, len: u64) -> Option<MemoryLease> {
         self.budget.try_reserve(len).or_else(|| {
-            self.cache.reclaim(len);
+            self.cache.reclaim_read(len);
             self.budget.try_reserve(len)
         })
     }
@@ -102,7 +104,7 @@ impl BlockFetcher {
         let file = file.clone();
         tokio::spawn(async move {
             let flights = Arc::clone(&this.flights);
-            let (result, _) = flights.run(name, this.fetch(file, index, name, lease)).await;
+            let (result, _) = flights.run(name, this.fetch(file, index, name, lease, false)).await;
             if let Err(e) = result {
                 tracing::debug!(error = %e, "readahead failed; the reader will fetch the block itself");
             }
@@ -115,6 +117,7 @@ impl BlockFetcher {
         index: u64,
         name: BlockName,
         lease: MemoryLease,
+        for_reader: bool,
     ) -> Result<Bytes, FsError> {
         // A reader may have fetched it between the caller's look and this flight.
         if let Some(data) = self.cache.get(&name) {
@@ -134,8 +137,39 @@ impl BlockFetcher {
                 }
             }
         }
-        self.cache.insert(name, data.clone(), lease);
+        self.cache.insert(name, data.clone(), lease, for_reader);
         Ok(data)
+    }
+
+    /// Block `index` of `file` if it is on this node without a request: in memory, or in a
+    /// co-located worker's block files.
+    pub async fn block_on_node(&self, file: &FileInfo, index: u64) -> Option<Bytes> {
+        let name = BlockName::of(&file.path, &file.version, index);
+        if let Some(data) = self.cache.get(&name) {
+            return Some(data);
+        }
+        self.short_circuit(file, index).await
+    }
+
+    async fn short_circuit(&self, file: &FileInfo, index: u64) -> Option<Bytes> {
+        if self.short_circuit.is_empty() {
+            return None;
+        }
+        let len = block_len(file, index) as usize;
+        let key = BlockKey {
+            path: file.path.clone(),
+            version: file.version.clone(),
+            index,
+        };
+        let dirs = Arc::clone(&self.short_circuit);
+        let buffers = Arc::clone(&self.buffers);
+        tokio::task::spawn_blocking(move || {
+            dirs.iter()
+                .find_map(|dir| read_block_file_into(dir, &key, buffers.take(len + 4096)))
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     async fn fetch_uncached(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
@@ -145,24 +179,8 @@ impl BlockFetcher {
                 return Ok((data, Origin::Local));
             }
         }
-        if !self.short_circuit.is_empty() {
-            let key = BlockKey {
-                path: file.path.clone(),
-                version: file.version.clone(),
-                index,
-            };
-            let dirs = Arc::clone(&self.short_circuit);
-            let buffers = Arc::clone(&self.buffers);
-            let found = tokio::task::spawn_blocking(move || {
-                dirs.iter()
-                    .find_map(|dir| read_block_file_into(dir, &key, buffers.take(len + 4096)))
-            })
-            .await
-            .ok()
-            .flatten();
-            if let Some(data) = found {
-                return Ok((data, Origin::ShortCircuit));
-            }
+        if let Some(data) = self.short_circuit(file, index).await {
+            return Ok((data, Origin::ShortCircuit));
         }
         let (data, origin) = self.remote.read_block(file, index).await?;
         Ok(match origin {

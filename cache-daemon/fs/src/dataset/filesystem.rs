@@ -280,7 +280,7 @@ impl DatasetFs {
             inner.warm_ahead.opened(dir, || inner.metadata.listing(dir));
         }
         let local_file = if inner.passthrough.load(Ordering::Acquire) {
-            inner.fetcher.local.as_ref().and_then(|l| l.open_complete(&info))
+            self.local_file_for_passthrough(&info).await
         } else {
             None
         };
@@ -301,6 +301,26 @@ impl DatasetFs {
             Opened::Passthrough(backing) => OpenedFile::Passthrough { fh, backing },
             Opened::Cached => OpenedFile::Cached { fh },
         })
+    }
+
+    /// The node-local copy of `info` for the kernel to read, when it is complete. A file of
+    /// one block that is on this node already (in memory, or a co-located worker's block
+    /// file: the state after a prewarm) is copied there first: one local write, and its reads
+    /// then never enter the daemon, as in a warm epoch.
+    async fn local_file_for_passthrough(&self, info: &FileInfo) -> Option<File> {
+        let fetcher = &self.inner.fetcher;
+        let local = fetcher.local.as_ref()?;
+        if let Some(file) = local.open_complete(info) {
+            return Some(file);
+        }
+        if info.size == 0 || info.size > info.block_size {
+            return None;
+        }
+        let data = fetcher.block_on_node(info, 0).await?;
+        if data.len() as u64 != info.size || !local.write_now(info, 0, data).await {
+            return None;
+        }
+        local.open_complete(info)
     }
 
     /// The open file behind `fh`; a handle the previous daemon gave out (before a restart)

@@ -208,6 +208,23 @@ impl LocalFileCache {
         });
     }
 
+    /// Writes block `index` now and says whether it is in the cache (for a caller about to
+    /// open the file through passthrough).
+    pub async fn write_now(self: &Arc<Self>, file: &FileInfo, index: u64, data: Bytes) -> bool {
+        let this = Arc::clone(self);
+        let file = file.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let result = this.write_block(&file, index, &data);
+            if let Err(e) = &result {
+                tracing::warn!(path = %file.path, error = %e, "writing to the local file cache failed; the block is served from elsewhere");
+                this.forget(key_of(&file));
+            }
+            result.is_ok()
+        })
+        .await;
+        written.unwrap_or(false)
+    }
+
     fn write_block(&self, file: &FileInfo, index: u64, data: &[u8]) -> io::Result<()> {
         let key = key_of(file);
         let blocks = block_count(file.size, file.block_size.max(1));
