@@ -239,3 +239,26 @@ async fn both_ends_of_a_worker_connection_disable_nagle() {
         assert!(nodelay, "the {end} socket has Nagle's algorithm on (TCP_NODELAY unset)");
     }
 }
+
+/// The test S3 server lists objects with their ETags, as S3 does (s3s-fs alone does not):
+/// a worker's listing then needs no HEAD per entry, and the versions match a stat's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_carry_versions_so_a_listing_stats_nothing() {
+    let env = s3_env().await;
+    for i in 0..20 {
+        env.put(&format!("ds/d/{i}.bin"), &pattern(100, i)).await;
+    }
+    let worker = start(env.config("ds")).await;
+    let pool = pool(&[&worker], 1);
+    env.s3.clear_log();
+    let listed: Vec<_> = futures::StreamExt::collect::<Vec<_>>(pool.list("/d", false).await.unwrap()).await;
+    assert_eq!(listed.len(), 20);
+    let heads = env.s3.requests().iter().filter(|r| r.method == "HEAD").count();
+    assert_eq!(heads, 0, "{:?}", env.s3.requests());
+    for entry in listed {
+        let entry = entry.unwrap();
+        let stat = pool.stat(&entry.path, true).await.unwrap();
+        assert_eq!(entry.version, stat.version, "{}", entry.path);
+        assert!(entry.version.starts_with("etag:"), "{}", entry.version);
+    }
+}

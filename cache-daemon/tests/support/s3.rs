@@ -134,6 +134,8 @@ impl S3TestServer {
                             || (faults.fail_list_continuations.load(Ordering::Relaxed)
                                 && record.query.contains("continuation-token"));
                         let object_get = record.is_object_get();
+                        let listing = record.method == "GET" && record.query.contains("list-type");
+                        let listed_bucket = record.path.trim_matches('/').to_string();
                         // s3s-fs ignores If-Match on GET; S3 answers 412 when the object's
                         // ETag differs, and readers of a version depend on that.
                         let if_match = req
@@ -158,6 +160,7 @@ impl S3TestServer {
                             && root.join(record.path.trim_start_matches('/')).is_dir();
                         log.lock().unwrap().push(record);
                         let s3 = s3.clone();
+                        let root = root.clone();
                         async move {
                             if object_get && delay > 0 {
                                 tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -180,6 +183,12 @@ impl S3TestServer {
                                 tokio::time::sleep(Duration::from_millis(write_delay)).await;
                             }
                             let response = Service::call(&s3, req).await;
+                            let response = match response {
+                                Ok(r) if listing && r.status().is_success() => {
+                                    Ok(with_listed_etags(r, &root, &listed_bucket).await)
+                                }
+                                other => other,
+                            };
                             if let (Some(wanted), Ok(r)) = (&if_match, &response) {
                                 let etag = r.headers().get("etag").and_then(|v| v.to_str().ok());
                                 if r.status().is_success() && etag != Some(wanted.as_str()) {
@@ -323,4 +332,57 @@ impl Drop for S3TestServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// s3s-fs lists objects without their ETags; S3 lists them with, and a client that gets none
+/// has to stat every entry (20,000 HEADs for a 20,000-file walk). This adds each entry's ETag,
+/// from the metadata file s3s-fs keeps per object (`.bucket-<b64>.object-<b64>.internal.json`
+/// in the root, `e_tag`); an entry without one is left as it was.
+async fn with_listed_etags(
+    response: http::Response<s3s::Body>,
+    root: &Path,
+    bucket: &str,
+) -> http::Response<s3s::Body> {
+    use base64::Engine;
+    let (parts, mut body) = response.into_parts();
+    let Ok(xml) = body.store_all_limited(64 << 20).await else {
+        return http::Response::from_parts(parts, body);
+    };
+    let Ok(xml) = std::str::from_utf8(&xml) else {
+        return http::Response::from_parts(parts, body);
+    };
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let mut out = String::with_capacity(xml.len() + xml.len() / 4);
+    let mut rest = xml;
+    while let Some(at) = rest.find("</Key>") {
+        let (head, tail) = rest.split_at(at + "</Key>".len());
+        out.push_str(head);
+        rest = tail;
+        let Some(open) = head.rfind("<Key>") else { continue };
+        let in_contents = head[..open].rfind("<Contents>") > head[..open].rfind("</Contents>");
+        if !in_contents || tail.trim_start().starts_with("<ETag>") {
+            continue;
+        }
+        let key = unescape_xml(&head[open + "<Key>".len()..at]);
+        let info = root.join(format!(".bucket-{}.object-{}.internal.json", b64(bucket), b64(&key)));
+        let etag = std::fs::read(&info)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("e_tag").and_then(|e| e.as_str()).map(str::to_string));
+        if let Some(etag) = etag {
+            out.push_str(&format!("<ETag>&quot;{etag}&quot;</ETag>"));
+        }
+    }
+    out.push_str(rest);
+    let mut parts = parts;
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    http::Response::from_parts(parts, s3s::Body::from(out))
+}
+
+fn unescape_xml(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }

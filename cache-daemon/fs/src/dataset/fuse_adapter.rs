@@ -123,18 +123,22 @@ impl Filesystem for DatasetFuse {
         self.runtime.spawn(async move {
             match fs.open(ino.0, write, |file| reply.open_backing(file)).await {
                 Ok(opened) => {
+                    // Counted before the reply: a reader (or a test) that sees the open done
+                    // sees it counted.
                     let how = match opened {
+                        OpenedFile::Passthrough { .. } => "passthrough",
+                        OpenedFile::Cached { .. } => "fuse",
+                    };
+                    fs.metrics().opens.get_or_create(&OriginLabel { origin: how }).inc();
+                    match opened {
                         OpenedFile::Passthrough { fh, backing } => {
                             // No FOPEN_KEEP_CACHE: the kernel refuses it on a passthrough open.
                             reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
-                            "passthrough"
                         }
                         OpenedFile::Cached { fh } => {
                             reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                            "fuse"
                         }
-                    };
-                    fs.metrics().opens.get_or_create(&OriginLabel { origin: how }).inc();
+                    }
                     observe(&fs, "open", started, Ok(()));
                 }
                 Err(e) => {
