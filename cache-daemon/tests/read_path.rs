@@ -262,3 +262,22 @@ async fn listings_carry_versions_so_a_listing_stats_nothing() {
         assert!(entry.version.starts_with("etag:"), "{}", entry.version);
     }
 }
+
+/// Blocks larger than one gRPC message (1 MiB) arrive in several; they are appended in order
+/// into the caller's buffer, which is cleared first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_of_several_messages_arrives_whole_and_in_order() {
+    let env = s3_env().await;
+    let data = pattern(8 << 20, 4);
+    env.put("ds/big.bin", &data).await;
+    let mut config = env.config("ds");
+    config.block_size = (3 << 20) + 12345;
+    let worker = start(config).await;
+    let pool = pool(&[&worker], 1);
+    assert!(read_all(&pool, "/big.bin").await.unwrap() == data);
+    let info = pool.stat("/big.bin", false).await.unwrap();
+    let mut out = vec![9u8; 100];
+    pool.read_block_into(&info, 1, 0, 0, &mut out).await.unwrap();
+    let bs = info.block_size as usize;
+    assert!(out == data[bs..2 * bs], "block 1, whole, and nothing before it");
+}

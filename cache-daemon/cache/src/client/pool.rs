@@ -5,7 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 use tonic::transport::{Channel, Endpoint};
@@ -225,45 +225,56 @@ impl WorkerPool {
         offset: u64,
         length: u64,
     ) -> Result<(Bytes, Tier), ClientError> {
-        let candidates = self.candidates(&Self::block_name(file, index));
+        let block = block_range(file.size, file.block_size.max(1), index);
+        let available = (block.end - block.start).saturating_sub(offset);
+        let mut data = Vec::with_capacity(if length == 0 { available } else { length.min(available) } as usize);
+        let tier = self.read_block_into(file, index, offset, length, &mut data).await?;
+        Ok((Bytes::from(data), tier))
+    }
+
+    /// [`Self::read_block`], appending the bytes to `out` (cleared first, and again before
+    /// a failover). Each message is copied out as it arrives, so gRPC's receive buffer is
+    /// reused across the block's messages instead of growing to hold them all.
+    pub async fn read_block_into(
+        &self,
+        file: &FileInfo,
+        index: u64,
+        offset: u64,
+        length: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<Tier, ClientError> {
         let block = Self::block_ref(file, index);
-        self.with_failover(candidates, |mut w| {
-            let block = block.clone();
-            async move {
-                let failed = |s| ClientError::from_status(&w.addr, s);
-                let mut stream = w
-                    .client
-                    .read_block(ReadBlockRequest {
-                        block: Some(block),
-                        offset,
-                        length,
-                    })
-                    .await
-                    .map_err(failed)?
-                    .into_inner();
+        let mut last = ClientError::NoWorkers;
+        for i in self.candidates(&Self::block_name(file, index)) {
+            let mut w = self.workers[i].clone();
+            out.clear();
+            let failed = |s| ClientError::from_status(&w.addr, s);
+            let request = ReadBlockRequest {
+                block: Some(block.clone()),
+                offset,
+                length,
+            };
+            let result: Result<Tier, ClientError> = async {
+                let mut stream = w.client.read_block(request).await.map_err(failed)?.into_inner();
                 let mut tier = Tier::Unspecified;
-                let mut chunks: Vec<Bytes> = Vec::new();
                 while let Some(chunk) = stream.message().await.map_err(failed)? {
                     if tier == Tier::Unspecified {
                         tier = chunk.tier();
                     }
-                    chunks.push(chunk.data);
+                    out.extend_from_slice(&chunk.data);
                 }
-                let data = match chunks.len() {
-                    0 => Bytes::new(),
-                    1 => chunks.pop().unwrap_or_default(),
-                    _ => {
-                        let mut joined = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
-                        for c in chunks {
-                            joined.extend_from_slice(&c);
-                        }
-                        joined.freeze()
-                    }
-                };
-                Ok((data, tier))
+                Ok(tier)
             }
-        })
-        .await
+            .await;
+            match result {
+                Err(e) if e.is_worker_failure() => {
+                    tracing::debug!(error = %e, "worker unreachable, trying the next");
+                    last = e;
+                }
+                other => return other,
+            }
+        }
+        Err(last)
     }
 
     /// Reads a byte range of a file, fetching up to `parallelism` blocks at once, in order.

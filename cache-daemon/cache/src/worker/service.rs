@@ -20,9 +20,11 @@ use crate::proto::{
 };
 use granary_store::source::{normalize_path, ListedEntry};
 
-/// Bytes per streamed message: a default 4 MiB block goes as one message, so the client
-/// needs no reassembly copy; larger blocks are split.
-const CHUNK: usize = 8 << 20;
+/// Bytes per streamed message. A client copies each message out as it arrives (a mount into
+/// its pooled block buffer), so gRPC's receive buffer for a stream stays near this size and
+/// is reused for the next message; a whole 4 MiB block as one message grew that buffer to
+/// 8 MiB per block in flight, fresh memory outside the mount's budget.
+const CHUNK: usize = 1 << 20;
 /// Entries per List message.
 const LIST_BATCH: usize = 1000;
 /// Stats of listed entries made at once when the listing did not carry their versions.

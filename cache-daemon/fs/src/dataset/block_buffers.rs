@@ -70,6 +70,7 @@ impl BlockBuffers {
     }
 
     /// `data` copied into a buffer of the pool.
+    #[cfg(test)]
     pub fn copy_of(self: &Arc<Self>, data: &[u8]) -> Bytes {
         let mut buffer = self.take(data.len());
         buffer.as_mut().extend_from_slice(data);

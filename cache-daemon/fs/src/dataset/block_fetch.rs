@@ -182,13 +182,9 @@ impl BlockFetcher {
         if let Some(data) = self.short_circuit(file, index).await {
             return Ok((data, Origin::ShortCircuit));
         }
-        let (data, origin) = self.remote.read_block(file, index).await?;
-        Ok(match origin {
-            // A view into gRPC's receive buffer, which can be larger than the block: a copy
-            // into a pooled buffer makes the memory held the memory counted, and lets the
-            // receive buffer be reused for the next message.
-            Origin::Worker => (self.buffers.copy_of(&data), origin),
-            _ => (data, origin),
-        })
+        // A worker's block is copied message by message into a pooled buffer: the memory
+        // held is the memory counted, and gRPC's receive buffer is reused.
+        let len = block_len(file, index) as usize;
+        self.remote.read_block(file, index, self.buffers.take(len)).await
     }
 }

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 
+use super::block_buffers::BlockBuffer;
 use super::error::FsError;
 use crate::metrics::dataset::OriginLabel;
 use crate::metrics::FuseMetrics;
@@ -214,18 +215,23 @@ impl Remote {
         }
     }
 
-    /// Block `index` of `file`, whole.
-    pub async fn read_block(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
+    /// Block `index` of `file`, whole; from a worker it is copied into `buffer`.
+    pub async fn read_block(
+        &self,
+        file: &FileInfo,
+        index: u64,
+        mut buffer: BlockBuffer,
+    ) -> Result<(Bytes, Origin), FsError> {
         if let Route::Workers(workers) = self.route()? {
-            match workers.read_block(file, index, 0, 0).await {
-                Ok((data, _tier)) => {
+            match workers.read_block_into(file, index, 0, 0, buffer.as_mut()).await {
+                Ok(_tier) => {
                     self.worker_answered();
-                    // A view into gRPC's receive buffer: the caller settles it.
-                    return Ok((data, Origin::Worker));
+                    return Ok((buffer.freeze(), Origin::Worker));
                 }
                 Err(e) => self.worker_failed(&file.path, e)?,
             }
         }
+        drop(buffer);
         let range = block_range(file.size, file.block_size.max(1), index);
         let data = self
             .source()?
