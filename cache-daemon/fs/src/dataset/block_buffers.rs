@@ -6,13 +6,15 @@
 //!
 //! The free list is bounded, and each buffer on it holds a lease on the memory budget, so
 //! what the mount keeps resident stays within `--max-memory`; when the budget has no room a
-//! freed buffer is returned to the allocator as before.
+//! freed buffer is returned to the allocator as before, and a reader short of memory takes
+//! the free list back first ([`Reclaim`]). Each mount has its own pool; a node daemon's
+//! mounts share one budget, so each pool keeps at most 1/32 of it.
 
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use super::memory_budget::{MemoryBudget, MemoryLease};
+use super::memory_budget::{MemoryBudget, MemoryLease, Reclaim};
 
 pub struct BlockBuffers {
     /// Capacity of a pooled buffer: a block, plus room for a block file's header.
@@ -101,6 +103,24 @@ impl BlockBuffers {
     }
 }
 
+/// A reader short of memory may take the free list's leases back.
+impl Reclaim for BlockBuffers {
+    fn reclaim(&self, bytes: u64) -> u64 {
+        let mut dropped = Vec::new();
+        let mut freed = 0;
+        {
+            let mut free = self.free_list();
+            while freed < bytes.max(1) {
+                let Some(entry) = free.pop() else { break };
+                freed += self.buffer_bytes as u64;
+                dropped.push(entry);
+            }
+        }
+        drop(dropped);
+        freed
+    }
+}
+
 impl BlockBuffer {
     /// The filled buffer as `Bytes`, without a copy.
     pub fn freeze(self) -> Bytes {
@@ -182,8 +202,16 @@ mod tests {
         // A full budget keeps nothing free: the memory goes back to the allocator.
         let full = budget_of(64 << 20);
         let pool = BlockBuffers::new(1 << 20, Arc::clone(&full));
-        let _nearly_all = full.try_reserve(63 << 20).unwrap();
+        let nearly_all = full.try_reserve(63 << 20).unwrap();
         drop(pool.copy_of(&vec![1u8; 1 << 20]));
         assert_eq!(pool.free_buffers(), 0);
+        // A reader short of memory takes the free buffers' leases back.
+        drop(nearly_all);
+        drop(pool.copy_of(&vec![1u8; 1 << 20]));
+        assert_eq!(pool.free_buffers(), 1);
+        let held = full.used();
+        assert!(pool.reclaim(1) >= 1 << 20);
+        assert_eq!(pool.free_buffers(), 0);
+        assert_eq!(full.used(), held - ((1 << 20) + HEADER_ROOM as u64));
     }
 }

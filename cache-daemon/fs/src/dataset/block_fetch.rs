@@ -12,7 +12,7 @@ use super::block_buffers::BlockBuffers;
 use super::block_cache::BlockCache;
 use super::error::FsError;
 use super::local_files::LocalFileCache;
-use super::memory_budget::{MemoryBudget, MemoryLease};
+use super::memory_budget::{MemoryBudget, MemoryLease, Reclaim};
 use super::remote::{Origin, Remote};
 use crate::metrics::FuseMetrics;
 use granary_cache::block::{block_range, BlockKey, BlockName};
@@ -30,6 +30,23 @@ pub struct BlockFetcher {
     pub short_circuit: Arc<[PathBuf]>,
     flights: Arc<SingleFlight<BlockName, FsError>>,
     pub metrics: Arc<FuseMetrics>,
+}
+
+/// What the budget may ask to shrink when a reader needs memory: the mount's free block
+/// buffers first (they hold leases too), then its cached blocks.
+struct MountCaches<'a> {
+    buffers: &'a BlockBuffers,
+    cache: &'a BlockCache,
+}
+
+impl Reclaim for MountCaches<'_> {
+    fn reclaim(&self, bytes: u64) -> u64 {
+        let freed = self.buffers.reclaim(bytes);
+        if freed >= bytes {
+            return freed;
+        }
+        freed + self.cache.reclaim(bytes - freed)
+    }
 }
 
 fn block_len(file: &FileInfo, index: u64) -> u64 {
@@ -68,7 +85,11 @@ impl BlockFetcher {
         let (result, _) = self
             .flights
             .run(name, async move {
-                let lease = this.budget.reserve(block_len(&file, index), &this.cache).await;
+                let caches = MountCaches {
+                    buffers: &this.buffers,
+                    cache: &this.cache,
+                };
+                let lease = this.budget.reserve(block_len(&file, index), &caches).await;
                 this.fetch(file, index, name, lease, true).await
             })
             .await;
@@ -81,7 +102,10 @@ impl BlockFetcher {
     /// those made a sequential read fetch some blocks twice).
     fn reserve_without_waiting(&self, len: u64) -> Option<MemoryLease> {
         self.budget.try_reserve(len).or_else(|| {
-            self.cache.reclaim_read(len);
+            let freed = self.buffers.reclaim(len);
+            if freed < len {
+                self.cache.reclaim_read(len - freed);
+            }
             self.budget.try_reserve(len)
         })
     }
