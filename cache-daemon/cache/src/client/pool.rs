@@ -232,8 +232,8 @@ impl WorkerPool {
         Ok((Bytes::from(data), tier))
     }
 
-    /// [`Self::read_block`], appending the bytes to `out` (cleared first, and again before
-    /// a failover). Each message is copied out as it arrives, so gRPC's receive buffer is
+    /// [`Self::read_block`], into `out` (cleared first; left empty on an error, and a
+    /// failover fills a new buffer). Each message is copied out as it arrives, so gRPC's receive buffer is
     /// reused across the block's messages instead of growing to hold them all.
     pub async fn read_block_into(
         &self,
@@ -244,37 +244,33 @@ impl WorkerPool {
         out: &mut Vec<u8>,
     ) -> Result<Tier, ClientError> {
         let block = Self::block_ref(file, index);
-        let mut last = ClientError::NoWorkers;
-        for i in self.candidates(&Self::block_name(file, index)) {
-            let mut w = self.workers[i].clone();
-            out.clear();
-            let failed = |s| ClientError::from_status(&w.addr, s);
-            let request = ReadBlockRequest {
-                block: Some(block.clone()),
-                offset,
-                length,
-            };
-            let result: Result<Tier, ClientError> = async {
-                let mut stream = w.client.read_block(request).await.map_err(failed)?.into_inner();
-                let mut tier = Tier::Unspecified;
-                while let Some(chunk) = stream.message().await.map_err(failed)? {
-                    if tier == Tier::Unspecified {
-                        tier = chunk.tier();
+        let candidates = self.candidates(&Self::block_name(file, index));
+        let (tier, filled) = self
+            .with_failover(candidates, |mut w| {
+                // Each attempt fills the caller's buffer afresh (a failover starts over).
+                let mut buffer = std::mem::take(&mut *out);
+                buffer.clear();
+                let request = ReadBlockRequest {
+                    block: Some(block.clone()),
+                    offset,
+                    length,
+                };
+                async move {
+                    let failed = |s| ClientError::from_status(&w.addr, s);
+                    let mut stream = w.client.read_block(request).await.map_err(failed)?.into_inner();
+                    let mut tier = Tier::Unspecified;
+                    while let Some(chunk) = stream.message().await.map_err(failed)? {
+                        if tier == Tier::Unspecified {
+                            tier = chunk.tier();
+                        }
+                        buffer.extend_from_slice(&chunk.data);
                     }
-                    out.extend_from_slice(&chunk.data);
+                    Ok((tier, buffer))
                 }
-                Ok(tier)
-            }
-            .await;
-            match result {
-                Err(e) if e.is_worker_failure() => {
-                    tracing::debug!(error = %e, "worker unreachable, trying the next");
-                    last = e;
-                }
-                other => return other,
-            }
-        }
-        Err(last)
+            })
+            .await?;
+        *out = filled;
+        Ok(tier)
     }
 
     /// Reads a byte range of a file, fetching up to `parallelism` blocks at once, in order.

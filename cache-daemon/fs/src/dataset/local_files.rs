@@ -201,10 +201,7 @@ impl LocalFileCache {
         let file = file.clone();
         tokio::task::spawn_blocking(move || {
             let _held = (permit, lease);
-            if let Err(e) = this.write_block(&file, index, &data) {
-                tracing::warn!(path = %file.path, error = %e, "writing to the local file cache failed; the block is served from elsewhere");
-                this.forget(key_of(&file));
-            }
+            this.write_or_forget(&file, index, &data);
         });
     }
 
@@ -213,16 +210,20 @@ impl LocalFileCache {
     pub async fn write_now(self: &Arc<Self>, file: &FileInfo, index: u64, data: Bytes) -> bool {
         let this = Arc::clone(self);
         let file = file.clone();
-        let written = tokio::task::spawn_blocking(move || {
-            let result = this.write_block(&file, index, &data);
-            if let Err(e) = &result {
-                tracing::warn!(path = %file.path, error = %e, "writing to the local file cache failed; the block is served from elsewhere");
-                this.forget(key_of(&file));
-            }
-            result.is_ok()
-        })
-        .await;
+        let written = tokio::task::spawn_blocking(move || this.write_or_forget(&file, index, &data)).await;
         written.unwrap_or(false)
+    }
+
+    /// Writes block `index`; a file whose write failed is dropped from the cache whole.
+    fn write_or_forget(&self, file: &FileInfo, index: u64, data: &[u8]) -> bool {
+        match self.write_block(file, index, data) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(path = %file.path, error = %e, "writing to the local file cache failed; the block is served from elsewhere");
+                self.forget(key_of(file));
+                false
+            }
+        }
     }
 
     fn write_block(&self, file: &FileInfo, index: u64, data: &[u8]) -> io::Result<()> {
