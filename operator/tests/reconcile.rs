@@ -154,6 +154,22 @@ async fn a_dataset_becomes_workers_and_a_volume_and_a_second_reconcile_changes_n
         container["envFrom"][0]["configMapRef"]["name"],
         "imagenet-worker-config"
     );
+    // The member set: a ConfigMap of its own, mounted, and each worker's own name in it.
+    let members = fake
+        .get(CONFIGMAPS, "imagenet-worker-members")
+        .expect("the member ConfigMap");
+    // The addresses the operator was given (`--worker-address`); in a cluster, the pods' names.
+    assert_eq!(members["data"]["members"], "127.0.0.1:1\n");
+    assert_eq!(cm["data"]["GRANARY_MEMBERS_FILE"], "/etc/granary/members/members");
+    let volumes = sts["spec"]["template"]["spec"]["volumes"].as_array().expect("volumes");
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["configMap"]["name"] == "imagenet-worker-members"),
+        "{volumes:?}"
+    );
+    assert_eq!(container["env"][1]["name"], "GRANARY_ADVERTISE");
+    assert_eq!(container["env"][1]["value"], "$(POD_NAME).imagenet-workers.ml.svc:7070");
 
     // The PV is what granary-csi hands the node daemon: the daemon's own parser accepts it.
     let pv = fake.get(PVS, "granary-ml-imagenet").expect("the PV");
@@ -161,13 +177,8 @@ async fn a_dataset_becomes_workers_and_a_volume_and_a_second_reconcile_changes_n
     assert_eq!(pv["spec"]["claimRef"]["name"], "imagenet");
     let mount = dataset_mount(&attributes(&pv), &BTreeMap::new(), &fs_sources_allowed())
         .expect("the node daemon accepts the attributes");
-    assert_eq!(
-        mount.workers,
-        vec![
-            "imagenet-worker-0.imagenet-workers.ml.svc:7070",
-            "imagenet-worker-1.imagenet-workers.ml.svc:7070"
-        ]
-    );
+    // A seed that resolves to every worker; the mount follows the workers' member set.
+    assert_eq!(mount.workers, vec!["imagenet-workers.ml.svc:7070"]);
     assert_eq!(
         mount.source.as_deref(),
         Some(format!("fs://{}", src.path().display()).as_str())
@@ -216,11 +227,19 @@ async fn a_spec_change_rolls_the_workers_and_deletion_removes_the_pv_before_the_
     let volume = &sts["spec"]["template"]["spec"]["volumes"][0];
     assert_eq!(volume["emptyDir"]["medium"], "Memory");
 
+    let pv = fake.get(PVS, "granary-ml-ds").expect("the PV");
     let mut obj = fake.get(DATASETS, "ds").expect("ds");
     obj["spec"]["cache"] = json!({"workers": 3, "blockSize": "8Mi"});
     obj["metadata"]["generation"] = json!(2);
     fake.put(DATASETS, obj);
     let ds = reconcile_dataset(&fake, &ctx, "ds").await;
+    // Scaling rewrites the member set and leaves the volume alone: running mounts follow.
+    assert_eq!(fake.get(PVS, "granary-ml-ds").expect("the PV"), pv);
+    assert!(
+        !events(&fake).iter().any(|(r, _)| r == "VolumeOutdated"),
+        "scaling needs no new volume: {:?}",
+        events(&fake)
+    );
     let sts = fake.get(STATEFULSETS, "ds-worker").expect("sts");
     assert_eq!(sts["spec"]["replicas"], 3);
     assert_ne!(
@@ -232,7 +251,13 @@ async fn a_spec_change_rolls_the_workers_and_deletion_removes_the_pv_before_the_
         (8u64 << 20).to_string()
     );
     assert_eq!(ds.status.expect("status").observed_generation, Some(2));
-    // The PV's attributes cannot change in place; the user is told what to do.
+    // A new source is a new volume: its attributes cannot change in place; the user is told.
+    let other = source_dir(&[("b.bin", 10)]);
+    let mut obj = fake.get(DATASETS, "ds").expect("ds");
+    obj["spec"]["source"]["uri"] = json!(format!("fs://{}", other.path().display()));
+    obj["metadata"]["generation"] = json!(3);
+    fake.put(DATASETS, obj);
+    reconcile_dataset(&fake, &ctx, "ds").await;
     assert!(
         events(&fake)
             .iter()
@@ -360,6 +385,7 @@ async fn prewarm_runs_through_the_workers_records_progress_and_lifts_the_gate() 
         calls,
         vec![
             format!("PATCH {CONFIGMAPS}/imagenet-worker-config?&{apply}"),
+            format!("PATCH {CONFIGMAPS}/imagenet-worker-members?&{apply}"),
             format!("PATCH {SERVICES}/imagenet-workers?&{apply}"),
             format!("PATCH {STATEFULSETS}/imagenet-worker?&{apply}"),
             format!("GET {PVS}/granary-ml-imagenet"),

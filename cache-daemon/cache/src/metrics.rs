@@ -51,6 +51,8 @@ pub struct WorkerMetrics {
     pub metadata_requests: Family<StateLabel, Counter>,
     pub listings: Family<StateLabel, Counter>,
     pub source_lists: Counter,
+    pub peer_fills: Family<StateLabel, Counter>,
+    pub peer_fill_bytes: Counter,
     pub request_duration: Family<MethodLabel, Histogram>,
     pub prewarm_files: Family<StateLabel, Gauge>,
     pub prewarm_bytes: Family<StateLabel, Gauge>,
@@ -78,6 +80,8 @@ impl WorkerMetrics {
             metadata_requests: Family::default(),
             listings: Family::default(),
             source_lists: Counter::default(),
+            peer_fills: Family::default(),
+            peer_fill_bytes: Counter::default(),
             request_duration: Family::new_with_constructor(|| {
                 // 50 µs .. ~26 s
                 Histogram::new(exponential_buckets(0.00005, 2.0, 20))
@@ -99,7 +103,7 @@ impl WorkerMetrics {
         );
         r.register(
             "granary_cache_served_bytes",
-            "Bytes served to clients, by the tier they came from (memory, disk, source)",
+            "Bytes served to clients and peers, by where they came from (memory, disk, source, peer)",
             metrics.served_bytes.clone(),
         );
         r.register(
@@ -176,6 +180,16 @@ impl WorkerMetrics {
             "granary_source_lists",
             "Listings this worker started against the source store (one per directory listed or prewarm walk, however many pages it took)",
             metrics.source_lists.clone(),
+        );
+        r.register(
+            "granary_peer_fills",
+            "Misses this worker tried to fill from another worker before the store, by outcome (filled, missed, failed)",
+            metrics.peer_fills.clone(),
+        );
+        r.register(
+            "granary_peer_fill_bytes",
+            "Bytes this worker filled from other workers instead of the store",
+            metrics.peer_fill_bytes.clone(),
         );
         r.register(
             "granary_worker_request_duration_seconds",

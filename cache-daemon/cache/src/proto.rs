@@ -10,6 +10,7 @@ impl Tier {
             Tier::Memory => "memory",
             Tier::Disk => "disk",
             Tier::Source => "source",
+            Tier::Peer => "peer",
             Tier::Unspecified => "unspecified",
         }
     }

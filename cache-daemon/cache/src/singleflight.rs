@@ -11,7 +11,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 
 use granary_store::StoreError;
 
-type Flight<E> = Shared<BoxFuture<'static, Result<Bytes, E>>>;
+type Flight<V, E> = Shared<BoxFuture<'static, Result<V, E>>>;
 
 /// An error a shared fetch can end with; it must also describe a fetch task that died.
 pub trait FlightError: Clone + Send + Sync + 'static {
@@ -24,11 +24,14 @@ impl FlightError for StoreError {
     }
 }
 
-pub struct SingleFlight<K, E = StoreError> {
-    inflight: Mutex<HashMap<K, Flight<E>>>,
+/// Flights of values `V` (a block's bytes unless told) keyed by `K`.
+pub struct SingleFlight<K, E = StoreError, V = Bytes> {
+    inflight: Mutex<HashMap<K, Flight<V, E>>>,
 }
 
-impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> Default for SingleFlight<K, E> {
+impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError, V: Clone + Send + Sync + 'static> Default
+    for SingleFlight<K, E, V>
+{
     fn default() -> Self {
         SingleFlight {
             inflight: Mutex::new(HashMap::new()),
@@ -36,8 +39,8 @@ impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> Default for SingleFl
     }
 }
 
-impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> SingleFlight<K, E> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<E>>> {
+impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError, V: Clone + Send + Sync + 'static> SingleFlight<K, E, V> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Flight<V, E>>> {
         self.inflight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -50,9 +53,9 @@ impl<K: Hash + Eq + Clone + Send + 'static, E: FlightError> SingleFlight<K, E> {
     /// with whether it was shared (this caller did not start the fetch). `fetch` must store
     /// its result where later callers look first (the memory tier): the key is released when
     /// it ends.
-    pub async fn run<F>(self: &Arc<Self>, key: K, fetch: F) -> (Result<Bytes, E>, bool)
+    pub async fn run<F>(self: &Arc<Self>, key: K, fetch: F) -> (Result<V, E>, bool)
     where
-        F: std::future::Future<Output = Result<Bytes, E>> + Send + 'static,
+        F: std::future::Future<Output = Result<V, E>> + Send + 'static,
     {
         let (flight, shared) = {
             let mut inflight = self.lock();

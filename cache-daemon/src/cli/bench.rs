@@ -96,7 +96,7 @@ async fn settle(pool: &granary_cache::client::WorkerPool) {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let pool = args.workers.pool()?;
+    let pool = args.workers.pool().await?;
     let options = args.source_options.iter().cloned().collect();
     let store =
         SourceStore::open(&args.source, &options, &SourceTuning::default()).context("cannot open the source store")?;

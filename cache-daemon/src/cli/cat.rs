@@ -19,7 +19,7 @@ pub struct CatArgs {
 }
 
 pub async fn run(args: CatArgs) -> anyhow::Result<()> {
-    let pool = args.workers.pool()?;
+    let pool = args.workers.pool().await?;
     let file = pool
         .stat(&args.path, false)
         .await

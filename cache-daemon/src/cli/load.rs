@@ -49,7 +49,7 @@ fn files_line(p: &LoadProgress) -> String {
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
-    let pool = args.workers.pool()?;
+    let pool = args.workers.pool().await?;
     let started = Instant::now();
     let mut progress = std::pin::pin!(pool
         .load(&args.path, args.parallelism)

@@ -25,13 +25,18 @@ use super::parse_key_value;
 pub struct MountArgs {
     /// Directory to mount on; it must exist.
     pub mountpoint: PathBuf,
-    /// Worker addresses, comma-separated (host-0:7070,host-1:7070); all clients of a dataset
-    /// must list the same workers. Without workers, reads go to --source directly.
+    /// Worker addresses, comma-separated (host-0:7070,host-1:7070). Workers started with a
+    /// member set answer with it, and the mount follows it (see --members-refresh), so one
+    /// worker will do; otherwise all clients of a dataset must list the same workers. Without
+    /// workers, reads go to --source directly.
     #[arg(long, env = "GRANARY_WORKERS", value_name = "HOST:PORT,...")]
     pub workers: Option<String>,
-    /// Cache each block on this many workers.
+    /// Cache each block on this many workers, and spread reads over them.
     #[arg(long, default_value_t = 1)]
     pub replicas: usize,
+    /// How often to ask the workers for their member set again (0s: only at mount).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub members_refresh: std::time::Duration,
     /// The source store (s3://bucket/prefix, fs:///path): read directly when the workers are
     /// unreachable, so readers see no error.
     #[arg(long, env = "GRANARY_SOURCE")]
@@ -110,6 +115,7 @@ pub fn dataset_mount(args: &MountArgs) -> anyhow::Result<DatasetMount> {
     let workers = args.workers.as_deref().map(parse_worker_list).unwrap_or_default();
     let mut config = DatasetMount::new(workers, args.source.clone());
     config.replicas = args.replicas;
+    config.members_refresh = (!args.members_refresh.is_zero()).then_some(args.members_refresh);
     config.source_options = args.source_options.iter().cloned().collect();
     config.source_tuning = SourceTuning::default();
     config.metadata_ttl = args.metadata_ttl;

@@ -16,7 +16,7 @@ pub struct StatsArgs {
 }
 
 pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
-    let pool = args.workers.pool()?;
+    let pool = args.workers.pool().await?;
     let results = pool.stats().await;
     let failed = results.iter().filter(|(_, r)| r.is_err()).count();
     if args.json {

@@ -66,6 +66,21 @@ pub struct WorkerArgs {
     /// Timeout of one source request.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub source_timeout: std::time::Duration,
+    /// Every worker of the dataset, comma-separated host:port, as clients address them. With a
+    /// member set, a worker fills blocks it does not own from their owner (replicas cost no
+    /// store reads) and tells clients the set, so they follow it as it changes.
+    #[arg(long, env = "GRANARY_MEMBERS", value_name = "HOST:PORT,...", value_delimiter = ',')]
+    pub members: Vec<String>,
+    /// A file of the member set (host:port per line or comma-separated), re-read every
+    /// --members-refresh: the operator keeps it current as the dataset scales.
+    #[arg(long, env = "GRANARY_MEMBERS_FILE", conflicts_with = "members")]
+    pub members_file: Option<PathBuf>,
+    /// How often --members-file is re-read.
+    #[arg(long, env = "GRANARY_MEMBERS_REFRESH", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub members_refresh: std::time::Duration,
+    /// This worker's own address as the member set lists it (required with a member set).
+    #[arg(long, env = "GRANARY_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
 }
 
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
@@ -89,6 +104,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     config.metadata_ttl = args.metadata_ttl;
     config.metadata_max_entries = args.metadata_max_entries;
     config.load_parallelism = args.load_parallelism;
+    config.members = args.members;
+    config.members_file = args.members_file;
+    config.members_refresh = args.members_refresh;
+    config.advertise = args.advertise;
 
     let mut running = worker::start(config).await.context("the worker could not start")?;
     tokio::select! {

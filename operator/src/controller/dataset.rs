@@ -76,6 +76,8 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
 
     let build = |e: crate::api::common::QuantityError| Error::Build(e.to_string());
     apply_namespaced(&ctx.client, &workers::config_map(ds).map_err(build)?).await?;
+    let addresses = worker_addresses(ds, namespace, &ctx.addressing);
+    apply_namespaced(&ctx.client, &workers::members_config_map(ds, &addresses)).await?;
     apply_namespaced(&ctx.client, &workers::service(ds)).await?;
     let sts = apply_namespaced(
         &ctx.client,
@@ -89,25 +91,14 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
         &pvc,
     )
     .await?;
-    let wanted = pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .and_then(|c| c.volume_attributes.as_ref());
-    let present = existing_pv
-        .spec
-        .as_ref()
-        .and_then(|s| s.csi.as_ref())
-        .and_then(|c| c.volume_attributes.as_ref());
-    if wanted != present {
-        // A PV's source cannot change; pods keep reading (a changed worker set only costs
-        // cache hits) until the claim is recreated.
+    if !volume_is_current(&pv, &existing_pv, &ctx.volume_key) {
+        // A PV's source cannot change; pods keep reading until the claim is recreated.
         ctx.event(
             ds,
             EventType::Warning,
             "VolumeOutdated",
             format!(
-                "the PV {} was made for an earlier spec (source, options or workers), or carries no valid mark of this installation's volume key (made by an older Granary, or under another key), which nodes refuse; delete the PVC {} when no pod uses it and it is made again",
+                "the PV {} was made for an earlier spec (source or options), or carries no valid mark of this installation's volume key (made by an older Granary, or under another key), which nodes refuse; delete the PVC {} when no pod uses it and it is made again",
                 pv.name_any(),
                 pvc.name_any()
             ),
@@ -156,7 +147,6 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
         generation,
     );
 
-    let addresses = worker_addresses(ds, namespace, &ctx.addressing);
     let mut busy = !workers_ready;
     let mut events: Vec<(EventType, &str, String)> = Vec::new();
     if let (Err(e), true) = (&reachable, was_reachable || status.phase.is_none()) {
@@ -230,6 +220,30 @@ async fn apply(ds: &Dataset, namespace: &str, ctx: &Context) -> Result<Action, E
         gates::release(ctx, namespace).await?;
     }
     Ok(Action::requeue(if busy { BUSY_REQUEUE } else { IDLE_REQUEUE }))
+}
+
+/// Whether the existing PV serves what the spec asks. Its worker list is only where mounts
+/// first reach the workers (they follow the workers' member set), so a PV made with the full
+/// list by an earlier Granary stays current as long as its mark is valid.
+fn volume_is_current(
+    wanted: &PersistentVolume,
+    present: &PersistentVolume,
+    key: &granary_node_api::volume_mark::VolumeKey,
+) -> bool {
+    let csi = |v: &PersistentVolume| v.spec.as_ref().and_then(|s| s.csi.clone());
+    let (Some(wanted), Some(present)) = (csi(wanted), csi(present)) else {
+        return false;
+    };
+    let attributes = |c: &k8s_openapi::api::core::v1::CSIPersistentVolumeSource| {
+        let mut a = c.volume_attributes.clone().unwrap_or_default();
+        a.remove("workers");
+        a.remove(granary_node_api::volume_mark::MARK_ATTRIBUTE);
+        a
+    };
+    let present_attributes = present.volume_attributes.clone().unwrap_or_default();
+    wanted.volume_handle == present.volume_handle
+        && attributes(&wanted) == attributes(&present)
+        && key.verify(&present.volume_handle, &present_attributes).is_ok()
 }
 
 fn worker_addresses(ds: &Dataset, namespace: &str, addressing: &WorkerAddressing) -> Vec<String> {

@@ -13,6 +13,16 @@ pub fn worker_service(dataset: &str) -> String {
 pub fn worker_statefulset(dataset: &str) -> String {
     format!("{dataset}-worker")
 }
+/// The ConfigMap holding the current member set, mounted into every worker.
+pub fn worker_members(dataset: &str) -> String {
+    format!("{dataset}-worker-members")
+}
+/// Where a mount first reaches the workers: the headless Service's name resolves to every
+/// worker, and the one that answers tells the mount the member set. It does not change as
+/// the Dataset scales, so neither does the PV.
+pub fn worker_seed(dataset: &str, namespace: &str) -> String {
+    format!("{}.{namespace}.svc:{WORKER_GRPC_PORT}", worker_service(dataset))
+}
 /// Stable DNS name of worker `index` through the headless Service.
 pub fn worker_address(dataset: &str, namespace: &str, index: i32) -> String {
     format!(

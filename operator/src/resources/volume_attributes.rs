@@ -16,13 +16,12 @@ pub const MEMORY_WRITEBACK_DIR: &str = "/dev/shm/granary";
 pub fn dataset(ds: &Dataset, namespace: &str) -> BTreeMap<String, String> {
     let name = kube::ResourceExt::name_any(ds);
     let spec = &ds.spec;
-    let workers: Vec<String> = (0..spec.cache.workers)
-        .map(|i| names::worker_address(&name, namespace, i))
-        .collect();
     let mut attrs = BTreeMap::from([
         ("kind".to_string(), "dataset".to_string()),
         ("source".to_string(), spec.source.uri.clone()),
-        ("workers".to_string(), workers.join(",")),
+        // A seed, not the member set: the mount learns the set from the workers and follows
+        // it, so scaling changes no PV.
+        ("workers".to_string(), names::worker_seed(&name, namespace)),
         ("metadataTTL".to_string(), spec.cache.metadata_ttl.clone()),
         ("replicas".to_string(), spec.cache.replicas.to_string()),
     ]);

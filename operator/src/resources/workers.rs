@@ -1,13 +1,15 @@
-//! A Dataset's cache workers: the ConfigMap with their settings, the headless Service that
-//! gives each a stable DNS name, and the StatefulSet that runs `granary-cache worker`.
+//! A Dataset's cache workers: the ConfigMap with their settings, the ConfigMap with their
+//! member set, the headless Service that gives each a stable DNS name, and the StatefulSet
+//! that runs `granary-cache worker`.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, HTTPGetAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    ConfigMap, ConfigMapEnvSource, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretVolumeSource, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -26,6 +28,8 @@ pub const DATASET_LABEL: &str = "granary.dev/dataset";
 pub const CONFIG_HASH_ANNOTATION: &str = "granary.dev/config-hash";
 const CACHE_DIR: &str = "/cache";
 const SECRET_DIR: &str = "/etc/granary/source-secret";
+const MEMBERS_DIR: &str = "/etc/granary/members";
+const MEMBERS_KEY: &str = "members";
 /// Heap and buffers of a worker beyond its memory tier.
 const WORKER_OVERHEAD: u64 = 512 << 20;
 /// The in-process hot tier when the only tier is a Memory one (kept on tmpfs).
@@ -114,6 +118,10 @@ pub fn config_map(ds: &Dataset) -> Result<ConfigMap, QuantityError> {
         ),
         ("GRANARY_METADATA_TTL".to_string(), spec.cache.metadata_ttl.clone()),
         ("GRANARY_LOG_FORMAT".to_string(), "json".to_string()),
+        (
+            "GRANARY_MEMBERS_FILE".to_string(),
+            format!("{MEMBERS_DIR}/{MEMBERS_KEY}"),
+        ),
     ]);
     if plan.dir > 0 {
         data.insert("GRANARY_CACHE_DIR".into(), CACHE_DIR.into());
@@ -135,6 +143,17 @@ pub fn config_map(ds: &Dataset) -> Result<ConfigMap, QuantityError> {
         data: Some(data),
         ..ConfigMap::default()
     })
+}
+
+/// The member set, one `host:port` per line. Kept out of the settings' ConfigMap (whose hash
+/// rolls the workers): scaling rewrites this one, and the running workers re-read it from
+/// their volume (the kubelet refreshes it within about a minute) and tell clients.
+pub fn members_config_map(ds: &Dataset, members: &[String]) -> ConfigMap {
+    ConfigMap {
+        metadata: meta(ds, names::worker_members(&ds.name_any()), "worker"),
+        data: Some(BTreeMap::from([(MEMBERS_KEY.to_string(), members.join("\n") + "\n")])),
+        ..ConfigMap::default()
+    }
 }
 
 /// Headless: each worker is addressed by its own stable name, never load-balanced, because
@@ -212,6 +231,21 @@ pub fn statefulset(ds: &Dataset, default_image: &str) -> Result<StatefulSet, Qua
             });
         }
     }
+    volumes.push(Volume {
+        name: "members".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: names::worker_members(&ds.name_any()),
+            optional: Some(false),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    });
+    mounts.push(VolumeMount {
+        name: "members".into(),
+        mount_path: MEMBERS_DIR.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    });
     if let Some(secret) = &spec.source.secret_ref {
         volumes.push(Volume {
             name: "source-secret".into(),
@@ -257,6 +291,29 @@ pub fn statefulset(ds: &Dataset, default_image: &str) -> Result<StatefulSet, Qua
         image: Some(spec.image.clone().unwrap_or_else(|| default_image.to_string())),
         command: Some(vec!["granary-cache".into()]),
         args: Some(vec!["worker".into()]),
+        // The worker's own name in the member set: its pod's stable DNS name.
+        env: Some(vec![
+            EnvVar {
+                name: "POD_NAME".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.name".into(),
+                        ..ObjectFieldSelector::default()
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "GRANARY_ADVERTISE".into(),
+                value: Some(format!(
+                    "$(POD_NAME).{}.{}.svc:{WORKER_GRPC_PORT}",
+                    names::worker_service(&ds.name_any()),
+                    ds.namespace().unwrap_or_default()
+                )),
+                ..EnvVar::default()
+            },
+        ]),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource {
                 name: names::worker_config(&ds.name_any()),
@@ -319,7 +376,7 @@ pub fn statefulset(ds: &Dataset, default_image: &str) -> Result<StatefulSet, Qua
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    volumes: if volumes.is_empty() { None } else { Some(volumes) },
+                    volumes: Some(volumes),
                     node_selector: (!placement.node_selector.is_empty()).then(|| placement.node_selector.clone()),
                     tolerations: (!placement.tolerations.is_empty()).then(|| placement.tolerations.clone()),
                     affinity: placement.affinity.clone(),

@@ -1,7 +1,7 @@
-//! The worker's read path for one block: memory tier, then disk tier, then the source store
-//! (one fetch per block however many readers miss at once), storing what was fetched in both
-//! tiers. A failing disk never fails a read: it degrades to the source, with a log line and
-//! a metric.
+//! The worker's read path for one block: memory tier, then disk tier, then a peer that holds
+//! or owns it ([`super::peers`]), then the source store (one fetch per block however many
+//! readers miss at once), storing what was fetched in both tiers. A failing disk never fails
+//! a read: it degrades to the source, with a log line and a metric.
 
 use std::sync::Arc;
 
@@ -16,6 +16,7 @@ use crate::tiers::{DiskRead, DiskTier, DiskWrite, MemoryTier};
 use granary_store::source::SourceStore;
 use granary_store::StoreError;
 
+use super::peers::Peers;
 use super::write_behind::WriteBehind;
 
 /// Bytes of fetched blocks that may wait for the disk tier before fetches wait for the disk.
@@ -27,8 +28,22 @@ pub struct BlockStore {
     memory: MemoryTier,
     disk: Option<DiskTier>,
     write_behind: WriteBehind,
-    flights: Arc<SingleFlight<BlockName>>,
+    /// Misses that may be filled from a peer.
+    peer_flights: Arc<SingleFlight<BlockName, StoreError, (Bytes, Tier)>>,
+    /// Misses read from the store: requests from peers, and every miss of a block this worker
+    /// owns, so an owner's clients and its replicas share one store read.
+    flights: Arc<SingleFlight<BlockName, StoreError, (Bytes, Tier)>>,
+    peers: Option<Arc<Peers>>,
     metrics: Arc<WorkerMetrics>,
+}
+
+/// Where a miss may be filled from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// A client's read: from a peer (the block's owner), else the store.
+    PeersThenSource,
+    /// A peer's read: from the store only.
+    SourceOnly,
 }
 
 fn error_kind(e: &StoreError) -> &'static str {
@@ -41,6 +56,7 @@ impl BlockStore {
         block_size: u64,
         memory: MemoryTier,
         disk: Option<DiskTier>,
+        peers: Option<Arc<Peers>>,
         metrics: Arc<WorkerMetrics>,
     ) -> Self {
         let store = BlockStore {
@@ -49,7 +65,9 @@ impl BlockStore {
             memory,
             disk,
             write_behind: WriteBehind::new(WRITE_BEHIND_BUDGET),
+            peer_flights: Arc::new(SingleFlight::default()),
             flights: Arc::new(SingleFlight::default()),
+            peers,
             metrics,
         };
         store.update_usage_gauges();
@@ -107,15 +125,47 @@ impl BlockStore {
     }
 
     /// Reads one whole block of a file of `file_size` bytes.
-    pub async fn read(self: &Arc<Self>, key: &BlockKey, file_size: u64) -> Result<(Bytes, Tier), StoreError> {
+    pub async fn read(
+        self: &Arc<Self>,
+        key: &BlockKey,
+        file_size: u64,
+        fill: Fill,
+    ) -> Result<(Bytes, Tier), StoreError> {
+        let name = key.name();
+        if let Some(hit) = self.read_cached(key).await {
+            return Ok(hit);
+        }
+        self.metrics.misses.inc();
+        let sources = match (&self.peers, fill) {
+            (Some(peers), Fill::PeersThenSource) => peers.sources(&name),
+            _ => Vec::new(),
+        };
+        let this = Arc::clone(self);
+        let key = key.clone();
+        let flights = if sources.is_empty() {
+            &self.flights
+        } else {
+            &self.peer_flights
+        };
+        let (result, shared) = flights
+            .run(name, async move { this.fetch(name, key, file_size, sources).await })
+            .await;
+        if shared {
+            self.metrics.singleflight_shared.inc();
+        }
+        result
+    }
+
+    /// A block from this worker's tiers only, counted as a hit; `None` on a miss.
+    pub async fn read_cached(&self, key: &BlockKey) -> Option<(Bytes, Tier)> {
         let name = key.name();
         if let Some(data) = self.memory.get(&name) {
             self.metrics.hits.get_or_create(&MEMORY).inc();
-            return Ok((data, Tier::Memory));
+            return Some((data, Tier::Memory));
         }
         if let Some(data) = self.write_behind.get(&name) {
             self.metrics.hits.get_or_create(&MEMORY).inc();
-            return Ok((data, Tier::Memory));
+            return Some((data, Tier::Memory));
         }
         if let Some(disk) = &self.disk {
             match disk.read(name, key).await {
@@ -123,7 +173,7 @@ impl BlockStore {
                     self.metrics.hits.get_or_create(&DISK).inc();
                     self.admit_to_memory(name, data.clone());
                     self.update_usage_gauges();
-                    return Ok((data, Tier::Disk));
+                    return Some((data, Tier::Disk));
                 }
                 DiskRead::Miss => {}
                 DiskRead::Corrupt(reason) => {
@@ -138,36 +188,28 @@ impl BlockStore {
                 }
             }
         }
-        self.metrics.misses.inc();
-        let this = Arc::clone(self);
-        let key = key.clone();
-        let (result, shared) = self
-            .flights
-            .run(name, async move { this.fetch(name, key, file_size).await })
-            .await;
-        if shared {
-            self.metrics.singleflight_shared.inc();
-        }
-        result.map(|data| (data, Tier::Source))
+        None
     }
 
-    /// Fetches a block from the source, puts it in memory, and hands it to the disk tier in
-    /// the background; it stays readable (memory or pending) until it is on disk, so a reader
-    /// arriving after the flight ends finds it.
-    async fn fetch(self: Arc<Self>, name: BlockName, key: BlockKey, file_size: u64) -> Result<Bytes, StoreError> {
-        let range = block_range(file_size, self.block_size, key.index);
-        self.metrics.source_reads.inc();
-        let data = match self.source.read_range(&key.path, &key.version, range).await {
-            Ok(data) => data,
-            Err(e) => {
-                self.metrics
-                    .source_errors
-                    .get_or_create(&KindLabel { kind: error_kind(&e) })
-                    .inc();
-                return Err(e);
-            }
+    /// Fetches a block from the first of `sources` (peers) that has it, else from the store;
+    /// puts it in memory and hands it to the disk tier in the background. It stays readable
+    /// (memory or pending) until it is on disk, so a reader arriving after the flight ends
+    /// finds it.
+    async fn fetch(
+        self: Arc<Self>,
+        name: BlockName,
+        key: BlockKey,
+        file_size: u64,
+        sources: Vec<(String, bool)>,
+    ) -> Result<(Bytes, Tier), StoreError> {
+        let from_peer = match (&self.peers, sources.is_empty()) {
+            (Some(peers), false) => peers.fill(&sources, &key, file_size, self.block_size).await,
+            _ => None,
         };
-        self.metrics.source_read_bytes.inc_by(data.len() as u64);
+        let (data, tier) = match from_peer {
+            Some(data) => (data, Tier::Peer),
+            None => (self.read_source(&key, file_size).await?, Tier::Source),
+        };
         self.admit_to_memory(name, data.clone());
         if self.disk.is_some() {
             let pending = self.write_behind.begin(name, data.clone()).await;
@@ -180,7 +222,25 @@ impl BlockStore {
             });
         }
         self.update_usage_gauges();
-        Ok(data)
+        Ok((data, tier))
+    }
+
+    async fn read_source(&self, key: &BlockKey, file_size: u64) -> Result<Bytes, StoreError> {
+        let range = block_range(file_size, self.block_size, key.index);
+        self.metrics.source_reads.inc();
+        match self.source.read_range(&key.path, &key.version, range).await {
+            Ok(data) => {
+                self.metrics.source_read_bytes.inc_by(data.len() as u64);
+                Ok(data)
+            }
+            Err(e) => {
+                self.metrics
+                    .source_errors
+                    .get_or_create(&KindLabel { kind: error_kind(&e) })
+                    .inc();
+                Err(e)
+            }
+        }
     }
 
     async fn store_on_disk(&self, name: BlockName, key: &BlockKey, data: Bytes) {

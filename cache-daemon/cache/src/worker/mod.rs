@@ -3,6 +3,7 @@
 mod block_store;
 mod listing_cache;
 mod metadata_cache;
+mod peers;
 mod prewarm;
 mod service;
 mod status;
@@ -20,9 +21,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
 
-pub use block_store::BlockStore;
+pub use block_store::{BlockStore, Fill};
 pub use listing_cache::ListingCache;
 pub use metadata_cache::MetadataCache;
+pub use peers::{parse_members, Peers};
 
 use crate::client::{FRAME_SIZE, MAX_MESSAGE};
 use crate::metrics::WorkerMetrics;
@@ -48,6 +50,14 @@ pub struct WorkerConfig {
     pub metadata_ttl: MetadataTtl,
     pub metadata_max_entries: usize,
     pub load_parallelism: usize,
+    /// The dataset's workers, `host:port` each, as clients address them (static).
+    pub members: Vec<String>,
+    /// A file holding the member set, re-read every `members_refresh` (the operator keeps it
+    /// current as the dataset scales); wins over `members`.
+    pub members_file: Option<PathBuf>,
+    pub members_refresh: Duration,
+    /// This worker's own address in the member set.
+    pub advertise: Option<String>,
 }
 
 impl WorkerConfig {
@@ -67,6 +77,10 @@ impl WorkerConfig {
             metadata_ttl: MetadataTtl::Expires(Duration::from_secs(60)),
             metadata_max_entries: 1_000_000,
             load_parallelism: 16,
+            members: Vec::new(),
+            members_file: None,
+            members_refresh: Duration::from_secs(5),
+            advertise: None,
         }
     }
 }
@@ -90,6 +104,18 @@ pub enum StartError {
     SourceTimeout,
     #[error("--block-size must be between 64KiB and 64MiB, not {0} bytes")]
     BlockSize(u64),
+    #[error("--members or --members-file was given without --advertise: give this worker's own address as the member set lists it, e.g. --advertise ds-worker-0.ds-workers.ns.svc:7070")]
+    NoAdvertise,
+    #[error(
+        "cannot read the member set from {path}: {source}; give --members-file a readable file of host:port lines"
+    )]
+    MembersFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad member set: {0}")]
+    BadMembers(#[from] crate::client::ClientError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -106,6 +132,8 @@ pub struct WorkerState {
     pub metrics: Arc<WorkerMetrics>,
     pub eviction: EvictionPolicy,
     pub load_parallelism: usize,
+    /// The other workers, when this worker was given a member set.
+    pub peers: Option<Arc<Peers>>,
 }
 
 /// A started worker. Dropping it does not stop it; call [`RunningWorker::shutdown`].
@@ -151,6 +179,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
     let mut registry = Registry::default();
     let metrics = Arc::new(WorkerMetrics::register(&mut registry));
     let registry = Arc::new(registry);
+    let peers = open_peers(&config, &metrics).await?;
 
     let disk = match &config.cache_dir {
         None if config.cache_size > 0 => return Err(StartError::NoCacheDir),
@@ -181,6 +210,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
         config.block_size,
         memory,
         disk,
+        peers.clone(),
         Arc::clone(&metrics),
     ));
     let state = Arc::new(WorkerState {
@@ -195,12 +225,21 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
         metrics,
         eviction: config.eviction,
         load_parallelism: config.load_parallelism,
+        peers: peers.clone(),
     });
 
     let (shutdown, shutdown_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    if let (Some(peers), Some(path)) = (&peers, &config.members_file) {
+        tokio::spawn(follow_members_file(
+            Arc::clone(peers),
+            path.clone(),
+            config.members_refresh,
+            stopped(shutdown_rx.clone()),
+        ));
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let (metrics_addr, metrics_server) = match config.metrics_listen {
         None => (None, None),
@@ -266,6 +305,57 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
         server,
         metrics_server,
     })
+}
+
+async fn read_members(path: &std::path::Path) -> Result<Vec<String>, StartError> {
+    tokio::fs::read_to_string(path)
+        .await
+        .map(|text| parse_members(&text))
+        .map_err(|source| StartError::MembersFile {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// The member set the worker starts with (a file wins over a list), or none.
+async fn open_peers(config: &WorkerConfig, metrics: &Arc<WorkerMetrics>) -> Result<Option<Arc<Peers>>, StartError> {
+    let members = match &config.members_file {
+        Some(path) => read_members(path).await?,
+        None if config.members.is_empty() => return Ok(None),
+        None => parse_members(&config.members.join(",")),
+    };
+    let me = config.advertise.clone().ok_or(StartError::NoAdvertise)?;
+    if members.is_empty() {
+        // An empty file is a member set not written yet: this worker alone until it is.
+        tracing::warn!(file = ?config.members_file, "the member set is empty; serving as the only member until it is written");
+        return Ok(Some(Arc::new(Peers::new(me.clone(), vec![me], Arc::clone(metrics))?)));
+    }
+    Ok(Some(Arc::new(Peers::new(me, members, Arc::clone(metrics))?)))
+}
+
+/// Re-reads the member file every `period`. Kubernetes updates a mounted ConfigMap by
+/// swapping a symlink, so a read sees the old set or the new one, never half of each.
+async fn follow_members_file(
+    peers: Arc<Peers>,
+    path: PathBuf,
+    period: Duration,
+    stopped: impl std::future::Future<Output = ()>,
+) {
+    let mut stopped = std::pin::pin!(stopped);
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stopped => return,
+            _ = tick.tick() => {}
+        }
+        match read_members(&path).await {
+            Ok(members) => {
+                peers.update(members);
+            }
+            Err(e) => tracing::warn!(error = %e, "keeping the current member set"),
+        }
+    }
 }
 
 /// One real request to the store: the first entry (or the end) of the root's listing.

@@ -90,7 +90,7 @@ impl Fetcher {
                 };
                 state
                     .store
-                    .read(&key, file.size)
+                    .read(&key, file.size, super::Fill::PeersThenSource)
                     .await
                     .map(|(data, tier)| (data.len() as u64, tier))
                     .map_err(|e| e.to_string())

@@ -10,13 +10,14 @@ use tonic::{Request, Response, Status};
 
 use super::prewarm;
 use super::status::{from_source, invalid, status};
-use super::WorkerState;
+use super::{Fill, WorkerState};
 use crate::block::{block_count, block_range, BlockKey};
 use crate::metrics::{MethodLabel, StateLabel, TierLabel};
 use crate::proto::cache_worker_server::CacheWorker;
 use crate::proto::{
-    BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, ReadBlockRequest,
-    StatRequest, StatsRequest, StatsResponse, TierStats, WarmBlockRequest, WarmBlockResponse,
+    BlockChunk, BlockRef, FileInfo, ListRequest, ListResponse, LoadProgress, LoadRequest, MembersRequest,
+    MembersResponse, ReadBlockRequest, StatRequest, StatsRequest, StatsResponse, TierStats, WarmBlockRequest,
+    WarmBlockResponse,
 };
 use granary_store::source::{normalize_path, ListedEntry};
 
@@ -130,9 +131,27 @@ impl CacheWorker for WorkerService {
                 req.offset
             )));
         }
-        let result = self.state.store.read(&key, file_size).await;
+        let result = if req.cached_only {
+            self.state.store.read_cached(&key).await.ok_or_else(|| {
+                status(
+                    tonic::Code::NotFound,
+                    format!("block {} of {:?} is not cached here", key.index, key.path),
+                )
+            })
+        } else {
+            let fill = if req.from_peer {
+                Fill::SourceOnly
+            } else {
+                Fill::PeersThenSource
+            };
+            self.state
+                .store
+                .read(&key, file_size, fill)
+                .await
+                .map_err(|e| from_source(&e))
+        };
         self.observe("read_block", started);
-        let (data, tier) = result.map_err(|e| from_source(&e))?;
+        let (data, tier) = result?;
         let end = if req.length == 0 {
             data.len()
         } else {
@@ -163,7 +182,7 @@ impl CacheWorker for WorkerService {
     async fn warm_block(&self, request: Request<WarmBlockRequest>) -> Result<Response<WarmBlockResponse>, Status> {
         let started = Instant::now();
         let (key, file_size) = self.block_key(request.into_inner().block)?;
-        let result = self.state.store.read(&key, file_size).await;
+        let result = self.state.store.read(&key, file_size, Fill::PeersThenSource).await;
         self.observe("warm_block", started);
         let (data, tier) = result.map_err(|e| from_source(&e))?;
         Ok(Response::new(WarmBlockResponse {
@@ -177,6 +196,16 @@ impl CacheWorker for WorkerService {
     async fn load(&self, request: Request<LoadRequest>) -> Result<Response<Self::LoadStream>, Status> {
         let stream = prewarm::start(Arc::clone(&self.state), request.into_inner())?;
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn members(&self, _request: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        Ok(Response::new(match &self.state.peers {
+            Some(peers) => MembersResponse {
+                workers: peers.members(),
+                this_worker: peers.me().to_string(),
+            },
+            None => MembersResponse::default(),
+        }))
     }
 
     async fn stats(&self, _request: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {

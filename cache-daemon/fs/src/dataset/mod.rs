@@ -51,9 +51,13 @@ use granary_store::units::MetadataTtl;
 /// What one dataset mount serves and how.
 #[derive(Debug, Clone)]
 pub struct DatasetMount {
-    /// Worker addresses (`host:port`); empty reads the source directly.
+    /// Worker addresses (`host:port`); empty reads the source directly. Workers with a
+    /// member set replace this list with theirs.
     pub workers: Vec<String>,
     pub replicas: usize,
+    /// How often the workers' member set is asked again, so a scaled or replaced worker set
+    /// reaches a running mount; `None` asks once, at mount.
+    pub members_refresh: Option<std::time::Duration>,
     /// The source store, for reads while the workers are unreachable (or always, without
     /// workers).
     pub source: Option<String>,
@@ -84,6 +88,7 @@ impl DatasetMount {
         DatasetMount {
             workers,
             replicas: 1,
+            members_refresh: Some(std::time::Duration::from_secs(10)),
             source,
             source_options: BTreeMap::new(),
             source_tuning: SourceTuning::default(),
@@ -245,7 +250,19 @@ fn build_fs(
     let workers = if config.workers.is_empty() {
         None
     } else {
-        Some(WorkerPool::new(&config.workers, config.replicas)?)
+        let pool = WorkerPool::new(&config.workers, config.replicas)?;
+        // Place blocks over the workers' own member set from the first read on; workers
+        // without one (or unreachable now) leave the list as configured.
+        let asked = runtime
+            .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), pool.refresh_members()).await });
+        if !matches!(asked, Ok(Ok(_))) {
+            tracing::debug!("no member set from the workers at mount; placing over the configured list");
+        }
+        if let Some(period) = config.members_refresh {
+            let _runtime = runtime.enter();
+            pool.follow_members(period);
+        }
+        Some(pool)
     };
     let source = match &config.source {
         Some(uri) => Some(SourceStore::open(uri, &config.source_options, &config.source_tuning)?),
