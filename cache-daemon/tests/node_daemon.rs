@@ -517,3 +517,69 @@ async fn scrape_metrics(addr: std::net::SocketAddr) -> String {
     stream.read_to_string(&mut body).await.unwrap();
     body
 }
+
+/// One volume's workers hang (they accept connections and never answer): its publish waits
+/// for the mount's probe, and another volume's publish on the same node does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_volume_whose_store_hangs_does_not_hold_up_another_volumes_publish() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let data = pattern(100_000, 9);
+    env.put("quick/a.bin", &data).await;
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_addr = hanging.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = hanging.accept().await {
+            held.push(stream);
+        }
+    });
+    let state = tempfile::tempdir().unwrap();
+    let socket = state.path().join("run/node.sock");
+    let _node = start_node(&state.path().join("state"), &socket);
+
+    let volume = |id: &str, prefix: &str, workers: Option<String>| {
+        let mut attributes: HashMap<String, String> = HashMap::from([
+            ("kind".into(), "dataset".into()),
+            ("source".into(), format!("s3://{BUCKET}/{prefix}")),
+            ("metadataTTL".into(), "60s".into()),
+        ]);
+        let secrets = store_access(&env, &mut attributes);
+        if let Some(workers) = workers {
+            attributes.insert("workers".into(), workers);
+        }
+        MountRequest {
+            volume_id: id.into(),
+            publisher: format!("/pods/{id}/vol"),
+            attributes,
+            secrets,
+        }
+    };
+    let mut slow_client = connect(&socket).unwrap();
+    let slow_request = volume("pvc-hanging", "hang", Some(hanging_addr.to_string()));
+    let slow = tokio::spawn(async move { slow_client.mount(slow_request).await });
+    // Let the hanging publish take the daemon first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let mut client = connect(&socket).unwrap();
+    let quick = client
+        .mount(volume("pvc-quick", "quick", None))
+        .await
+        .unwrap()
+        .into_inner();
+    let took = started.elapsed();
+    if slow.is_finished() {
+        panic!("the hanging store's publish ended: {:?}", slow.await);
+    }
+    println!("a volume published in {took:?} while another volume's workers hang");
+    assert!(
+        took < Duration::from_secs(10),
+        "the publish waited {took:?} for the other volume"
+    );
+    assert_eq!(read(PathBuf::from(&quick.path).join("a.bin")).await.unwrap(), data);
+    slow.abort();
+    held.abort();
+}

@@ -1,11 +1,16 @@
 //! The node daemon's mounts: one FUSE mount per volume, reference counted by publisher,
 //! recorded in the state directory after every change and mounted again from that record
 //! when the daemon starts.
+//!
+//! Each volume has a lock of its own, held across its slow work (mounting probes the store
+//! for up to 30 s, unmounting waits for the kernel); the table's lock is held only to read
+//! and change the table and write the record. A volume whose store hangs delays only its own
+//! publishes, and a restart mounts every recorded volume at once.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::runtime::Handle;
@@ -65,6 +70,8 @@ pub struct MountTable {
     defaults: NodeDefaults,
     runtime: Handle,
     volumes: Mutex<BTreeMap<String, Volume>>,
+    /// One lock per volume id, alive while someone holds or waits for it.
+    volume_locks: std::sync::Mutex<HashMap<String, Weak<Mutex<()>>>>,
     /// The keeper of this daemon's FUSE descriptors, when there is one.
     handover: Option<HandoverLink>,
     /// Descriptors a previous daemon left with the keeper, until restore takes them.
@@ -156,6 +163,7 @@ impl MountTable {
             defaults,
             runtime,
             volumes: Mutex::new(BTreeMap::new()),
+            volume_locks: std::sync::Mutex::new(HashMap::new()),
             handover,
             handed: std::sync::Mutex::new(handed.into_iter().map(|h| (h.volume_id.clone(), h)).collect()),
             inode_dir: state_dir.join("inodes"),
@@ -297,25 +305,49 @@ impl MountTable {
             .remove(&record.volume_id)
     }
 
-    /// Mounts every recorded volume again, at its recorded path. A volume that cannot be
-    /// mounted stays recorded, with its error shown by List, and is retried by its next Mount.
+    /// The lock of one volume's mount and unmount, shared by everyone holding it now.
+    async fn lock_volume(&self, volume_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.volume_locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.retain(|_, lock| lock.strong_count() > 0);
+            match locks.get(volume_id).and_then(Weak::upgrade) {
+                Some(lock) => lock,
+                None => {
+                    let lock = Arc::new(Mutex::new(()));
+                    locks.insert(volume_id.to_string(), Arc::downgrade(&lock));
+                    lock
+                }
+            }
+        };
+        lock.lock_owned().await
+    }
+
+    /// Mounts every recorded volume again, at its recorded path, all at once. A volume that
+    /// cannot be mounted stays recorded, with its error shown by List, and is retried by its
+    /// next Mount.
     pub async fn restore(&self) -> io::Result<usize> {
         let recorded = records::load(&self.records_path)?;
-        let mut volumes = self.volumes.lock().await;
-        let mut restored = 0;
-        for record in recorded {
+        let mounts = recorded.into_iter().map(|record| async move {
+            let _lock = self.lock_volume(&record.volume_id).await;
             let (mounted, error) = match self.mount_record(&record).await {
-                Ok(m) => {
-                    restored += 1;
-                    (Some(m), None)
-                }
+                Ok(m) => (Some(m), None),
                 Err(e) => {
                     tracing::error!(volume_id = %record.volume_id, error = %e, "a recorded mount could not be restored");
                     (None, Some(e.to_string()))
                 }
             };
-            volumes.insert(record.volume_id.clone(), Volume { record, mounted, error });
-        }
+            let restored = mounted.is_some();
+            self.volumes
+                .lock()
+                .await
+                .insert(record.volume_id.clone(), Volume { record, mounted, error });
+            restored
+        });
+        let restored = futures::future::join_all(mounts)
+            .await
+            .into_iter()
+            .filter(|restored| *restored)
+            .count();
         // Descriptors of mounts no longer recorded are let go, and the keeper is told
         // exactly what this daemon serves now.
         self.handed.lock().unwrap_or_else(|p| p.into_inner()).clear();
@@ -340,6 +372,7 @@ impl MountTable {
         if publisher.is_empty() {
             return Err(NodeError::InvalidArgument("publisher is empty".into()));
         }
+        let _volume_lock = self.lock_volume(volume_id).await;
         let mut volumes = self.volumes.lock().await;
         if let Some(volume) = volumes.get_mut(volume_id) {
             if volume.record.attributes != attributes {
@@ -362,10 +395,25 @@ impl MountTable {
             }
             let mut created = false;
             if volume.mounted.is_none() {
-                volume.mounted = Some(self.mount_record(&volume.record).await?);
-                volume.error = None;
+                // Mounted without the table's lock; this volume's lock keeps its entry ours.
+                let record = volume.record.clone();
+                drop(volumes);
+                let mounted = self.mount_record(&record).await?;
+                volumes = self.volumes.lock().await;
+                let Some(again) = volumes.get_mut(volume_id) else {
+                    return Err(NodeError::Internal(format!(
+                        "volume {volume_id:?} left the table while mounting"
+                    )));
+                };
+                again.mounted = Some(mounted);
+                again.error = None;
                 created = true;
             }
+            let Some(volume) = volumes.get_mut(volume_id) else {
+                return Err(NodeError::Internal(format!(
+                    "volume {volume_id:?} left the table while mounting"
+                )));
+            };
             let path = volume.record.path.clone();
             changed |= volume.record.publishers.insert(publisher.to_string());
             if changed {
@@ -373,6 +421,7 @@ impl MountTable {
             }
             return Ok((path, created));
         }
+        drop(volumes);
         let record = MountRecord {
             volume_id: volume_id.to_string(),
             path: self.mnt_dir.join(dir_name(volume_id)),
@@ -384,6 +433,7 @@ impl MountTable {
         self.spec(&record)?;
         let mounted = self.mount_record(&record).await?;
         let path = record.path.clone();
+        let mut volumes = self.volumes.lock().await;
         volumes.insert(
             volume_id.to_string(),
             Volume {
@@ -395,6 +445,7 @@ impl MountTable {
         if let Err(e) = self.save(&volumes).await {
             // Unrecorded, the mount would not come back after a restart: undo it.
             if let Some(v) = volumes.remove(volume_id) {
+                drop(volumes);
                 self.unmount_volume(v).await;
             }
             return Err(e);
@@ -444,6 +495,7 @@ impl MountTable {
         if volume_id.is_empty() {
             return Err(NodeError::InvalidArgument("volume_id is empty".into()));
         }
+        let _volume_lock = self.lock_volume(volume_id).await;
         let mut volumes = self.volumes.lock().await;
         let volume = volumes
             .get_mut(volume_id)
@@ -460,6 +512,7 @@ impl MountTable {
             return Ok((false, 0));
         };
         self.save(&volumes).await?;
+        drop(volumes);
         self.unmount_volume(volume).await;
         tracing::info!(volume_id, "the last publisher left; unmounted");
         Ok((true, 0))
