@@ -369,7 +369,25 @@ async fn prewarm_runs_through_the_workers_records_progress_and_lifts_the_gate() 
 
     // The requests of a reconcile of a loaded Dataset, in order, in the manner of kube-rs
     // controller-rs's ApiServerVerifier: a new call (a list of every pod, a second read of
-    // the Secret, a write that changes nothing) fails here.
+    // the Secret, a write that changes nothing) fails here. The namespace holds 10,000 other
+    // pods, which cost no request; three new gated pods waiting for this Dataset cost one
+    // read of it and a patch each.
+    for i in 0..10_000 {
+        fake.put(
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": format!("web-{i}"), "namespace": "ml", "labels": {"app": "web"}},
+                   "spec": {"containers": [{"name": "web", "image": "nginx"}]}}),
+        );
+    }
+    for i in 1..=3 {
+        fake.put(
+            PODS,
+            json!({"apiVersion": "v1", "kind": "Pod",
+                   "metadata": {"name": format!("trainer-{i}"), "namespace": "ml", "labels": {"granary.dev/prewarm-gated": "true"}, "annotations": {"granary.dev/prewarm-datasets": "imagenet"}},
+                   "spec": {"containers": [{"name": "t", "image": "x"}], "schedulingGates": [{"name": "granary.dev/prewarm"}]}}),
+        );
+    }
     let from = fake.requests().len();
     reconcile_dataset(&fake, &ctx, "imagenet").await;
     let calls: Vec<String> = fake.requests()[from..]
@@ -392,6 +410,10 @@ async fn prewarm_runs_through_the_workers_records_progress_and_lifts_the_gate() 
             format!("GET {PVCS}/imagenet"),
             // Gated pods only; the one lifted above has left the set.
             format!("GET {PODS}?&labelSelector=granary.dev%2Fprewarm-gated%3Dtrue"),
+            format!("GET {DATASETS}/imagenet"),
+            format!("PATCH {PODS}/trainer-1"),
+            format!("PATCH {PODS}/trainer-2"),
+            format!("PATCH {PODS}/trainer-3"),
         ],
         "the requests of one reconcile"
     );

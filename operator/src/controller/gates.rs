@@ -51,6 +51,8 @@ pub async fn release(ctx: &Context, namespace: &str) -> Result<(), Error> {
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
     let datasets: Api<Dataset> = Api::namespaced(ctx.client.clone(), namespace);
     let gated = ListParams::default().labels(GATED_SELECTOR);
+    // Each Dataset read once per pass, however many gated pods wait for it.
+    let mut known: std::collections::HashMap<String, Readiness> = std::collections::HashMap::new();
     for pod in pods.list(&gated).await? {
         let gates = pod
             .spec
@@ -64,9 +66,12 @@ pub async fn release(ctx: &Context, namespace: &str) -> Result<(), Error> {
         let mut failures = Vec::new();
         let mut waiting = false;
         for name in waits_for.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            match readiness(&datasets, name).await? {
+            if !known.contains_key(name) {
+                known.insert(name.to_string(), readiness(&datasets, name).await?);
+            }
+            match known.get(name).unwrap_or(&Readiness::Waiting) {
                 Readiness::Prewarmed => {}
-                Readiness::Failed(why) => failures.push(why),
+                Readiness::Failed(why) => failures.push(why.clone()),
                 Readiness::Waiting => waiting = true,
             }
         }
