@@ -562,3 +562,89 @@ async fn a_prewarmed_small_file_opens_through_passthrough_at_its_first_open() {
     assert_eq!(mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""), 1.0);
     drop(mount);
 }
+
+/// Eight mounts (eight nodes) list one directory of 200,000 entries at once, over two
+/// workers: the store is listed once. The directory's owner reads it once and streams it to
+/// every mount as it arrives; the others join that read or find it cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_mounts_listing_one_directory_of_200k_entries_list_the_store_once() {
+    if !fuse_possible() {
+        return;
+    }
+    const ENTRIES: usize = 200_000;
+    let src = tempfile::tempdir().unwrap();
+    let many = src.path().join("many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..ENTRIES {
+        std::fs::write(many.join(format!("s-{i:06}")), []).unwrap();
+    }
+    let uri = format!("fs://{}", src.path().display());
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let mut config = granary_cache::worker::WorkerConfig::new(uri.clone(), "127.0.0.1:0".parse().unwrap());
+        config.block_size = BLOCK;
+        workers.push(start(config).await);
+    }
+    let addrs: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
+    let mut mounts = Vec::new();
+    for _ in 0..8 {
+        let mut config = DatasetMount::new(addrs.clone(), Some(uri.clone()));
+        config.metadata_ttl = MetadataTtl::Expires(Duration::from_secs(600));
+        mounts.push(
+            tokio::task::spawn_blocking(move || support::mount(config, 256 << 20))
+                .await
+                .unwrap(),
+        );
+    }
+    let lists_before: u64 = workers.iter().map(|w| w.state.metrics.source_lists.get()).sum();
+    let started = std::time::Instant::now();
+    let walks: Vec<_> = mounts
+        .iter()
+        .map(|m| {
+            let dir = m.path().join("many");
+            tokio::task::spawn_blocking(move || {
+                let mut n = 0;
+                for entry in std::fs::read_dir(&dir).unwrap() {
+                    let entry = entry.unwrap();
+                    if n % 1000 == 0 {
+                        assert!(entry.metadata().unwrap().is_file());
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    for walk in walks {
+        assert_eq!(walk.await.unwrap(), ENTRIES);
+    }
+    let lists: u64 = workers.iter().map(|w| w.state.metrics.source_lists.get()).sum::<u64>() - lists_before;
+    let outcome = |state: &'static str| -> u64 {
+        workers
+            .iter()
+            .map(|w| {
+                w.state
+                    .metrics
+                    .listings
+                    .get_or_create(&granary_cache::metrics::StateLabel { state })
+                    .get()
+            })
+            .sum()
+    };
+    println!(
+        "8 mounts listed {ENTRIES} entries each in {:?}: {lists} store listing(s); listings served: {} miss, {} shared, {} hit",
+        started.elapsed(),
+        outcome("miss"),
+        outcome("shared"),
+        outcome("hit")
+    );
+    assert_eq!(lists, 1, "one listing of the store for eight mounts");
+    assert_eq!(outcome("miss"), 1);
+    assert_eq!(
+        outcome("shared") + outcome("hit"),
+        7,
+        "the other mounts joined or hit the cache"
+    );
+    drop(mounts);
+    drop(workers);
+}

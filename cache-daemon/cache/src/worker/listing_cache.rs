@@ -6,13 +6,74 @@
 //! Bounded in entries (the worker's `--metadata-max-entries`, shared with nothing else):
 //! the oldest listings go first, and a directory larger than the whole bound is streamed
 //! from the store each time and never kept.
+//!
+//! A listing being read from the store is shared too ([`Filling`]): clients asking for the
+//! directory meanwhile stream its entries as they arrive, so a thousand mounts opening one
+//! new directory at once cost one store listing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::watch;
+
 use crate::proto::FileInfo;
 use granary_store::units::MetadataTtl;
+
+/// How a listing being read ended: `Err` holds the gRPC code and message of the failure.
+pub type FillEnd = Result<(), (tonic::Code, String)>;
+
+/// A listing being read from the store: its entries so far, and a signal for each batch.
+pub struct Filling {
+    entries: Mutex<Vec<FileInfo>>,
+    progress: watch::Sender<(usize, Option<FillEnd>)>,
+}
+
+impl Filling {
+    fn new() -> Self {
+        Filling {
+            entries: Mutex::new(Vec::new()),
+            progress: watch::channel((0, None)).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<FileInfo>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a batch read from the store.
+    pub fn push(&self, batch: Vec<FileInfo>) {
+        let len = {
+            let mut entries = self.lock();
+            entries.extend(batch);
+            entries.len()
+        };
+        self.progress.send_replace((len, None));
+    }
+
+    /// Up to `max` entries from `from` on, waiting for them while the listing runs; an empty
+    /// batch with `Some(end)` once everything was given.
+    pub async fn next(&self, from: usize, max: usize) -> (Vec<FileInfo>, Option<FillEnd>) {
+        let mut progress = self.progress.subscribe();
+        loop {
+            let (len, end) = progress.borrow_and_update().clone();
+            if from < len {
+                let entries = self.lock();
+                let to = entries.len().min(from + max);
+                return (entries[from..to].to_vec(), None);
+            }
+            if let Some(end) = end {
+                return (Vec::new(), Some(end));
+            }
+            if progress.changed().await.is_err() {
+                return (
+                    Vec::new(),
+                    Some(Err((tonic::Code::Internal, "the listing stopped".into()))),
+                );
+            }
+        }
+    }
+}
 
 struct Listing {
     entries: Arc<[FileInfo]>,
@@ -30,6 +91,17 @@ pub struct ListingCache {
     ttl: MetadataTtl,
     max_entries: usize,
     state: Mutex<State>,
+    filling: Mutex<HashMap<String, Arc<Filling>>>,
+}
+
+/// What a client asking for a directory's listing gets.
+pub enum Lookup {
+    /// Fresh in the cache.
+    Cached(Arc<[FileInfo]>),
+    /// Being read from the store by another request; stream it as it fills.
+    Joined(Arc<Filling>),
+    /// Not listed: this request reads the store, and everyone asking meanwhile joins it.
+    Started(Arc<Filling>),
 }
 
 impl ListingCache {
@@ -42,7 +114,35 @@ impl ListingCache {
                 order: VecDeque::new(),
                 entries: 0,
             }),
+            filling: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The listing of `dir` from the cache, from a read in progress, or a read to start.
+    pub fn lookup(&self, dir: &str) -> Lookup {
+        let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entries) = self.get(dir) {
+            return Lookup::Cached(entries);
+        }
+        if let Some(running) = filling.get(dir) {
+            return Lookup::Joined(Arc::clone(running));
+        }
+        let started = Arc::new(Filling::new());
+        filling.insert(dir.to_string(), Arc::clone(&started));
+        Lookup::Started(started)
+    }
+
+    /// Ends the read of `dir` that [`Self::lookup`] started: kept when complete and in
+    /// bounds, and no longer joined either way.
+    pub fn finish(&self, dir: &str, fill: &Filling, end: FillEnd, listed_at: Instant) {
+        let mut filling = self.filling.lock().unwrap_or_else(|p| p.into_inner());
+        if end.is_ok() {
+            let entries = fill.lock().clone();
+            self.insert(dir.to_string(), entries, listed_at);
+        }
+        filling.remove(dir);
+        let len = fill.lock().len();
+        fill.progress.send_replace((len, Some(end)));
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

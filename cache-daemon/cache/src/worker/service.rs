@@ -8,6 +8,7 @@ use std::time::Instant;
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::listing_cache::Lookup;
 use super::prewarm;
 use super::status::{from_source, invalid, status};
 use super::{Fill, WorkerState};
@@ -237,17 +238,28 @@ impl CacheWorker for WorkerService {
 }
 
 /// The entries under `path` (a directory's own, or everything below it), in batches. A
-/// directory's listing comes from the listing cache while fresh; otherwise it streams from
-/// the store as it arrives, and is kept once complete.
+/// directory's listing comes from the listing cache while fresh; otherwise one read of the
+/// store fills it, streamed to the client that started it and to every client that asks
+/// meanwhile, and is kept once complete. A recursive listing streams from the store.
 pub(super) async fn list(
     state: Arc<WorkerState>,
     path: &str,
     recursive: bool,
 ) -> Result<BoxStream<ListResponse>, Status> {
     let dir = normalize_path(path).map_err(|e| from_source(&e))?;
-    if !recursive {
-        if let Some(entries) = state.listings.get(&dir) {
-            state.metrics.listings.get_or_create(&StateLabel { state: "hit" }).inc();
+    if recursive {
+        state.metrics.source_lists.inc();
+        let batches = store_listing(Arc::clone(&state), &dir, true).await?;
+        return Ok(Box::pin(batches.map(|batch| {
+            batch
+                .map(|entries| ListResponse { entries })
+                .map_err(|e| from_source(&e))
+        })));
+    }
+    let outcome = |label: &'static str| state.metrics.listings.get_or_create(&StateLabel { state: label }).inc();
+    let filling = match state.listings.lookup(&dir) {
+        Lookup::Cached(entries) => {
+            outcome("hit");
             let batches: Vec<Result<ListResponse, Status>> = entries
                 .chunks(LIST_BATCH)
                 .map(|batch| {
@@ -258,73 +270,85 @@ pub(super) async fn list(
                 .collect();
             return Ok(Box::pin(futures::stream::iter(batches)));
         }
-        state
-            .metrics
-            .listings
-            .get_or_create(&StateLabel { state: "miss" })
-            .inc();
-    }
+        Lookup::Joined(filling) => {
+            outcome("shared");
+            filling
+        }
+        Lookup::Started(filling) => {
+            outcome("miss");
+            // A task of its own: the listing goes on for the others if this client leaves.
+            let (state, dir, fill) = (Arc::clone(&state), dir.clone(), Arc::clone(&filling));
+            tokio::spawn(async move {
+                let listed_at = Instant::now();
+                state.metrics.source_lists.inc();
+                let end = match store_listing(Arc::clone(&state), &dir, false).await {
+                    Ok(batches) => {
+                        let mut batches = std::pin::pin!(batches);
+                        let mut end = Ok(());
+                        while let Some(batch) = batches.next().await {
+                            match batch {
+                                Ok(entries) => fill.push(entries),
+                                Err(e) => {
+                                    let status = from_source(&e);
+                                    end = Err((status.code(), status.message().to_string()));
+                                    break;
+                                }
+                            }
+                        }
+                        end
+                    }
+                    Err(e) => Err((e.code(), e.message().to_string())),
+                };
+                state.listings.finish(&dir, &fill, end, listed_at);
+            });
+            filling
+        }
+    };
+    let stream = futures::stream::unfold(Some((filling, 0usize)), |cursor| async move {
+        let (filling, from) = cursor?;
+        match filling.next(from, LIST_BATCH).await {
+            (entries, None) => {
+                let next = from + entries.len();
+                Some((Ok(ListResponse { entries }), Some((filling, next))))
+            }
+            (_, Some(Ok(()))) => None,
+            (_, Some(Err((code, message)))) => Some((Err(status(code, message)), None)),
+        }
+    });
+    Ok(Box::pin(stream))
+}
+
+/// A listing read from the store, in batches; entries without a version get one by a stat.
+async fn store_listing(
+    state: Arc<WorkerState>,
+    dir: &str,
+    recursive: bool,
+) -> Result<impl Stream<Item = Result<Vec<FileInfo>, granary_store::StoreError>> + Send + 'static, Status> {
     let block_size = state.store.block_size();
-    let listed_at = Instant::now();
-    state.metrics.source_lists.inc();
     let listing = state
         .store
         .source()
-        .list(&dir, recursive)
+        .list(dir, recursive)
         .await
         .map_err(|e| from_source(&e))?;
-    let entries = {
+    let entries = listing.map(move |entry| {
         let state = Arc::clone(&state);
-        listing.map(move |entry| {
-            let state = Arc::clone(&state);
-            async move {
-                let meta = match entry {
-                    Ok(ListedEntry::Known(meta)) => meta,
-                    Ok(ListedEntry::NeedsStat(path)) => state.metadata.stat(&path, false).await?,
-                    Err(e) => return Err(e),
-                };
-                if !meta.is_dir {
-                    state.metadata.insert(meta.clone());
-                }
-                Ok(FileInfo::from_meta(&meta, block_size))
+        async move {
+            let meta = match entry {
+                Ok(ListedEntry::Known(meta)) => meta,
+                Ok(ListedEntry::NeedsStat(path)) => state.metadata.stat(&path, false).await?,
+                Err(e) => return Err(e),
+            };
+            if !meta.is_dir {
+                state.metadata.insert(meta.clone());
             }
-        })
-    };
+            Ok(FileInfo::from_meta(&meta, block_size))
+        }
+    });
     // Stores whose listings lack the version (no ETag) cost a stat per entry; run them
     // concurrently, in order.
-    let batches = entries.buffered(LIST_STATS_AT_ONCE).chunks(LIST_BATCH).map(|batch| {
-        batch
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| from_source(&e))
-    });
-    if recursive {
-        return Ok(Box::pin(
-            batches.map(|entries| entries.map(|entries| ListResponse { entries })),
-        ));
-    }
-    // Kept while it streams, as long as it stays within what the cache would keep.
-    let mut kept: Option<Vec<FileInfo>> = Some(Vec::new());
-    let mut batches = Box::pin(batches);
-    let stream = futures::stream::poll_fn(move |cx| {
-        let next = std::task::ready!(batches.as_mut().poll_next(cx));
-        match &next {
-            Some(Ok(entries)) => {
-                if let Some(all) = kept.as_mut() {
-                    all.extend_from_slice(entries);
-                    if !state.listings.would_keep(all.len()) {
-                        kept = None;
-                    }
-                }
-            }
-            Some(Err(_)) => kept = None,
-            None => {
-                if let Some(all) = kept.take() {
-                    state.listings.insert(dir.clone(), all, listed_at);
-                }
-            }
-        }
-        std::task::Poll::Ready(next.map(|entries| entries.map(|entries| ListResponse { entries })))
-    });
-    Ok(Box::pin(stream))
+    Ok(entries
+        .buffered(LIST_STATS_AT_ONCE)
+        .chunks(LIST_BATCH)
+        .map(|batch| batch.into_iter().collect::<Result<Vec<_>, _>>()))
 }

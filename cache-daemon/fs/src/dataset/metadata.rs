@@ -2,13 +2,17 @@
 //! listings, kept for the dataset's TTL. A listing streams in: readers of a 10^6-entry
 //! directory get the first entries while the rest are still arriving, and once it is
 //! complete, every lookup in that directory is answered from memory, hit or miss.
-//! Bounded by an estimate of its bytes; when full it starts over.
+//! Bounded by an estimate of its bytes, least recently used out first: stat results and
+//! whole listings are entries of one LRU (a listing enters it once complete, at the bytes of
+//! all its entries; each listed file is also a stat entry, so a listed file is counted twice
+//! and the bound is never exceeded).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use granary_cache::tiers::{BoundedIndex, EvictionPolicy};
 use tokio::sync::watch;
 
 use super::error::FsError;
@@ -80,16 +84,27 @@ impl DirListing {
     }
 }
 
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Stat(String),
+    Dir(String),
+}
+
+enum Entry {
+    Stat(Cached),
+    Dir(Arc<DirListing>),
+}
+
 struct State {
-    stats: HashMap<String, Cached>,
-    dirs: HashMap<String, Arc<DirListing>>,
-    bytes: u64,
+    /// Stat results and complete listings, byte-bounded, least recently used out first.
+    index: BoundedIndex<Key, Entry>,
+    /// Listings still arriving (outside the bound until complete).
+    filling: HashMap<String, Arc<DirListing>>,
 }
 
 pub struct Metadata {
     remote: Arc<Remote>,
     ttl: MetadataTtl,
-    max_bytes: u64,
     state: Mutex<State>,
     metrics: Arc<FuseMetrics>,
     me: Weak<Metadata>,
@@ -106,7 +121,7 @@ pub fn name_of(path: &str) -> &str {
 }
 
 /// A rough count of what one cached entry costs in memory.
-fn entry_bytes(info: &FileInfo) -> u64 {
+pub fn entry_bytes(info: &FileInfo) -> u64 {
     200 + 2 * (info.path.len() + info.version.len()) as u64
 }
 
@@ -118,11 +133,9 @@ impl Metadata {
         Arc::new_cyclic(|me| Metadata {
             remote,
             ttl,
-            max_bytes,
             state: Mutex::new(State {
-                stats: HashMap::new(),
-                dirs: HashMap::new(),
-                bytes: 0,
+                index: BoundedIndex::new(max_bytes, EvictionPolicy::Lru),
+                filling: HashMap::new(),
             }),
             metrics,
             me: me.clone(),
@@ -155,35 +168,33 @@ impl Metadata {
         if self.ttl == MetadataTtl::Expires(Duration::ZERO) {
             return;
         }
-        state.bytes += bytes;
-        if state.bytes > self.max_bytes {
-            // Over budget: start over. Listings go too, so a listing never claims to be
-            // complete while its entries are gone.
-            state.stats.clear();
-            state.dirs.clear();
-            state.bytes = bytes;
-        }
-        state.stats.insert(path, entry);
+        state.index.insert(Key::Stat(path), Entry::Stat(entry), bytes);
+    }
+
+    /// Bytes the cache accounts for now, and its bound.
+    pub fn usage(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.index.used(), state.index.capacity())
     }
 
     /// Metadata of `path`: cached while fresh; a path missing from a complete, fresh listing
     /// of its parent does not exist without asking anyone.
     pub async fn stat(&self, path: &str) -> Result<Arc<FileInfo>, FsError> {
         {
-            let state = self.lock();
-            match state.stats.get(path) {
-                Some(Cached::Found(info, at)) if self.fresh(*at) => {
+            let mut state = self.lock();
+            match state.index.get(&Key::Stat(path.to_string())) {
+                Some(Entry::Stat(Cached::Found(info, at))) if self.fresh(*at) => {
                     self.metrics.metadata_requests.get_or_create(&CACHE).inc();
                     return Ok(Arc::clone(info));
                 }
-                Some(Cached::Missing(at)) if self.fresh(*at) => {
+                Some(Entry::Stat(Cached::Missing(at))) if self.fresh(*at) => {
                     self.metrics.metadata_requests.get_or_create(&CACHE).inc();
                     return Err(FsError::NotFound(path.to_string()));
                 }
                 _ => {}
             }
             if !path.is_empty() {
-                if let Some(listing) = state.dirs.get(parent_of(path)) {
+                if let Some(Entry::Dir(listing)) = state.index.get(&Key::Dir(parent_of(path).to_string())) {
                     if listing.complete() && self.ttl.is_fresh(listing.started.elapsed()) {
                         self.metrics.metadata_requests.get_or_create(&CACHE).inc();
                         return Err(FsError::NotFound(path.to_string()));
@@ -225,16 +236,19 @@ impl Metadata {
     /// arriving), else a new one.
     pub fn listing(&self, path: &str) -> Arc<DirListing> {
         let mut state = self.lock();
-        if let Some(listing) = state.dirs.get(path) {
-            let failed = listing.progress.borrow().error.is_some();
-            if !failed && self.ttl.is_fresh(listing.started.elapsed()) {
+        if let Some(Entry::Dir(listing)) = state.index.get(&Key::Dir(path.to_string())) {
+            if self.ttl.is_fresh(listing.started.elapsed()) {
                 self.metrics.metadata_requests.get_or_create(&CACHE).inc();
                 return Arc::clone(listing);
             }
         }
+        if let Some(listing) = state.filling.get(path) {
+            self.metrics.metadata_requests.get_or_create(&CACHE).inc();
+            return Arc::clone(listing);
+        }
         self.metrics.metadata_requests.get_or_create(&REMOTE).inc();
         let listing = Arc::new(DirListing::new());
-        state.dirs.insert(path.to_string(), Arc::clone(&listing));
+        state.filling.insert(path.to_string(), Arc::clone(&listing));
         drop(state);
         let me = self.me.clone();
         let dir = path.to_string();
@@ -247,11 +261,12 @@ impl Metadata {
         listing
     }
 
-    async fn fill(&self, dir: &str, listing: &DirListing) {
+    async fn fill(&self, dir: &str, listing: &Arc<DirListing>) {
         let mut stream = match self.remote.list(dir).await {
             Ok(stream) => stream,
             Err(e) => {
                 tracing::warn!(dir, error = %e, "listing a directory failed");
+                self.lock().filling.remove(dir);
                 listing.progress.send_modify(|p| {
                     p.done = true;
                     p.error = Some(e);
@@ -259,12 +274,14 @@ impl Metadata {
                 return;
             }
         };
+        let mut bytes = 64u64;
         let mut len = 0;
         let mut error = None;
         while let Some(entry) = stream.next().await {
             match entry {
                 Ok(info) => {
                     let info = Arc::new(info);
+                    bytes += entry_bytes(&info);
                     self.remember(&mut self.lock(), Arc::clone(&info));
                     listing
                         .entries
@@ -283,10 +300,68 @@ impl Metadata {
                 }
             }
         }
+        {
+            // Complete, it enters the bound (and may push older entries out); a failed one
+            // is dropped, and the next reader lists again.
+            let mut state = self.lock();
+            state.filling.remove(dir);
+            if error.is_none() && self.ttl != MetadataTtl::Expires(Duration::ZERO) {
+                state
+                    .index
+                    .insert(Key::Dir(dir.to_string()), Entry::Dir(Arc::clone(listing)), bytes);
+            }
+        }
         listing.progress.send_modify(|p| {
             p.len = len;
             p.done = true;
             p.error = error;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use granary_store::source::{SourceStore, SourceTuning};
+    use prometheus_client::registry::Registry;
+
+    fn remote_requests(metrics: &FuseMetrics) -> u64 {
+        metrics.metadata_requests.get_or_create(&REMOTE).get()
+    }
+
+    /// Full, the cache lets its least recently used entries go, not everything: a file
+    /// stated all along stays cached while a stream of other files passes through.
+    #[tokio::test]
+    async fn a_full_cache_evicts_the_least_recently_used_and_keeps_the_hot_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..400 {
+            std::fs::write(dir.path().join(format!("f{i:03}")), b"x").unwrap();
+        }
+        std::fs::write(dir.path().join("hot"), b"hot").unwrap();
+        let uri = format!("fs://{}", dir.path().display());
+        let source = SourceStore::open(&uri, &Default::default(), &SourceTuning::default()).unwrap();
+        let metrics = Arc::new(FuseMetrics::register(&mut Registry::default()));
+        let remote = Arc::new(Remote::new(None, Some(source), 1 << 20, Arc::clone(&metrics)));
+        // Room for about 100 entries.
+        let metadata = Metadata::new(remote, MetadataTtl::Never, 100 * 300, Arc::clone(&metrics));
+        metadata.stat("hot").await.unwrap();
+        for i in 0..400 {
+            metadata.stat(&format!("f{i:03}")).await.unwrap();
+            let before = remote_requests(&metrics);
+            assert_eq!(&*metadata.stat("hot").await.unwrap().path, "hot");
+            assert_eq!(
+                remote_requests(&metrics),
+                before,
+                "the hot entry was evicted at f{i:03}"
+            );
+            let (used, bound) = metadata.usage();
+            assert!(used <= bound, "{used} bytes over the bound of {bound}");
+        }
+        // The oldest cold entries went; the newest are still there.
+        let before = remote_requests(&metrics);
+        metadata.stat("f399").await.unwrap();
+        assert_eq!(remote_requests(&metrics), before, "the newest entry is cached");
+        metadata.stat("f000").await.unwrap();
+        assert_eq!(remote_requests(&metrics), before + 1, "the oldest entry was evicted");
     }
 }
