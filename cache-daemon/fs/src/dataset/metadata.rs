@@ -172,7 +172,8 @@ impl Metadata {
     }
 
     /// Bytes the cache accounts for now, and its bound.
-    pub fn usage(&self) -> (u64, u64) {
+    #[cfg(test)]
+    fn usage(&self) -> (u64, u64) {
         let state = self.lock();
         (state.index.used(), state.index.capacity())
     }
