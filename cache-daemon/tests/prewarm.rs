@@ -153,6 +153,7 @@ async fn listings_are_listed_once_for_every_node_and_a_prewarm_lists_them_ahead(
     let (_, failed) = run_load(&pool(&[&workers[0], &workers[1]], 1), "/train").await;
     assert!(failed.is_empty(), "{failed:?}");
 
+    let listed_before = store_listings(&env);
     env.s3.clear_log();
     let nodes: Vec<_> = (0..8).map(|_| pool(&[&workers[0], &workers[1]], 1)).collect();
     for node in &nodes {
@@ -189,6 +190,37 @@ async fn listings_are_listed_once_for_every_node_and_a_prewarm_lists_them_ahead(
         8 * 4 + 7,
         "every listing after the first of each directory is a hit"
     );
-    // The prewarm's walk, its four directory listings, and /val.
-    assert_eq!(source_lists, 1 + 4 + 1);
+    // The workers count what the store received: the start-up probes, the prewarm's walk,
+    // its four directory listings, /val, every page of each.
+    assert_eq!(source_lists as usize, listed_before + store_listings(&env));
+    assert!(source_lists >= 1 + 4 + 1, "{source_lists}");
+}
+
+/// A listing of more entries than the store sends in one page costs one request per page,
+/// and the workers' `granary_source_lists_total` counts each, as the store saw them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_page_of_a_listing_counts_as_a_store_listing_request() {
+    let env = s3_env().await;
+    for i in 0..1_100 {
+        env.put(&format!("pages/big/{i:04}"), b"x").await;
+    }
+    let worker = start(env.config("pages")).await;
+    // The start-up probe's listing is done before the count starts.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store_listings(&env) == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    env.s3.clear_log();
+    let before = worker.state.metrics.source_lists.get();
+    let nodes: Vec<_> = (0..4).map(|_| pool(&[&worker], 1)).collect();
+    for node in &nodes {
+        assert_eq!(listed(node, "/big").await.len(), 1_100);
+    }
+    let pages = store_listings(&env);
+    assert!(pages >= 2, "1,100 keys take more than one page: {pages}");
+    assert_eq!(
+        (worker.state.metrics.source_lists.get() - before) as usize,
+        pages,
+        "one count per request the store saw"
+    );
 }

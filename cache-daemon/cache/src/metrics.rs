@@ -60,7 +60,9 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    pub fn register(registry: &mut Registry) -> Self {
+    /// `source_lists` is the source store's own count of listing requests
+    /// ([`granary_store::source::SourceStore::list_requests`]).
+    pub fn register(registry: &mut Registry, source_lists: Counter) -> Self {
         let metrics = WorkerMetrics {
             hits: Family::default(),
             misses: Counter::default(),
@@ -79,7 +81,7 @@ impl WorkerMetrics {
             disk_write_pending_bytes: Gauge::default(),
             metadata_requests: Family::default(),
             listings: Family::default(),
-            source_lists: Counter::default(),
+            source_lists,
             peer_fills: Family::default(),
             peer_fill_bytes: Counter::default(),
             request_duration: Family::new_with_constructor(|| {
@@ -173,12 +175,12 @@ impl WorkerMetrics {
         );
         r.register(
             "granary_listings",
-            "Directory listings served, by listing cache outcome (hit, miss)",
+            "Directory listings served, by outcome: hit (cached), shared (joined a listing being read), miss (read from the store)",
             metrics.listings.clone(),
         );
         r.register(
             "granary_source_lists",
-            "Listings this worker started against the source store (one per directory listed or prewarm walk, however many pages it took)",
+            "Listing requests this worker sent to the source store, each page of a listing counted (a local directory listing is one)",
             metrics.source_lists.clone(),
         );
         r.register(

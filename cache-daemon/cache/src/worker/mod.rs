@@ -177,7 +177,7 @@ pub async fn start(config: WorkerConfig) -> Result<RunningWorker, StartError> {
     let source = SourceStore::open(&config.source, &config.source_options, &config.source_tuning)?;
 
     let mut registry = Registry::default();
-    let metrics = Arc::new(WorkerMetrics::register(&mut registry));
+    let metrics = Arc::new(WorkerMetrics::register(&mut registry, source.list_requests()));
     let registry = Arc::new(registry);
     let peers = open_peers(&config, &metrics).await?;
 

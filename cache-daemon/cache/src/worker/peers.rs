@@ -209,7 +209,7 @@ mod tests {
     use prometheus_client::registry::Registry;
 
     fn peers(me: &str, members: &[&str]) -> Peers {
-        let metrics = Arc::new(WorkerMetrics::register(&mut Registry::default()));
+        let metrics = Arc::new(WorkerMetrics::register(&mut Registry::default(), Default::default()));
         Peers::new(me.into(), members.iter().map(|m| m.to_string()).collect(), metrics).unwrap()
     }
 

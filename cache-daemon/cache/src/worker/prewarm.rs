@@ -173,7 +173,6 @@ async fn run(
                 let _ = files_tx.send(add(&root)).await;
                 dirs.clear();
             } else {
-                state.metrics.source_lists.inc();
                 match state.store.source().list(&root.path, true).await {
                     Err(e) => {
                         counters.fail(&root.path, e.to_string());

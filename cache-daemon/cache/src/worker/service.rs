@@ -248,7 +248,6 @@ pub(super) async fn list(
 ) -> Result<BoxStream<ListResponse>, Status> {
     let dir = normalize_path(path).map_err(|e| from_source(&e))?;
     if recursive {
-        state.metrics.source_lists.inc();
         let batches = store_listing(Arc::clone(&state), &dir, true).await?;
         return Ok(Box::pin(batches.map(|batch| {
             batch
@@ -280,7 +279,6 @@ pub(super) async fn list(
             let (state, dir, fill) = (Arc::clone(&state), dir.clone(), Arc::clone(&filling));
             tokio::spawn(async move {
                 let listed_at = Instant::now();
-                state.metrics.source_lists.inc();
                 let end = match store_listing(Arc::clone(&state), &dir, false).await {
                     Ok(batches) => {
                         let mut batches = std::pin::pin!(batches);

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use opendal::layers::{RetryLayer, TimeoutLayer};
-use opendal::{Metadata, Operator};
+use opendal::{Buffer, HttpBody, HttpTransport, HttpTransporter, Metadata, OperationContext, Operator};
+use prometheus_client::metrics::counter::Counter;
 
 pub use uri::{build_operator, SourceConfigError, SourceUri, VersionScheme};
 
@@ -64,22 +65,62 @@ pub struct SourceStore {
     uri: String,
     versions: VersionScheme,
     tuning: SourceTuning,
+    /// Listing requests sent to the store, pages included.
+    list_requests: Counter,
+    /// Whether the store is reached over HTTP (its list requests are counted as sent).
+    http: bool,
 }
 
-/// The store's operator with the retry and timeout layers every request goes through.
-fn layered(op: Operator, tuning: &SourceTuning) -> Operator {
-    op.layer(
-        TimeoutLayer::new()
-            .with_timeout(tuning.timeout)
-            .with_io_timeout(tuning.timeout),
-    )
-    .layer(
-        RetryLayer::new()
-            .with_max_times(tuning.retries)
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter(),
-    )
+/// The HTTP transport of the store's requests, counting the listing requests (each page of
+/// a listing is one) as they go out.
+struct CountingTransport {
+    inner: HttpTransporter,
+    list_requests: Counter,
+}
+
+/// Whether a request lists: S3 and OSS (`list-type=2`), Azure Blob (`comp=list`), WebHDFS
+/// (`op=LISTSTATUS`), GCS (`/o?…prefix=`).
+fn is_list_request<B>(req: &http::Request<B>) -> bool {
+    if req.method() != http::Method::GET {
+        return false;
+    }
+    let query = req.uri().query().unwrap_or("");
+    let has = |param: &str| query.split('&').any(|p| p.starts_with(param));
+    has("list-type=")
+        || has("comp=list")
+        || has("op=LISTSTATUS")
+        || (req.uri().path().ends_with("/o") && has("prefix="))
+}
+
+impl HttpTransport for CountingTransport {
+    async fn fetch(&self, req: http::Request<Buffer>) -> opendal::Result<http::Response<HttpBody>> {
+        if is_list_request(&req) {
+            self.list_requests.inc();
+        }
+        self.inner.fetch(req).await
+    }
+}
+
+/// The store's operator with the retry and timeout layers every request goes through, over
+/// the counting transport.
+fn layered(op: Operator, tuning: &SourceTuning, list_requests: &Counter) -> Operator {
+    let transport = HttpTransporter::new(CountingTransport {
+        inner: HttpTransporter::default(),
+        list_requests: list_requests.clone(),
+    });
+    op.with_context(OperationContext::new().with_http_transport(transport))
+        .layer(
+            TimeoutLayer::new()
+                .with_timeout(tuning.timeout)
+                .with_io_timeout(tuning.timeout),
+        )
+        .layer(
+            RetryLayer::new()
+                .with_max_times(tuning.retries)
+                .with_min_delay(Duration::from_millis(100))
+                .with_max_delay(Duration::from_secs(5))
+                .with_jitter(),
+        )
 }
 
 impl std::fmt::Debug for SourceStore {
@@ -112,19 +153,28 @@ impl SourceStore {
         // Without opendal's auto-registration, its HTTP transport must be installed once.
         opendal::install_default();
         let (op, versions) = build_operator(uri, options)?;
+        let list_requests = Counter::default();
         Ok(SourceStore {
-            op: Arc::new(RwLock::new(layered(op, tuning))),
+            op: Arc::new(RwLock::new(layered(op, tuning, &list_requests))),
             uri: uri.to_string(),
             versions,
             tuning: tuning.clone(),
+            list_requests,
+            http: !uri.starts_with("fs://"),
         })
+    }
+
+    /// The count of listing requests sent to the store (each page of a listing is one; a
+    /// local directory's listing is one), shared with every clone: register it as a metric.
+    pub fn list_requests(&self) -> Counter {
+        self.list_requests.clone()
     }
 
     /// Uses `options` (rotated credentials, typically) from the next request on, in this
     /// store and all its clones. A configuration mistake in them leaves the store as it was.
     pub fn rotate(&self, options: &BTreeMap<String, String>) -> Result<(), SourceConfigError> {
         let (op, _) = build_operator(&self.uri, options)?;
-        *self.op.write().unwrap_or_else(|p| p.into_inner()) = layered(op, &self.tuning);
+        *self.op.write().unwrap_or_else(|p| p.into_inner()) = layered(op, &self.tuning, &self.list_requests);
         Ok(())
     }
 
@@ -238,6 +288,9 @@ impl SourceStore {
             .recursive(recursive)
             .await
             .map_err(|e| StoreError::from_opendal("list", &dir, e))?;
+        if !self.http {
+            self.list_requests.inc();
+        }
         let store = self.clone();
         Ok(lister.filter_map(move |entry| {
             let store = store.clone();
