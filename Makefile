@@ -2,7 +2,7 @@
 
 CARGO ?= cargo
 
-.PHONY: demo test lint unit chart-test e2e bench fuse-bench ckpt-bench ckpt-multinode build release crds dashboards image e2e-cluster
+.PHONY: demo test lint unit chart-test e2e bench fuse-bench ckpt-bench scale-bench ckpt-multinode build release crds dashboards image e2e-cluster
 
 ## Build release binaries and run the demo (local source, two workers, prewarm, verified read).
 demo: release
@@ -59,6 +59,11 @@ fuse-bench: release
 ## and a direct PUT, with the store behind a rate-limited link (root; ip, tc, curl).
 ckpt-bench: release
 	e2e/ckpt-bench.sh
+
+## Cluster-scale figures: memory per metadata entry (worker, mount), a many-file prewarm's
+## files/s, a hot file over 1, 2 and 4 workers, store listings for 8 mounts (root).
+scale-bench: release
+	e2e/scale-bench.sh
 
 ## Three nodes, one checkpoint volume, a commit coordinator, a node killed mid-upload (root,
 ## /dev/fuse); ends with the "multi-node checkpoint: …" line.

@@ -385,7 +385,8 @@ async fn three_nodes_commit_a_step_only_when_every_shard_is_in_the_store_and_a_l
         "retention removed step_1",
         Duration::from_secs(30),
         &[&nodes[0]],
-        || stored(&env, "step_1/.metadata").is_none(),
+        // The marker goes first (the step is uncommitted), then its shards.
+        || stored(&env, "step_1/.metadata").is_none() && stored(&env, &shard(1, 1)).is_none(),
     )
     .await;
     let committed: Vec<u32> = (1..=4)

@@ -580,6 +580,15 @@ async fn a_volume_whose_store_hangs_does_not_hold_up_another_volumes_publish() {
         "the publish waited {took:?} for the other volume"
     );
     assert_eq!(read(PathBuf::from(&quick.path).join("a.bin")).await.unwrap(), data);
+    let left = client
+        .unmount(UnmountRequest {
+            volume_id: "pvc-quick".into(),
+            publisher: "/pods/pvc-quick/vol".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(left.unmounted);
     slow.abort();
     held.abort();
 }

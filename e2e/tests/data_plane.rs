@@ -83,7 +83,11 @@ struct WorkerSlot {
 /// The CSI handle of the CheckpointPolicy below (namespace ml, name llama, uid cp-uid-1).
 const CHECKPOINT_HANDLE: &str = "checkpoint.ml.llama.cp-uid-1";
 
-fn start_worker(launcher: &mut Launcher, slot: &WorkerSlot, i: usize, s3: &str) -> Proc {
+/// A worker as the StatefulSet runs it: with the member set (the operator's ConfigMap holds
+/// the same addresses, as it was given them) and its own name in it.
+fn start_worker(launcher: &mut Launcher, slots: &[WorkerSlot], i: usize, s3: &str) -> Proc {
+    let slot = &slots[i];
+    let members: Vec<String> = slots.iter().map(|s| s.grpc.to_string()).collect();
     let args: Vec<String> = [
         "worker",
         "--source",
@@ -106,6 +110,10 @@ fn start_worker(launcher: &mut Launcher, slot: &WorkerSlot, i: usize, s3: &str) 
         "256MiB",
         "--memory-size",
         "16MiB",
+        "--members",
+        &members.join(","),
+        "--advertise",
+        &slot.grpc.to_string(),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -202,24 +210,16 @@ fn pv_publish_inputs(fake: &FakeApi, pv_name: &str) -> (String, HashMap<String, 
     (handle, attributes, secrets)
 }
 
-/// The operator names workers by their cluster DNS names (`imagenet-worker-N.…:7070`); this
-/// is the cluster DNS: each ordinal to its loopback address. The rewritten attributes are
-/// marked again with the operator's key, as the operator would have marked them.
+/// The PV names the workers' headless Service (`imagenet-workers.ml.svc:7070`); this is the
+/// cluster DNS, which resolves it to a worker: the first one's loopback address. The mount
+/// learns the other workers from it. The rewritten attributes are marked again with the
+/// operator's key, as the operator would have marked them.
 fn resolve_workers(handle: &str, attributes: &mut HashMap<String, String>, slots: &[WorkerSlot]) {
-    let names: Vec<String> = attributes["workers"].split(',').map(String::from).collect();
-    assert_eq!(names.len(), WORKERS, "one address per worker: {names:?}");
-    let resolved: Vec<String> = names
-        .iter()
-        .enumerate()
-        .map(|(i, name)| {
-            assert!(
-                name.starts_with(&format!("imagenet-worker-{i}.imagenet-workers.ml.svc")),
-                "worker {i} is {name}"
-            );
-            slots[i].grpc.to_string()
-        })
-        .collect();
-    attributes.insert("workers".into(), resolved.join(","));
+    assert_eq!(
+        attributes["workers"], "imagenet-workers.ml.svc:7070",
+        "the PV holds the Service, not a worker list"
+    );
+    attributes.insert("workers".into(), slots[0].grpc.to_string());
     let mut spec: BTreeMap<String, String> = attributes.clone().into_iter().collect();
     fake_api::test_volume_key().mark(handle, &mut spec);
     *attributes = spec.into_iter().collect();
@@ -326,7 +326,7 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
         })
         .collect();
     let mut workers: Vec<Option<Proc>> = (0..WORKERS)
-        .map(|i| Some(start_worker(&mut launcher, &slots[i], i, &s3)))
+        .map(|i| Some(start_worker(&mut launcher, &slots, i, &s3)))
         .collect();
     step("three workers up");
 
@@ -552,7 +552,7 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
     drop_page_cache();
     wait_epochs(4, "after the node daemon restart");
     step("worker 1 back (same name, same addresses)");
-    workers[1] = Some(start_worker(&mut launcher, &slots[1], 1, &s3));
+    workers[1] = Some(start_worker(&mut launcher, &slots, 1, &s3));
     drop_page_cache();
     wait_epochs(2, "with every worker back");
     stop.store(true, Ordering::SeqCst);

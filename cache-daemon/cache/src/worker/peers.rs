@@ -89,7 +89,9 @@ impl Peers {
         if members.is_empty() || members == view.current {
             return false;
         }
-        if let Err(e) = self.client.set_members(&members) {
+        // Connections to the set before stay open too: a moved block is copied from there.
+        let reachable: Vec<String> = members.iter().chain(&view.current).cloned().collect();
+        if let Err(e) = self.client.set_members(&reachable) {
             tracing::warn!(error = %e, "refused a member set with a bad address; keeping the current one");
             return false;
         }
