@@ -163,7 +163,7 @@ impl WorkerPool {
             .collect::<Result<Vec<_>, ClientError>>()?;
         let added: Vec<&str> = wanted.iter().copied().filter(|a| !present.contains(a)).collect();
         let removed: Vec<&str> = present.iter().copied().filter(|a| !wanted.contains(a)).collect();
-        tracing::info!(?added, ?removed, members = workers.len(), "the worker set changed");
+        tracing::debug!(?added, ?removed, members = workers.len(), "the worker set changed");
         self.members.store(Arc::new(workers));
         Ok(true)
     }
@@ -196,8 +196,10 @@ impl WorkerPool {
                 tick.tick().await;
                 let Some(members) = members.upgrade() else { return };
                 let pool = WorkerPool { members, replicas };
-                if let Err(e) = pool.refresh_members().await {
-                    tracing::debug!(error = %e, "could not refresh the worker set; keeping the current one");
+                match pool.refresh_members().await {
+                    Ok(true) => tracing::info!(workers = ?pool.addresses(), "following the workers' new member set"),
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "could not refresh the worker set; keeping the current one"),
                 }
             }
         })
