@@ -42,6 +42,45 @@ async fn a_bad_source_is_a_configuration_error_that_names_the_fix() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("port is missing"));
 }
 
+#[tokio::test]
+async fn a_member_set_without_its_own_name_or_with_a_bad_address_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = format!("fs://{}", dir.path().display());
+    let base = ["worker", "--source", source.as_str(), "--listen", "127.0.0.1:0"];
+    let run = |extra: &[&str]| {
+        let mut all = base.to_vec();
+        all.extend_from_slice(extra);
+        granary(args(&all))
+    };
+    let out = run(&["--members", "a:7070,b:7070"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("--advertise"), "{stderr}");
+
+    let out = run(&["--members", "a:7070,nohost", "--advertise", "a:7070"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("nohost") && stderr.contains("port is missing"),
+        "{stderr}"
+    );
+
+    let missing = dir.path().join("no-such-members");
+    let out = run(&[
+        "--members-file",
+        &missing.display().to_string(),
+        "--advertise",
+        "a:7070",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("no-such-members") && stderr.contains("--members-file"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_cat_and_stats_work_against_real_workers() {
     let env = s3_env().await;

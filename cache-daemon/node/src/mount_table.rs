@@ -400,13 +400,10 @@ impl MountTable {
                 drop(volumes);
                 let mounted = self.mount_record(&record).await?;
                 volumes = self.volumes.lock().await;
-                let Some(again) = volumes.get_mut(volume_id) else {
-                    return Err(NodeError::Internal(format!(
-                        "volume {volume_id:?} left the table while mounting"
-                    )));
-                };
-                again.mounted = Some(mounted);
-                again.error = None;
+                if let Some(again) = volumes.get_mut(volume_id) {
+                    again.mounted = Some(mounted);
+                    again.error = None;
+                }
                 created = true;
             }
             let Some(volume) = volumes.get_mut(volume_id) else {

@@ -354,14 +354,8 @@ impl WorkerPool {
                 async move {
                     let _busy = InFlight::enter(&w.in_flight);
                     let failed = |s| ClientError::from_status(&w.addr, s);
-                    let mut stream = w.client.read_block(request).await.map_err(failed)?.into_inner();
-                    let mut tier = Tier::Unspecified;
-                    while let Some(chunk) = stream.message().await.map_err(failed)? {
-                        if tier == Tier::Unspecified {
-                            tier = chunk.tier();
-                        }
-                        buffer.extend_from_slice(&chunk.data);
-                    }
+                    let stream = w.client.read_block(request).await.map_err(failed)?.into_inner();
+                    let tier = receive_block(stream, &mut buffer).await.map_err(failed)?;
                     Ok((tier, buffer))
                 }
             })
@@ -512,7 +506,7 @@ impl WorkerPool {
             ..ReadBlockRequest::default()
         };
         let failed = |s| ClientError::from_status(addr, s);
-        let mut stream = match w.client.read_block(request).await {
+        let stream = match w.client.read_block(request).await {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 return match failed(s) {
@@ -522,13 +516,7 @@ impl WorkerPool {
             }
         };
         let mut data = Vec::new();
-        let mut tier = Tier::Unspecified;
-        while let Some(chunk) = stream.message().await.map_err(failed)? {
-            if tier == Tier::Unspecified {
-                tier = chunk.tier();
-            }
-            data.extend_from_slice(&chunk.data);
-        }
+        let tier = receive_block(stream, &mut data).await.map_err(failed)?;
         Ok(Some((Bytes::from(data), tier)))
     }
 
@@ -536,6 +524,21 @@ impl WorkerPool {
     pub fn blocks_of(file: &FileInfo) -> u64 {
         block_count(file.size, file.block_size.max(1))
     }
+}
+
+/// Appends a block's streamed messages to `out` as each arrives; the tier is on the first.
+async fn receive_block(
+    mut stream: tonic::Streaming<crate::proto::BlockChunk>,
+    out: &mut Vec<u8>,
+) -> Result<Tier, tonic::Status> {
+    let mut tier = Tier::Unspecified;
+    while let Some(chunk) = stream.message().await? {
+        if tier == Tier::Unspecified {
+            tier = chunk.tier();
+        }
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(tier)
 }
 
 /// Power of two choices over a block's replicas: of two owners picked at random, the one with

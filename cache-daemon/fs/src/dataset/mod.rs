@@ -247,16 +247,29 @@ fn build_fs(
     if config.workers.is_empty() && config.source.is_none() {
         return Err(MountError::NothingToRead);
     }
+    // A take-over serves at once: readers are already waiting on the kernel mount.
+    let takeover = incarnation.epoch > 0;
     let workers = if config.workers.is_empty() {
         None
     } else {
         let pool = WorkerPool::new(&config.workers, config.replicas)?;
         // Place blocks over the workers' own member set from the first read on; workers
-        // without one (or unreachable now) leave the list as configured.
-        let asked = runtime
-            .block_on(async { tokio::time::timeout(std::time::Duration::from_secs(5), pool.refresh_members()).await });
-        if !matches!(asked, Ok(Ok(_))) {
-            tracing::debug!("no member set from the workers at mount; placing over the configured list");
+        // without one (or unreachable now) leave the list as configured. A take-over asks
+        // in the background and reads over the configured list meanwhile (workers fill
+        // what they do not own from its owner).
+        let ask = {
+            let pool = pool.clone();
+            async move {
+                let asked = tokio::time::timeout(std::time::Duration::from_secs(5), pool.refresh_members()).await;
+                if !matches!(asked, Ok(Ok(_))) {
+                    tracing::debug!("no member set from the workers at mount; placing over the configured list");
+                }
+            }
+        };
+        if takeover {
+            runtime.spawn(ask);
+        } else {
+            runtime.block_on(ask);
         }
         if let Some(period) = config.members_refresh {
             let _runtime = runtime.enter();
@@ -290,7 +303,6 @@ fn build_fs(
     // Fail at mount time, not at the first read, when nothing can serve the dataset's root.
     // A take-over serves regardless: readers are already waiting on the kernel mount, and
     // an error per request beats a mount nobody answers.
-    let takeover = incarnation.epoch > 0;
     let probe =
         runtime.block_on(async { tokio::time::timeout(std::time::Duration::from_secs(30), remote.stat("")).await });
     match probe {
