@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use granary_cache::worker::WorkerConfig;
 use granary_fs::dataset::DatasetMount;
 use granary_store::units::MetadataTtl;
 use support::{block_files, fuse_possible, pattern, pool, s3_env, start, BLOCK, BUCKET};
@@ -647,4 +648,132 @@ async fn eight_mounts_listing_one_directory_of_200k_entries_list_the_store_once(
     );
     drop(mounts);
     drop(workers);
+}
+
+/// Where the replaced file of [`a_file_replaced_while_open_is_never_read_as_a_mix_of_versions`]
+/// lives: a local directory or the S3 server.
+enum ChangingSource {
+    Fs(tempfile::TempDir),
+    S3(support::S3Env),
+}
+
+impl ChangingSource {
+    fn uri(&self) -> String {
+        match self {
+            ChangingSource::Fs(dir) => format!("fs://{}", dir.path().display()),
+            ChangingSource::S3(_) => format!("s3://{BUCKET}/mix"),
+        }
+    }
+
+    fn options(&self) -> std::collections::BTreeMap<String, String> {
+        match self {
+            ChangingSource::Fs(_) => Default::default(),
+            ChangingSource::S3(env) => env.s3.options().into_iter().collect(),
+        }
+    }
+
+    /// Puts `data` at `name`: on a local directory as a new file renamed over the old one,
+    /// as a dataset tool replaces a file.
+    async fn replace(&self, name: &str, data: &[u8]) {
+        match self {
+            ChangingSource::Fs(dir) => {
+                let tmp = dir.path().join(format!(".{name}.tmp"));
+                std::fs::write(&tmp, data).unwrap();
+                std::fs::rename(&tmp, dir.path().join(name)).unwrap();
+            }
+            ChangingSource::S3(env) => env.put(&format!("mix/{name}"), data).await,
+        }
+    }
+}
+
+/// The reported scenario, with default block size and TTLs: open an 8 MiB file through the
+/// mount and read its first MiB; a second later the file is replaced in the source by a new
+/// file of the same size; the open handle reads on; then a fresh open reads it whole. Every
+/// read gets bytes of one version only: the held handle the old bytes or ESTALE, the fresh
+/// open the old file or the new one, whole. (It read the first 4 MiB old and the rest new:
+/// the handle moved to the new version while the kernel's page cache held the old one's.)
+async fn a_file_replaced_while_open_is_never_read_as_a_mix_of_versions(source: ChangingSource) {
+    use std::io::{Read, Seek};
+    const SIZE: usize = 8 << 20;
+    let old = pattern(SIZE, 71);
+    let new = pattern(SIZE, 72);
+    source.replace("sample.bin", &old).await;
+    let mut worker_config = WorkerConfig::new(source.uri(), "127.0.0.1:0".parse().unwrap());
+    worker_config.source_options = source.options();
+    let worker = start(worker_config).await;
+    let mut config = DatasetMount::new(vec![worker.addr.to_string()], Some(source.uri()));
+    config.source_options = source.options();
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 256 << 20))
+        .await
+        .unwrap();
+    let path = mount.path().join("sample.bin");
+
+    let p = path.clone();
+    let mut held = tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&p).unwrap();
+        let mut first = vec![0; 1 << 20];
+        f.read_exact(&mut first).unwrap();
+        assert!(first == old[..1 << 20], "the first MiB is the old file's");
+        f
+    })
+    .await
+    .unwrap();
+    // The report replaced the file a second later; the readahead of the first read has then
+    // ended, and it had not reached block 1 (the held handle got ESTALE). Replaced at once,
+    // it is the same: nothing of block 1 is fetched before the handle reads on.
+    source.replace("sample.bin", &new).await;
+
+    let (old2, new2) = (pattern(SIZE, 71), pattern(SIZE, 72));
+    let p = path.clone();
+    tokio::task::spawn_blocking(move || {
+        // The held handle: the old file's remaining bytes, or ESTALE.
+        let mut rest = Vec::new();
+        match held.read_to_end(&mut rest) {
+            Ok(_) => assert!(rest == old2[1 << 20..], "the held handle read bytes of another version"),
+            Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+        }
+        held.rewind().unwrap();
+        // Fresh opens, while the old handle is still open and after it is closed.
+        for round in ["with the old handle open", "after it closed"] {
+            if round == "after it closed" {
+                drop(std::mem::replace(&mut held, std::fs::File::open("/dev/null").unwrap()));
+            }
+            match std::fs::read(&p) {
+                Ok(got) => {
+                    let first_new = got.chunks(1 << 20).zip(old2.chunks(1 << 20)).position(|(a, b)| a != b);
+                    assert!(
+                        got == old2 || got == new2,
+                        "a fresh open {round} read a mix of versions: {} bytes, old up to MiB {first_new:?}",
+                        got.len()
+                    );
+                }
+                Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+            }
+        }
+        // Once the old handle is gone and the change is known, the new file is read.
+        let got = std::fs::read(&p).expect("a fresh open after the change reads the file");
+        assert!(got == new2, "the new version, whole");
+    })
+    .await
+    .unwrap();
+    drop(mount);
+    drop(worker);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_replaced_in_a_local_source_while_open_is_never_read_as_a_mix() {
+    if !fuse_possible() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    a_file_replaced_while_open_is_never_read_as_a_mix_of_versions(ChangingSource::Fs(dir)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_file_replaced_in_an_s3_source_while_open_is_never_read_as_a_mix() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    a_file_replaced_while_open_is_never_read_as_a_mix_of_versions(ChangingSource::S3(env)).await;
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::block_buffers::BlockBuffers;
 use super::block_cache::BlockCache;
 use super::error::FsError;
-use super::local_files::LocalFileCache;
+use super::local_files::{LoadSlot, LocalFileCache};
 use super::memory_budget::{MemoryBudget, MemoryLease, Reclaim};
 use super::remote::{Origin, Remote};
 use crate::metrics::FuseMetrics;
@@ -19,6 +19,10 @@ use granary_cache::block::{block_range, BlockKey, BlockName};
 use granary_cache::proto::FileInfo;
 use granary_cache::singleflight::SingleFlight;
 use granary_cache::tiers::read_block_file_into;
+
+/// Blocks one file's fill into the node-local cache fetches at once (a load fills several
+/// files at once besides).
+const FILL_BLOCKS_IN_FLIGHT: usize = 4;
 
 pub struct BlockFetcher {
     pub remote: Arc<Remote>,
@@ -163,6 +167,72 @@ impl BlockFetcher {
         }
         self.cache.insert(name, data.clone(), lease, for_reader);
         Ok(data)
+    }
+
+    /// Fills the node-local cache with all of `file` (a load onto the node): its blocks not
+    /// there yet are fetched (memory, a co-located worker's files, the workers) and written
+    /// to the local file, without entering the mount's block cache. Says whether it is
+    /// complete (false: nothing to fill, an empty file); `NoRoom` when it does not fit.
+    pub async fn fill_local(self: &Arc<Self>, file: &FileInfo) -> Result<bool, FsError> {
+        use futures::StreamExt;
+        let local = self.local.as_ref().ok_or(FsError::NoNodeCache)?;
+        if file.size == 0 {
+            return Ok(false);
+        }
+        let slot = local.begin_load(file).map_err(|e| FsError::Io {
+            path: file.path.clone(),
+            cause: format!("the node-local cache: {e}"),
+        })?;
+        match slot {
+            LoadSlot::Complete => return Ok(true),
+            LoadSlot::NoRoom => return Err(FsError::NoRoom(file.path.clone())),
+            LoadSlot::Admitted => {}
+        }
+        let blocks = granary_cache::block::block_count(file.size, file.block_size.max(1));
+        let missing = (0..blocks).filter(|&index| !local.has_block(file, index));
+        let mut fills = futures::stream::iter(missing.map(|index| self.fill_block(local, file, index)))
+            .buffer_unordered(FILL_BLOCKS_IN_FLIGHT);
+        while let Some(filled) = fills.next().await {
+            filled?;
+        }
+        match local.open_complete(file) {
+            Some(_) => Ok(true),
+            None => Err(FsError::Io {
+                path: file.path.clone(),
+                cause: "the local copy is not complete after every block was written (evicted meanwhile?)".into(),
+            }),
+        }
+    }
+
+    async fn fill_block(&self, local: &Arc<LocalFileCache>, file: &FileInfo, index: u64) -> Result<(), FsError> {
+        let name = BlockName::of(&file.path, &file.version, index);
+        let caches = MountCaches {
+            buffers: &self.buffers,
+            cache: &self.cache,
+        };
+        // Held until the block is written: what is resident stays within the budget.
+        let (data, _lease) = match self.cache.get(&name) {
+            Some(data) => (data, None),
+            None => {
+                let lease = self.budget.reserve(block_len(file, index), &caches).await;
+                let (data, origin) = self.fetch_uncached(file, index).await?;
+                self.metrics
+                    .read_bytes
+                    .get_or_create(&origin.label())
+                    .inc_by(data.len() as u64);
+                self.metrics.block_fetches.get_or_create(&origin.label()).inc();
+                (data, Some(lease))
+            }
+        };
+        let len = data.len() as u64;
+        if !local.write_now(file, index, data).await {
+            return Err(FsError::Io {
+                path: file.path.clone(),
+                cause: "writing to the node-local cache failed (the cause is logged)".into(),
+            });
+        }
+        self.metrics.node_fill_bytes.inc_by(len);
+        Ok(())
     }
 
     /// Block `index` of `file` if it is on this node without a request: in memory, or in a

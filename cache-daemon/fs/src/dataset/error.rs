@@ -28,6 +28,10 @@ pub enum FsError {
     Changed(String),
     #[error("access to {path:?} was refused: {detail}")]
     PermissionDenied { path: String, detail: String },
+    #[error("this mount has no node-local cache to fill; mount it with a local cache (--local-cache DIR --local-cache-size SIZE, or the node daemon's --local-cache-size)")]
+    NoNodeCache,
+    #[error("{0:?} does not fit in the node-local cache beside the files loaded before it; it stays on the workers")]
+    NoRoom(String),
     /// The cause is logged where this is created; the reader gets EIO.
     #[error("reading {path:?} failed: {cause}")]
     Io { path: String, cause: String },
@@ -47,6 +51,8 @@ impl ToErrno for FsError {
             // A file replaced under an open handle: the bytes the reader had are gone.
             FsError::Changed(_) => Errno::ESTALE,
             FsError::PermissionDenied { .. } => Errno::EACCES,
+            FsError::NoNodeCache => Errno::EOPNOTSUPP,
+            FsError::NoRoom(_) => Errno::ENOSPC,
             FsError::Io { .. } => Errno::EIO,
         }
     }

@@ -15,6 +15,7 @@ use fuser::{BackingId, FileAttr, FileType};
 use super::block_fetch::BlockFetcher;
 use super::error::FsError;
 use super::inodes::{Inodes, ROOT};
+use super::kernel_pages::{KernelPages, PageCacheMode};
 use super::metadata::{name_of, parent_of, DirListing, Metadata};
 use super::readahead::Readahead;
 use super::warm_ahead::WarmAhead;
@@ -42,15 +43,19 @@ struct OpenFile {
     served: AtomicBool,
     readahead: Mutex<Readahead>,
     ino: u64,
+    /// How its reads use the kernel's page cache; `None` for passthrough (the kernel reads
+    /// the backing file).
+    pages: Option<PageCacheMode>,
 }
 
 impl OpenFile {
-    fn new(info: Arc<FileInfo>, ino: u64, max_readahead: u64) -> Self {
+    fn new(info: Arc<FileInfo>, ino: u64, max_readahead: u64, pages: Option<PageCacheMode>) -> Self {
         OpenFile {
             readahead: Mutex::new(Readahead::new(info.block_size, max_readahead)),
             info: Mutex::new(info),
             served: AtomicBool::new(false),
             ino,
+            pages,
         }
     }
 
@@ -95,8 +100,9 @@ pub struct Entry {
 /// How an open file is read.
 #[derive(Debug)]
 pub enum OpenedFile {
-    /// Through the daemon; blocks of a version never change, so the page cache may stay.
-    Cached { fh: u64 },
+    /// Through the daemon, using the kernel's page cache as `pages` says (blocks of a version
+    /// never change, so pages of the same version may stay).
+    Cached { fh: u64, pages: PageCacheMode },
     /// By the kernel from a complete local file.
     Passthrough { fh: u64, backing: Arc<BackingId> },
 }
@@ -127,6 +133,7 @@ struct Inner {
     files: Handles<OpenFile>,
     dirs: Handles<OpenDir>,
     io_modes: IoModes,
+    kernel_pages: KernelPages,
     ownership: Ownership,
     /// Passthrough was asked for, and the kernel agreed at init.
     passthrough: Arc<AtomicBool>,
@@ -186,6 +193,7 @@ impl DatasetFs {
                 files: Handles::with_epoch(incarnation.epoch),
                 dirs: Handles::with_epoch(incarnation.epoch),
                 io_modes: IoModes::default(),
+                kernel_pages: KernelPages::default(),
                 ownership,
                 passthrough: Arc::new(AtomicBool::new(incarnation.passthrough.unwrap_or(false))),
                 max_readahead,
@@ -248,7 +256,9 @@ impl DatasetFs {
     }
 
     pub fn forget(&self, ino: u64, nlookup: u64) {
-        self.inner.inodes.forget(ino, nlookup);
+        if self.inner.inodes.forget(ino, nlookup) {
+            self.inner.kernel_pages.forget(ino);
+        }
     }
 
     pub async fn getattr(&self, ino: u64) -> Result<Entry, FsError> {
@@ -294,12 +304,19 @@ impl DatasetFs {
                 }
             }
         });
+        let pages = match opened {
+            Opened::Passthrough(_) => None,
+            Opened::Cached => Some(inner.kernel_pages.open(ino, &info.version)),
+        };
         let fh = inner
             .files
-            .insert(OpenFile::new(Arc::clone(&info), ino, inner.max_readahead));
-        Ok(match opened {
-            Opened::Passthrough(backing) => OpenedFile::Passthrough { fh, backing },
-            Opened::Cached => OpenedFile::Cached { fh },
+            .insert(OpenFile::new(Arc::clone(&info), ino, inner.max_readahead, pages));
+        Ok(match (opened, pages) {
+            (Opened::Passthrough(backing), _) => OpenedFile::Passthrough { fh, backing },
+            (Opened::Cached, pages) => OpenedFile::Cached {
+                fh,
+                pages: pages.unwrap_or(PageCacheMode::Direct),
+            },
         })
     }
 
@@ -334,7 +351,11 @@ impl DatasetFs {
             return Err(FsError::BadHandle(fh));
         }
         let info = self.fresh_info(ino).await?;
-        Ok(inner.files.adopt(fh, OpenFile::new(info, ino, inner.max_readahead)))
+        // What the previous daemon served through this handle is unknown: it counts as read.
+        let pages = inner.kernel_pages.inherited(ino, &info.version);
+        let file = OpenFile::new(info, ino, inner.max_readahead, Some(pages));
+        file.served.store(true, Ordering::Relaxed);
+        Ok(inner.files.adopt(fh, file))
     }
 
     /// Reads `size` bytes at `offset` of the open file `fh`. The readahead decision is made
@@ -367,7 +388,7 @@ impl DatasetFs {
             };
             match fs.serve_read(&info, offset, size, ahead.clone()).await {
                 Ok(data) => {
-                    file.served.store(true, Ordering::Relaxed);
+                    fs.served(&file, &info);
                     Ok(data)
                 }
                 Err(FsError::Changed(_)) if !file.served.load(Ordering::Relaxed) => {
@@ -375,11 +396,24 @@ impl DatasetFs {
                     // nothing of the old version was returned, so the handle reads the new.
                     let info = fs.adopt_new_version(&file, &info).await?;
                     let data = fs.serve_read(&info, offset, size, ahead).await?;
-                    file.served.store(true, Ordering::Relaxed);
+                    fs.served(&file, &info);
                     Ok(data)
+                }
+                Err(FsError::Changed(path)) => {
+                    // ESTALE for this handle; the next open reads the new version.
+                    fs.learn_new_version(file.ino, &info).await;
+                    Err(FsError::Changed(path))
                 }
                 Err(e) => Err(e),
             }
+        }
+    }
+
+    /// A read of `file` returned bytes of `info`'s version.
+    fn served(&self, file: &OpenFile, info: &FileInfo) {
+        file.served.store(true, Ordering::Relaxed);
+        if let Some(pages) = file.pages {
+            self.inner.kernel_pages.filled(file.ino, pages, &info.version);
         }
     }
 
@@ -387,7 +421,9 @@ impl DatasetFs {
     /// has, to the store's current one: its metadata is asked for afresh (past the mount's
     /// and the workers' caches) and the kernel is told to drop the attributes it holds (the
     /// size may differ). A version that did not change, or is no longer a file, stays
-    /// `Changed` (ESTALE): a handle that returned bytes never mixes two versions.
+    /// `Changed` (ESTALE): a handle that returned bytes never mixes two versions. So does a
+    /// handle that may have been given pages of `old` by the kernel without asking the
+    /// daemon (see [`KernelPages::try_move`]).
     async fn adopt_new_version(&self, file: &OpenFile, old: &Arc<FileInfo>) -> Result<Arc<FileInfo>, FsError> {
         let inner = &self.inner;
         let changed = || FsError::Changed(old.path.clone());
@@ -396,24 +432,56 @@ impl DatasetFs {
             Ok(_) | Err(FsError::NotFound(_)) => return Err(changed()),
             Err(e) => return Err(e),
         };
+        inner.inodes.update(file.ino, Arc::clone(&current));
+        self.drop_kernel_attributes(file.ino);
+        let movable = match file.pages {
+            Some(pages) => inner
+                .kernel_pages
+                .try_move(file.ino, pages, &old.version, &current.version),
+            None => true,
+        };
+        if !movable {
+            tracing::info!(path = %current.path, old = %old.version, new = %current.version, "the file changed in the store while the kernel may hold pages of the old version; ESTALE for this handle, the next open reads the new version");
+            return Err(changed());
+        }
         {
             let mut held = file.info.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             if Arc::ptr_eq(&held, old) {
                 *held = Arc::clone(&current);
             }
         }
-        inner.inodes.update(file.ino, Arc::clone(&current));
         inner.fetcher.metrics.reopened_changed.inc();
         tracing::info!(path = %current.path, old = %old.version, new = %current.version, "the file changed in the store before its first read; reading the new version");
-        if let Some(notifier) = inner.notifier.get() {
+        Ok(current)
+    }
+
+    /// After a handle of `old` got ESTALE: asks for the file's metadata afresh, once per
+    /// change (the inode still names `old`), so the next open reads the new version.
+    async fn learn_new_version(&self, ino: u64, old: &FileInfo) {
+        let inner = &self.inner;
+        if inner.inodes.get(ino).is_none_or(|known| known.version != old.version) {
+            return;
+        }
+        match inner.metadata.refresh(&old.path).await {
+            Ok(current) if !current.is_dir => {
+                inner.inodes.update(ino, current);
+                self.drop_kernel_attributes(ino);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(path = %old.path, error = %e, "cannot ask for a changed file's metadata"),
+        }
+    }
+
+    /// Tells the kernel to drop the attributes it holds of `ino` (the size may differ).
+    fn drop_kernel_attributes(&self, ino: u64) {
+        if let Some(notifier) = self.inner.notifier.get() {
             // Attributes only (offset -1): the kernel takes no page lock for it, so it is
-            // safe while this read's pages wait for the reply. It lands before the reply,
-            // so the reader's next read past the old end asks for the new size.
-            if let Err(e) = notifier.inval_inode(fuser::INodeNo(file.ino), -1, 0) {
-                tracing::debug!(ino = file.ino, error = %e, "the kernel did not take an attribute invalidation");
+            // safe while a read's pages wait for the reply. It lands before the reply, so
+            // the reader's next read past the old end asks for the new size.
+            if let Err(e) = notifier.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                tracing::debug!(ino, error = %e, "the kernel did not take an attribute invalidation");
             }
         }
-        Ok(current)
     }
 
     async fn serve_read(
@@ -445,6 +513,9 @@ impl DatasetFs {
     pub fn release(&self, fh: u64) {
         if let Some(file) = self.inner.files.remove(fh) {
             self.inner.io_modes.release(file.ino);
+            if let Some(pages) = file.pages {
+                self.inner.kernel_pages.release(file.ino, pages);
+            }
         }
     }
 
@@ -559,9 +630,9 @@ impl DatasetFs {
                     attr,
                 };
                 if add(item) {
-                    if plus {
-                        // It did not fit: the kernel got no reference to it.
-                        inodes.forget(ino, 1);
+                    // It did not fit: the kernel got no reference to it.
+                    if plus && inodes.forget(ino, 1) {
+                        self.inner.kernel_pages.forget(ino);
                     }
                     return Ok(());
                 }
@@ -571,6 +642,44 @@ impl DatasetFs {
 
     pub fn releasedir(&self, fh: u64) {
         self.inner.dirs.remove(fh);
+    }
+
+    /// Fills the node-local cache with the whole file `ino` (a load onto the node, asked
+    /// for through the `user.granary.fill` attribute), so its next open is passthrough.
+    /// Says whether it is complete here (an empty file never is: there is nothing to read).
+    pub async fn fill_node(&self, ino: u64) -> Result<bool, FsError> {
+        let info = self.fresh_info(ino).await?;
+        if info.is_dir {
+            return Err(FsError::IsADirectory(info.path.clone()));
+        }
+        let metrics = &self.inner.fetcher.metrics;
+        let result = match self.inner.fetcher.fill_local(&info).await {
+            // A version gone from the store: fill the current one.
+            Err(FsError::Changed(_)) => {
+                let current = self.inner.metadata.refresh(&info.path).await?;
+                self.inner.inodes.update(ino, Arc::clone(&current));
+                self.inner.fetcher.fill_local(&current).await
+            }
+            other => other,
+        };
+        let label = match &result {
+            Ok(_) => "complete",
+            Err(FsError::NoRoom(_)) => "no_room",
+            Err(_) => "failed",
+        };
+        metrics
+            .node_fills
+            .get_or_create(&crate::metrics::dataset::ResultLabel { result: label })
+            .inc();
+        if let Err(e @ FsError::Io { .. }) = &result {
+            tracing::warn!(path = %info.path, error = %e, "a load onto the node failed");
+        }
+        result
+    }
+
+    /// Bytes the node-local cache holds and its size; `None` without one.
+    pub fn node_cache_usage(&self) -> Option<(u64, u64)> {
+        self.inner.fetcher.local.as_ref().map(|local| local.usage())
     }
 
     /// Inodes the kernel holds (for statfs).

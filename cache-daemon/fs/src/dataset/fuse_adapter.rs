@@ -16,6 +16,8 @@ use tokio::runtime::Handle;
 
 use super::error::FsError;
 use super::filesystem::{DatasetFs, OpenedFile};
+use super::kernel_pages::PageCacheMode;
+use super::node_fill::xattr as granary_xattr;
 use crate::metrics::dataset::{ErrnoLabel, OpLabel, OriginLabel};
 
 pub struct DatasetFuse {
@@ -135,8 +137,14 @@ impl Filesystem for DatasetFuse {
                             // No FOPEN_KEEP_CACHE: the kernel refuses it on a passthrough open.
                             reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
                         }
-                        OpenedFile::Cached { fh } => {
-                            reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                        OpenedFile::Cached { fh, pages } => {
+                            let flags = match pages {
+                                PageCacheMode::Keep => FopenFlags::FOPEN_KEEP_CACHE,
+                                // The kernel drops the inode's pages at an open without KEEP_CACHE.
+                                PageCacheMode::Drop => FopenFlags::empty(),
+                                PageCacheMode::Direct => FopenFlags::FOPEN_DIRECT_IO,
+                            };
+                            reply.opened(FileHandle(fh), flags);
                         }
                     }
                     observe(&fs, "open", started, Ok(()));
@@ -286,8 +294,43 @@ impl Filesystem for DatasetFuse {
         );
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
-        reply.error(FsError::NoAttribute.errno());
+    /// Two attributes of the mount's own, asked for by `granary-cache load --mount` (the
+    /// mount is read-only, so they are read, not set): `user.granary.fill` of a file fills
+    /// the node-local cache with it and answers when it is complete; `user.granary.node-cache`
+    /// of any inode is "<used bytes> <size bytes>" of that cache.
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let started = Instant::now();
+        let fs = self.fs.clone();
+        let name = name.to_owned();
+        self.runtime.spawn(async move {
+            let value = match name.to_str() {
+                Some(granary_xattr::FILL) => fs.fill_node(ino.0).await.map(|complete| {
+                    if complete {
+                        granary_xattr::COMPLETE.to_vec()
+                    } else {
+                        granary_xattr::EMPTY.to_vec()
+                    }
+                }),
+                Some(granary_xattr::NODE_CACHE) => match fs.node_cache_usage() {
+                    Some((used, size)) => Ok(format!("{used} {size}").into_bytes()),
+                    None => Err(FsError::NoNodeCache),
+                },
+                _ => Err(FsError::NoAttribute),
+            };
+            match value {
+                Ok(value) if size == 0 => reply.size(value.len() as u32),
+                Ok(value) if value.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+                Ok(value) => reply.data(&value),
+                Err(e) => {
+                    reply.error(e.errno());
+                    if !matches!(e, FsError::NoAttribute) {
+                        observe(&fs, "getxattr", started, Err(&e));
+                    }
+                    return;
+                }
+            }
+            observe(&fs, "getxattr", started, Ok(()));
+        });
     }
 
     fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {

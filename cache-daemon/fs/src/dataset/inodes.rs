@@ -93,10 +93,11 @@ impl Inodes {
         }
     }
 
-    pub fn forget(&self, ino: u64, n: u64) {
+    /// Takes `n` kernel references off `ino`; says whether that was the last (it is gone).
+    pub fn forget(&self, ino: u64, n: u64) -> bool {
         let mut t = self.lock();
         if !t.inodes.forget(ino, n) {
-            return;
+            return false;
         }
         let live = t.inodes.len();
         let Table { log, inodes } = &mut *t;
@@ -109,6 +110,7 @@ impl Inodes {
                 }
             }
         }
+        true
     }
 
     pub fn len(&self) -> usize {

@@ -4,11 +4,18 @@
 //! local disk's speed without entering this process.
 //!
 //! ```text
-//! <dir>/files/<key>     complete files (indexed again at start: a restart is warm)
-//! <dir>/partial/<key>   files being filled (dropped at start)
+//! <dir>/files/<key>           complete files (indexed again at start: a restart is warm)
+//! <dir>/loaded/<key>.<path>   complete files a load placed here (`granary-cache load --mount`)
+//! <dir>/partial/<key>         files being filled (dropped at start)
 //! ```
 //! `<key>` is the hex xxh3-128 of the file's path and version, so a changed file is a new
-//! entry and the old one ages out.
+//! entry and the old one ages out; `<path>` the hex xxh3-64 of its path.
+//!
+//! What stays when the cache is full: a file a load placed is never evicted to make room for
+//! a copy made by reads, nor for another load's file: a load fills what is free or held by
+//! read copies, and a file that does not fit stays on the workers. A loaded file goes when a
+//! newer version of its path is loaded; while loaded files fill the cache, reads keep no
+//! copies.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -36,6 +43,8 @@ struct Entry {
     /// One bit per block, set when the block is on disk (empty when complete).
     present: Vec<u64>,
     missing: u64,
+    /// Placed by a load: the hash of its path (it is kept, see the module's rule).
+    loaded: Option<u64>,
 }
 
 impl Entry {
@@ -48,12 +57,35 @@ impl Entry {
     }
 }
 
+/// What [`LocalFileCache::begin_load`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadSlot {
+    /// The file is complete here already.
+    Complete,
+    /// Room is reserved; its missing blocks are to be written.
+    Admitted,
+    /// It does not fit without evicting loaded files: it stays on the workers.
+    NoRoom,
+}
+
 pub struct LocalFileCache {
     files_dir: PathBuf,
+    loaded_dir: PathBuf,
     partial_dir: PathBuf,
     index: Mutex<BoundedIndex<Key, Entry>>,
+    /// Loaded files by the hash of their path, so a newer version replaces the old one.
+    loaded_paths: Mutex<std::collections::HashMap<u64, Key>>,
     writes: Arc<Semaphore>,
     used: Gauge,
+}
+
+fn path_hash(file: &FileInfo) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(file.path.as_bytes())
+}
+
+/// Read copies never push out loaded files.
+fn is_read_copy(entry: &Entry) -> bool {
+    entry.loaded.is_none()
 }
 
 fn key_of(file: &FileInfo) -> Key {
@@ -88,38 +120,56 @@ impl LocalFileCache {
     /// complete files already there.
     pub fn open(dir: &Path, capacity: u64, used: Gauge) -> io::Result<Self> {
         let files_dir = dir.join("files");
+        let loaded_dir = dir.join("loaded");
         let partial_dir = dir.join("partial");
         std::fs::create_dir_all(&files_dir)?;
+        std::fs::create_dir_all(&loaded_dir)?;
         // Partly filled files are not resumed: their block map lived in memory.
         if partial_dir.exists() {
             std::fs::remove_dir_all(&partial_dir)?;
         }
         std::fs::create_dir_all(&partial_dir)?;
         let mut index = BoundedIndex::new(capacity, EvictionPolicy::Lru);
-        for entry in std::fs::read_dir(&files_dir)? {
-            let entry = entry?;
-            let Some(key) = entry.file_name().to_str().and_then(|n| Key::from_str_radix(n, 16).ok()) else {
-                continue;
-            };
-            let size = entry.metadata()?.len();
-            let admitted = index.insert(
-                key,
-                Entry {
+        let mut loaded_paths = std::collections::HashMap::new();
+        // Loaded files first: they are kept before read copies when the cache shrank.
+        for (dir, loaded) in [(&loaded_dir, true), (&files_dir, false)] {
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let (key, path) = match name.to_str().map(|n| n.split_once('.')) {
+                    Some(Some((key, path))) if loaded => (key, u64::from_str_radix(path, 16).ok()),
+                    Some(None) if !loaded => (name.to_str().unwrap_or_default(), None),
+                    _ => continue,
+                };
+                let Ok(key) = Key::from_str_radix(key, 16) else {
+                    continue;
+                };
+                let size = entry.metadata()?.len();
+                let value = Entry {
                     complete: true,
                     present: Vec::new(),
                     missing: 0,
-                },
-                allocated(size),
-            );
-            if let Admission::Rejected = admitted {
-                let _ = std::fs::remove_file(entry.path());
+                    loaded: path,
+                };
+                match index.insert_evicting(key, value, allocated(size), is_read_copy) {
+                    Admission::Admitted { .. } => {
+                        if let Some(path) = path {
+                            loaded_paths.insert(path, key);
+                        }
+                    }
+                    Admission::Rejected => {
+                        let _ = std::fs::remove_file(entry.path());
+                    }
+                }
             }
         }
         used.set(index.used() as i64);
         Ok(LocalFileCache {
             files_dir,
+            loaded_dir,
             partial_dir,
             index: Mutex::new(index),
+            loaded_paths: Mutex::new(loaded_paths),
             writes: Arc::new(Semaphore::new(MAX_PENDING_WRITES)),
             used,
         })
@@ -129,8 +179,99 @@ impl LocalFileCache {
         self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn complete_path(&self, key: Key) -> PathBuf {
-        self.files_dir.join(format!("{key:032x}"))
+    /// Where a complete file is: a read copy's, or a loaded file's (`loaded` its path hash).
+    fn complete_path(&self, key: Key, loaded: Option<u64>) -> PathBuf {
+        match loaded {
+            None => self.files_dir.join(format!("{key:032x}")),
+            Some(path) => self.loaded_dir.join(format!("{key:032x}.{path:016x}")),
+        }
+    }
+
+    /// Deletes whatever file `key` has on disk.
+    fn remove_files(&self, key: Key, loaded: Option<u64>) {
+        let _ = std::fs::remove_file(self.complete_path(key, None));
+        if loaded.is_some() {
+            let _ = std::fs::remove_file(self.complete_path(key, loaded));
+        }
+        let _ = std::fs::remove_file(self.partial_path(key));
+    }
+
+    fn paths(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Key>> {
+        self.loaded_paths
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Drops a loaded file of `file`'s path whose version is not `file`'s: it can never be
+    /// read again.
+    fn drop_older_load(&self, file: &FileInfo, key: Key) {
+        let path = path_hash(file);
+        let old = match self.paths().get(&path) {
+            Some(old) if *old != key => *old,
+            _ => return,
+        };
+        self.paths().remove(&path);
+        let removed = self.lock().remove(&old);
+        if let Some(entry) = removed {
+            self.remove_files(old, entry.loaded);
+        }
+        self.used.set(self.lock().used() as i64);
+    }
+
+    /// Reserves room for a load of `file` (whole), or finds it here. Room is taken from
+    /// free space and read copies, never from other loaded files. A read copy of the same
+    /// file, partial or complete, becomes loaded.
+    pub fn begin_load(&self, file: &FileInfo) -> io::Result<LoadSlot> {
+        let key = key_of(file);
+        self.drop_older_load(file, key);
+        let path = path_hash(file);
+        let blocks = block_count(file.size, file.block_size.max(1));
+        let evicted = {
+            let mut index = self.lock();
+            match index.get(&key) {
+                Some(entry) if entry.loaded.is_some() && entry.complete => return Ok(LoadSlot::Complete),
+                Some(entry) if entry.complete => {
+                    std::fs::rename(self.complete_path(key, None), self.complete_path(key, Some(path)))?;
+                    entry.loaded = Some(path);
+                    drop(index);
+                    self.paths().insert(path, key);
+                    return Ok(LoadSlot::Complete);
+                }
+                Some(entry) => {
+                    entry.loaded = Some(path);
+                    Vec::new()
+                }
+                None => {
+                    let entry = Entry {
+                        complete: false,
+                        present: vec![0; blocks.div_ceil(64) as usize],
+                        missing: blocks,
+                        loaded: Some(path),
+                    };
+                    match index.insert_evicting(key, entry, allocated(file.size), is_read_copy) {
+                        Admission::Admitted { evicted } => evicted,
+                        Admission::Rejected => return Ok(LoadSlot::NoRoom),
+                    }
+                }
+            }
+        };
+        for (old, entry, _) in evicted {
+            self.remove_files(old, entry.loaded);
+        }
+        self.paths().insert(path, key);
+        self.used.set(self.lock().used() as i64);
+        Ok(LoadSlot::Admitted)
+    }
+
+    /// Whether block `index` of `file` is on local disk.
+    pub fn has_block(&self, file: &FileInfo, index: u64) -> bool {
+        self.lock().get(&key_of(file)).is_some_and(|e| e.has(index))
+    }
+
+    /// Bytes the cache holds, and its size.
+    pub fn usage(&self) -> (u64, u64) {
+        let index = self.lock();
+        (index.used(), index.capacity())
     }
 
     fn partial_path(&self, key: Key) -> PathBuf {
@@ -140,10 +281,11 @@ impl LocalFileCache {
     /// The complete local copy of `file`, opened for reading (for passthrough).
     pub fn open_complete(&self, file: &FileInfo) -> Option<File> {
         let key = key_of(file);
-        if !self.lock().get(&key).is_some_and(|e| e.complete) {
-            return None;
-        }
-        File::open(self.complete_path(key)).ok()
+        let loaded = match self.lock().get(&key) {
+            Some(e) if e.complete => e.loaded,
+            _ => return None,
+        };
+        File::open(self.complete_path(key, loaded)).ok()
     }
 
     /// Reads block `index` of `file` when it is on local disk.
@@ -153,7 +295,7 @@ impl LocalFileCache {
     {
         let key = key_of(file);
         let path = match self.lock().get(&key) {
-            Some(e) if e.complete => self.complete_path(key),
+            Some(e) if e.complete => self.complete_path(key, e.loaded),
             Some(e) if e.has(index) => self.partial_path(key),
             _ => return None,
         };
@@ -179,9 +321,9 @@ impl LocalFileCache {
     }
 
     fn forget(&self, key: Key) {
-        if self.lock().remove(&key).is_some() {
-            let _ = std::fs::remove_file(self.complete_path(key));
-            let _ = std::fs::remove_file(self.partial_path(key));
+        let removed = self.lock().remove(&key);
+        if let Some(entry) = removed {
+            self.remove_files(key, entry.loaded);
         }
         self.used.set(self.lock().used() as i64);
     }
@@ -242,17 +384,17 @@ impl LocalFileCache {
                         complete: false,
                         present: vec![0; blocks.div_ceil(64) as usize],
                         missing: blocks,
+                        loaded: None,
                     };
-                    match index_lock.insert(key, entry, allocated(file.size)) {
+                    match index_lock.insert_evicting(key, entry, allocated(file.size), is_read_copy) {
                         Admission::Admitted { evicted } => (true, evicted),
                         Admission::Rejected => return Ok(()),
                     }
                 }
             }
         };
-        for (old, _, _) in evicted {
-            let _ = std::fs::remove_file(self.complete_path(old));
-            let _ = std::fs::remove_file(self.partial_path(old));
+        for (old, entry, _) in evicted {
+            self.remove_files(old, entry.loaded);
         }
         let range = block_range(file.size, file.block_size.max(1), index);
         if data.len() as u64 != range.end - range.start {
@@ -286,8 +428,11 @@ impl LocalFileCache {
             }
         };
         if now_complete {
-            std::fs::rename(&partial, self.complete_path(key))?;
-            if let Some(entry) = self.lock().get(&key) {
+            // Renamed under the index's lock: a load marking the entry meanwhile names the
+            // file it is renamed to.
+            let mut index_lock = self.lock();
+            if let Some(entry) = index_lock.get(&key) {
+                std::fs::rename(&partial, self.complete_path(key, entry.loaded))?;
                 entry.complete = true;
                 entry.present = Vec::new();
             }

@@ -16,9 +16,11 @@ mod filesystem;
 mod fuse_adapter;
 pub(crate) mod inode_log;
 mod inodes;
+mod kernel_pages;
 pub(crate) mod local_files;
 pub mod memory_budget;
 mod metadata;
+pub mod node_fill;
 mod readahead;
 mod remote;
 #[cfg(test)]

@@ -92,7 +92,7 @@ impl Env {
                 .open(ino, false, |_| Err(std::io::Error::other("no kernel here"))),
         )?;
         match opened {
-            OpenedFile::Cached { fh } => Ok(fh),
+            OpenedFile::Cached { fh, .. } => Ok(fh),
             OpenedFile::Passthrough { .. } => panic!("passthrough is off"),
         }
     }

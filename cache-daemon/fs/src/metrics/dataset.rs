@@ -41,7 +41,14 @@ pub struct FuseMetrics {
     pub memory_waits: Counter,
     pub metadata_requests: Family<OriginLabel, Counter>,
     pub local_cache_used_bytes: Gauge,
+    pub node_fill_bytes: Counter,
+    pub node_fills: Family<ResultLabel, Counter>,
     pub mounts: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 impl FuseMetrics {
@@ -66,6 +73,8 @@ impl FuseMetrics {
             memory_waits: Counter::default(),
             metadata_requests: Family::default(),
             local_cache_used_bytes: Gauge::default(),
+            node_fill_bytes: Counter::default(),
+            node_fills: Family::default(),
             mounts: Gauge::default(),
         };
         // Every origin's series exists from the start: a dashboard's share shows 0, not nothing.
@@ -75,7 +84,20 @@ impl FuseMetrics {
         for origin in ["local", "short_circuit", "worker", "source"] {
             let _ = m.read_bytes.get_or_create(&OriginLabel { origin });
         }
+        for result in ["complete", "no_room", "failed"] {
+            let _ = m.node_fills.get_or_create(&ResultLabel { result });
+        }
         let r = registry;
+        r.register(
+            "granary_fuse_node_fill_bytes",
+            "Bytes written into the node-local cache by loads onto the node (granary-cache load --mount)",
+            m.node_fill_bytes.clone(),
+        );
+        r.register(
+            "granary_fuse_node_fills",
+            "Files a load onto the node asked for, by result: complete (on the node now or before), no_room (stays on the workers), failed",
+            m.node_fills.clone(),
+        );
         r.register("granary_fuse_ops", "FUSE operations, by kind", m.ops.clone());
         r.register(
             "granary_fuse_op_duration_seconds",

@@ -6,6 +6,7 @@ mod uri;
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -69,6 +70,9 @@ pub struct SourceStore {
     list_requests: Counter,
     /// Whether the store is reached over HTTP (its list requests are counted as sent).
     http: bool,
+    /// The directory of a local (`fs://`) store, read directly so a read and its version
+    /// check use one descriptor.
+    local_root: Option<PathBuf>,
 }
 
 /// The HTTP transport of the store's requests, counting the listing requests (each page of
@@ -154,13 +158,18 @@ impl SourceStore {
         opendal::install_default();
         let (op, versions) = build_operator(uri, options)?;
         let list_requests = Counter::default();
+        let local_root = match SourceUri::parse(uri)? {
+            parsed if matches!(parsed.scheme.as_str(), "fs" | "file") => Some(PathBuf::from(parsed.root)),
+            _ => None,
+        };
         Ok(SourceStore {
             op: Arc::new(RwLock::new(layered(op, tuning, &list_requests))),
             uri: uri.to_string(),
             versions,
             tuning: tuning.clone(),
             list_requests,
-            http: !uri.starts_with("fs://"),
+            http: local_root.is_none(),
+            local_root,
         })
     }
 
@@ -316,9 +325,13 @@ impl SourceStore {
     }
 
     /// Reads `range` of a file at exactly `version`: an ETag version is checked by the store
-    /// (If-Match); a size+mtime version is checked by a fresh stat before and after the read.
+    /// (If-Match); a local file's by `fstat` of the descriptor the bytes are read from;
+    /// another size+mtime version by a fresh stat before and after the read.
     pub async fn read_range(&self, path: &str, version: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
         let expected_len = range.end - range.start;
+        if let Some(root) = &self.local_root {
+            return read_local_range(root, path, version, range).await;
+        }
         let data = if let Some(etag) = version.strip_prefix("etag:") {
             self.operator()
                 .read_with(path)
@@ -354,6 +367,52 @@ impl SourceStore {
             _ => Err(StoreError::changed(path)),
         }
     }
+}
+
+/// The size+mtime version of a local file from its metadata, as [`SourceStore::stat`] names it.
+fn local_version(md: &std::fs::Metadata) -> Option<String> {
+    let nanos = md.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+    Some(format!("mtime:{}-{nanos}", md.len()))
+}
+
+/// Reads `range` of the local file `path` under `root` at exactly `version`. The version is
+/// checked on the descriptor the bytes come from, before and after the read: a file renamed
+/// over it is another file (the descriptor keeps the old one), and a write into it moves its
+/// mtime. A path checked and then opened could be two files.
+async fn read_local_range(root: &Path, path: &str, version: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+    let relative = normalize_path(path)?;
+    let full = root.join(&relative);
+    let version = version.to_string();
+    let read = tokio::task::spawn_blocking(move || -> Result<Bytes, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let io_error = |op: &'static str, e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => StoreError::changed(relative.clone()),
+            std::io::ErrorKind::PermissionDenied => {
+                StoreError::new(ErrorKind::PermissionDenied, op, relative.clone()).with_detail(e.to_string())
+            }
+            _ => StoreError::failed(op, relative.clone(), e.to_string()),
+        };
+        let file = std::fs::File::open(&full).map_err(|e| io_error("read", e))?;
+        let same_version = |file: &std::fs::File| -> Result<bool, StoreError> {
+            let md = file.metadata().map_err(|e| io_error("stat", e))?;
+            Ok(local_version(&md).as_deref() == Some(version.as_str()))
+        };
+        if !same_version(&file)? {
+            return Err(StoreError::changed(relative.clone()));
+        }
+        let mut data = vec![0; (range.end - range.start) as usize];
+        file.read_exact_at(&mut data, range.start).map_err(|e| match e.kind() {
+            // Shorter than the version's size: it changed under the read.
+            std::io::ErrorKind::UnexpectedEof => StoreError::changed(relative.clone()),
+            _ => io_error("read", e),
+        })?;
+        if !same_version(&file)? {
+            return Err(StoreError::changed(relative.clone()));
+        }
+        Ok(Bytes::from(data))
+    });
+    read.await
+        .map_err(|e| StoreError::failed("read", path.to_string(), format!("the read task failed: {e}")))?
 }
 
 /// One entry of a listing.
