@@ -22,7 +22,7 @@ struct Cli {
 enum Command {
     /// Serve a tiered block cache of one source store over gRPC.
     Worker(cli::worker::WorkerArgs),
-    /// Prewarm a file or directory over the workers, with progress; exit 1 on failed files.
+    /// Prewarm a file or directory over the workers, or onto this node (--mount), with progress; exit 1 on failed files, 3 when some did not fit on the node.
     Load(cli::load::LoadArgs),
     /// Write a file's bytes, read through the workers, to stdout.
     Cat(cli::cat::CatArgs),

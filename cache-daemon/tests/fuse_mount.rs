@@ -777,3 +777,145 @@ async fn a_file_replaced_in_an_s3_source_while_open_is_never_read_as_a_mix() {
     let env = s3_env().await;
     a_file_replaced_while_open_is_never_read_as_a_mix_of_versions(ChangingSource::S3(env)).await;
 }
+
+/// Runs `granary-cache load --mount <mount> [path]`; the mount is served by this process, so
+/// the command runs beside the runtime, not on it.
+async fn load_onto_node(mount: &Path, path: Option<&str>) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_granary-cache"));
+    cmd.arg("load").arg("--mount").arg(mount).env_remove("GRANARY_WORKERS");
+    if let Some(path) = path {
+        cmd.arg(path);
+    }
+    tokio::task::spawn_blocking(move || cmd.output().expect("run granary-cache load --mount"))
+        .await
+        .unwrap()
+}
+
+/// `granary-cache load --mount`: a dataset loaded onto the node is read by the kernel
+/// (passthrough) from every file's first open, with no byte through the daemon, the workers
+/// and the store gone. Running it again fetches nothing; a node cache too small keeps the
+/// files that fit (in path order) and says which stay on the workers (exit 3); bad input
+/// names the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dataset_loaded_onto_the_node_is_read_through_passthrough_from_its_first_open() {
+    if !fuse_possible() {
+        return;
+    }
+    let env = s3_env().await;
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("train/a/0.bin".into(), pattern(5 * BLOCK as usize + 17, 1)),
+        ("train/a/1.bin".into(), pattern(3 * BLOCK as usize, 2)),
+        ("train/b/small.jpg".into(), pattern(1000, 3)),
+        ("train/empty".into(), Vec::new()),
+        ("val/x.bin".into(), pattern(2 * BLOCK as usize, 4)),
+    ];
+    for (path, data) in &files {
+        env.put(&format!("node/{path}"), data).await;
+    }
+    let worker = start(env.config("node")).await;
+    let mut config = s3_mount_config(&env, "node", &[worker.addr.to_string()]);
+    config.local_cache = Some((env.dir.path().join("node-cache"), 64 << 20));
+    let small_config = {
+        let mut c = config.clone();
+        // Room for 0.bin (6 blocks) and not for 1.bin beside it.
+        c.local_cache = Some((env.dir.path().join("small-node-cache"), 8 * BLOCK));
+        c
+    };
+    let mount = tokio::task::spawn_blocking(move || support::mount(config, 64 << 20))
+        .await
+        .unwrap();
+
+    let out = load_onto_node(mount.path(), Some("/train")).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("4 files"), "{stderr}");
+    let filled = mount.counter("granary_fuse_node_fill_bytes_total", "");
+    assert_eq!(
+        filled,
+        (8 * BLOCK + 17 + 1000) as f64,
+        "each byte of /train fetched once"
+    );
+    assert_eq!(
+        mount.counter("granary_fuse_reply_bytes_total", ""),
+        0.0,
+        "nothing read through the mount"
+    );
+
+    // Resumable: a second run finds everything there.
+    let out = load_onto_node(mount.path(), Some("train")).await;
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mount.counter("granary_fuse_node_fill_bytes_total", ""), filled);
+
+    // The node is on its own now: the kernel reads the loaded files.
+    worker.shutdown().await.unwrap();
+    env.s3.set_outage(true);
+    let root = mount.path().to_path_buf();
+    let expected = files.clone();
+    tokio::task::spawn_blocking(move || {
+        std::fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+        for (path, data) in expected.iter().filter(|(p, _)| p.starts_with("train/")) {
+            let got = std::fs::read(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert!(&got == data, "{path}: the loaded bytes");
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        mount.counter("granary_fuse_opens_total", "origin=\"passthrough\""),
+        3.0,
+        "every non-empty loaded file opens through passthrough: {}",
+        mount.metrics_text()
+    );
+    assert_eq!(
+        mount.counter("granary_fuse_reply_bytes_total", ""),
+        0.0,
+        "no read entered the daemon"
+    );
+    env.s3.set_outage(false);
+    drop(mount);
+
+    // A node cache of 8 blocks: 0.bin (6 blocks) is loaded first (path order), 1.bin (3) does
+    // not fit beside it and stays on the workers, small.jpg and val/x.bin (2) fit after it.
+    let worker = start(env.config("node")).await;
+    let mut small_config = small_config;
+    small_config.workers = vec![worker.addr.to_string()];
+    let small = tokio::task::spawn_blocking(move || support::mount(small_config, 64 << 20))
+        .await
+        .unwrap();
+    let out = load_onto_node(small.path(), None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("files (") && stderr.contains("do not fit") && stderr.contains("--cache-size"),
+        "{stderr}"
+    );
+    assert_eq!(
+        small.counter("granary_fuse_node_fills_total", "result=\"no_room\""),
+        1.0
+    );
+    assert!(stderr.contains("1 files (192KiB) do not fit"), "{stderr}");
+    let (root, a0) = (small.path().to_path_buf(), files[0].1.clone());
+    tokio::task::spawn_blocking(move || assert!(std::fs::read(root.join("train/a/0.bin")).unwrap() == a0))
+        .await
+        .unwrap();
+    assert_eq!(small.counter("granary_fuse_opens_total", "origin=\"passthrough\""), 1.0);
+    drop(small);
+
+    // Bad input: not a mount, and a mount without a node-local cache.
+    let out = load_onto_node(env.dir.path(), None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("nothing is mounted on this directory"), "{stderr}");
+    let bare = s3_mount_config(&env, "node", &[worker.addr.to_string()]);
+    let bare = tokio::task::spawn_blocking(move || support::mount(bare, 64 << 20))
+        .await
+        .unwrap();
+    let out = load_onto_node(bare.path(), None).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("no node-local cache") && stderr.contains("--cache-dir"),
+        "{stderr}"
+    );
+    drop(bare);
+}

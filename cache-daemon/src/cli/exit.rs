@@ -13,6 +13,15 @@ pub const FAILED: i32 = 1;
 /// The command could not start: bad flags or configuration (clap also uses 2).
 pub const CONFIG: i32 = 2;
 
+/// A load onto the node ended with every file that fits on the node and some left on the
+/// workers (the node-local cache is full of loaded files).
+pub const PARTIAL: i32 = 3;
+
+/// Some files of a load onto the node did not fit: exit code [`PARTIAL`].
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct PartialLoad(pub String);
+
 /// A mistake in the command line that clap cannot see (flags that need each other, values
 /// out of range): exit code [`CONFIG`].
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +40,9 @@ pub fn code_for(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.downcast_ref::<ConfigError>().is_some() {
             return CONFIG;
+        }
+        if cause.downcast_ref::<PartialLoad>().is_some() {
+            return PARTIAL;
         }
         if let Some(e) = cause.downcast_ref::<MountError>() {
             return if e.is_config() { CONFIG } else { FAILED };

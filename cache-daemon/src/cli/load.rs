@@ -1,5 +1,6 @@
 //! `granary-cache load`: prewarm a path over the workers with a progress bar; exits 1 when
-//! any file failed, after naming each.
+//! any file failed, after naming each. With `--mount`, onto this node instead
+//! ([`super::load_onto_node`]).
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -11,20 +12,46 @@ use granary_cache::proto::LoadProgress;
 use granary_store::units::ByteSize;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use std::path::PathBuf;
+
 use super::WorkersArgs;
+
+/// What a prewarm of the workers loads.
+struct LoadPath {
+    path: String,
+    parallelism: u32,
+}
 
 #[derive(Debug, Args)]
 pub struct LoadArgs {
-    #[command(flatten)]
-    pub workers: WorkersArgs,
-    /// Blocks fetched at once across the workers (0: the worker's default).
+    /// Worker addresses, comma-separated (prewarm the workers): host-0:7070,host-1:7070.
+    /// Workers with a member set answer with it, so one will do. Not needed with --mount.
+    #[arg(
+        long,
+        env = "GRANARY_WORKERS",
+        value_name = "HOST:PORT,...",
+        required_unless_present = "mount"
+    )]
+    pub workers: Option<String>,
+    /// Cache each block on this many workers (its top owners).
+    #[arg(long, default_value_t = 1)]
+    pub replicas: usize,
+    /// Load onto this node instead: fill the node-local cache of the dataset mounted here
+    /// (the node daemon's mount, or a pod's view of it) with whole files, so the kernel reads
+    /// them itself (passthrough) from their first byte. Files that do not fit beside those
+    /// loaded before stay on the workers. Run it again to resume.
+    #[arg(long, value_name = "MOUNTPOINT")]
+    pub mount: Option<PathBuf>,
+    /// Blocks fetched at once across the workers (0: the worker's default); with --mount,
+    /// files filled at once (0: 8).
     #[arg(long, default_value_t = 0)]
     pub parallelism: u32,
-    /// File or directory to prewarm, relative to the source root: /train
-    pub path: String,
+    /// File or directory to prewarm, relative to the source root (with --mount, to the
+    /// mount; default all of it): /train
+    pub path: Option<String>,
 }
 
-fn bar() -> ProgressBar {
+pub(super) fn bar() -> ProgressBar {
     if !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -49,7 +76,25 @@ fn files_line(p: &LoadProgress) -> String {
 }
 
 pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
-    let pool = args.workers.pool().await?;
+    if let Some(mount) = &args.mount {
+        let parallelism = match args.parallelism {
+            0 => 8,
+            n => n as usize,
+        };
+        return super::load_onto_node::run(mount, args.path.as_deref().unwrap_or("/"), parallelism).await;
+    }
+    let Some(path) = args.path.clone() else {
+        bail!("name the path to prewarm on the workers (/ for all of it): granary-cache load --workers … /train");
+    };
+    let workers = WorkersArgs {
+        workers: args.workers.clone().unwrap_or_default(),
+        replicas: args.replicas,
+    };
+    let args = LoadPath {
+        path,
+        parallelism: args.parallelism,
+    };
+    let pool = workers.pool().await?;
     let started = Instant::now();
     let mut progress = std::pin::pin!(pool
         .load(&args.path, args.parallelism)

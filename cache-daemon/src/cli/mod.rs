@@ -7,6 +7,7 @@ pub mod checkpoint_mount;
 pub mod commit_coordinator;
 pub mod exit;
 pub mod load;
+pub mod load_onto_node;
 pub mod mount;
 pub mod node;
 pub mod stats;

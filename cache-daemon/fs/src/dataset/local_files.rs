@@ -501,4 +501,51 @@ mod tests {
             4
         );
     }
+
+    #[tokio::test]
+    async fn loaded_files_are_kept_before_read_copies_and_replaced_by_their_new_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = LocalFileCache::open(dir.path(), 3 * 4096, Gauge::default()).unwrap();
+        cache.write_block(&info("read-copy", 100, 4096), 0, &[9; 100]).unwrap();
+        for name in ["l0", "l1"] {
+            assert_eq!(cache.begin_load(&info(name, 100, 4096)).unwrap(), LoadSlot::Admitted);
+            cache.write_block(&info(name, 100, 4096), 0, &[1; 100]).unwrap();
+        }
+        assert_eq!(
+            cache.begin_load(&info("l2", 100, 4096)).unwrap(),
+            LoadSlot::Admitted,
+            "a load takes the read copy's room"
+        );
+        assert!(cache.open_complete(&info("read-copy", 100, 4096)).is_none());
+        cache.write_block(&info("l2", 100, 4096), 0, &[1; 100]).unwrap();
+        assert_eq!(
+            cache.begin_load(&info("l3", 100, 4096)).unwrap(),
+            LoadSlot::NoRoom,
+            "a load never evicts loaded files"
+        );
+        cache
+            .write_block(&info("another-read", 100, 4096), 0, &[2; 100])
+            .unwrap();
+        assert!(
+            cache.open_complete(&info("another-read", 100, 4096)).is_none(),
+            "reads keep no copy when loaded files fill the cache"
+        );
+        assert_eq!(cache.begin_load(&info("l0", 100, 4096)).unwrap(), LoadSlot::Complete);
+
+        // A new version of l0 replaces the loaded old one.
+        let mut newer = info("l0", 100, 4096);
+        newer.version = "v2".into();
+        assert_eq!(cache.begin_load(&newer).unwrap(), LoadSlot::Admitted);
+        cache.write_block(&newer, 0, &[3; 100]).unwrap();
+        assert!(
+            cache.open_complete(&info("l0", 100, 4096)).is_none(),
+            "the old version is gone"
+        );
+        drop(cache);
+
+        // Loaded files stay loaded across a restart.
+        let reopened = LocalFileCache::open(dir.path(), 3 * 4096, Gauge::default()).unwrap();
+        assert!(reopened.open_complete(&newer).is_some());
+        assert_eq!(reopened.begin_load(&info("l3", 100, 4096)).unwrap(), LoadSlot::NoRoom);
+    }
 }
