@@ -2,10 +2,11 @@
 # The FUSE benchmark, in one run on this machine (see the README's Benchmarks): an
 # S3-protocol store in its own network namespace behind a rate-limited veth link (htb,
 # BENCH_LINK, 2gbit by default), two cache workers, a mount, and fio plus a training-like
-# epoch, each through the mount and on local disk, in three states:
+# epoch, each through the mount and on local disk, in four states:
 #   cold       workers and node caches empty: every byte crosses the link
 #   prewarmed  workers loaded, the mount's own caches empty (a pod after a BeforeScheduling prewarm)
 #   warm       everything read once through this mount already
+#   on node    a fresh mount whose node-local cache `granary-cache load --mount` filled
 # The kernel's page cache is dropped before every measurement, for the mount and local disk alike.
 #
 #   make fuse-bench     (root; needs fio, ip, tc)   BENCH_FILE_MIB=2048 BENCH_SMALL_FILES=20000
@@ -120,14 +121,14 @@ print(f"{len(files) / (time.time() - t):.0f}")
 PY
 }
 peak_rss_mib() { awk '/VmHWM/ {printf "%.0f", $2/1024}' "/proc/$MOUNT_PID/status"; }
-# System CPU seconds the mount process has used (all its threads).
-mount_sys_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", $15 / hz}' "/proc/$MOUNT_PID/stat"; }
+# User + system CPU seconds the mount process has used (all its threads).
+mount_sys_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$MOUNT_PID/stat"; }
 block_fetches() {
     curl -s "http://$MOUNT_METRICS/metrics" | awk '/^granary_fuse_block_fetches_total/ {n += $2} END {printf "%d", n}'
 }
 
 RESULTS=$WORK/results.tsv
-printf "state\tseq MB/s\trand MB/s\tepoch files/s\tstat walk s\tpeak RSS MiB\tsys s/GiB\tblock fetches\n" >"$RESULTS"
+printf "state\tseq MB/s\trand MB/s\tepoch files/s\tstat walk s\tpeak RSS MiB\tCPU s/GiB\tblock fetches\n" >"$RESULTS"
 run_state() {
     local state=$1 dir=$2
     echo "== $state"
@@ -140,7 +141,7 @@ run_state() {
     if [ "$dir" = "$MNT" ]; then
         sys=$(python3 -c "print('%.2f' % (($(mount_sys_s) - $sys0) / ($FILE_MIB / 1024)))")
         fetches="$(($(block_fetches) - fetches0))/$(((FILE_MIB + 3) / 4))"
-        echo "   the mount's system time: $sys s per GiB read; block fetches/blocks: $fetches"
+        echo "   the mount's user+system CPU: $sys s per GiB read; block fetches/blocks: $fetches"
     fi
     r=$(rand_read "$dir"); echo "   random 1 MiB reads, 4 jobs: $r MB/s"
     local rss=-
@@ -178,6 +179,12 @@ run_state cold "$MNT"
 mount_fresh
 run_state prewarmed "$MNT"
 run_state warm "$MNT"
+mount_fresh
+echo "== loading onto the node: granary-cache load --mount"
+t0=$(date +%s.%N)
+"$BIN" load --mount "$MNT" 2>&1 | tail -1
+echo "   in $(python3 -c "print('%.1f' % ($(date +%s.%N) - $t0))")s"
+run_state "on node" "$MNT"
 
 echo
 echo "== results (link: $link MB/s through the workers cold; $LINK)"
@@ -186,7 +193,7 @@ import csv, sys
 rows = list(csv.reader(open(sys.argv[1]), delimiter="\t"))
 head, data = rows[0], {r[0]: r for r in rows[1:]}
 local = data["local disk"]
-print("| state | seq MB/s | rand 1M MB/s | epoch files/s | stat walk s | peak RSS MiB | mount sys s/GiB (seq) | block fetches/blocks (seq) |")
+print("| state | seq MB/s | rand 1M MB/s | epoch files/s | stat walk s | peak RSS MiB | mount CPU s/GiB (seq) | block fetches/blocks (seq) |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 for name, r in data.items():
     def ratio(i, inverse=False):
@@ -197,4 +204,8 @@ for name, r in data.items():
             return r[i]
     print(f"| {name} | {ratio(1)} | {ratio(2)} | {ratio(3)} | {r[4]} ({float(r[4]) / float(local[4]):.1f}× local) | {r[5]} | {r[6]} | {r[7]} |")
 print(f"\nratios are to local disk in the same run; cold sequential is {float(data['cold'][1]) / float(sys.argv[2]):.2f}× the link as the workers see it")
+warm = data["warm"]
+for name in ("prewarmed", "on node"):
+    r = data[name]
+    print(f"{name} / warm: sequential {float(r[1]) / float(warm[1]):.2f}×, epoch {float(r[3]) / float(warm[3]):.2f}×")
 PY

@@ -654,7 +654,7 @@ async fn eight_mounts_listing_one_directory_of_200k_entries_list_the_store_once(
 /// lives: a local directory or the S3 server.
 enum ChangingSource {
     Fs(tempfile::TempDir),
-    S3(support::S3Env),
+    S3(Box<support::S3Env>),
 }
 
 impl ChangingSource {
@@ -775,7 +775,7 @@ async fn a_file_replaced_in_an_s3_source_while_open_is_never_read_as_a_mix() {
         return;
     }
     let env = s3_env().await;
-    a_file_replaced_while_open_is_never_read_as_a_mix_of_versions(ChangingSource::S3(env)).await;
+    a_file_replaced_while_open_is_never_read_as_a_mix_of_versions(ChangingSource::S3(Box::new(env))).await;
 }
 
 /// Runs `granary-cache load --mount <mount> [path]`; the mount is served by this process, so

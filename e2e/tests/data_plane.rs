@@ -570,6 +570,32 @@ async fn the_whole_data_plane_serves_training_through_restarts_and_every_dashboa
     );
     assert!(node_daemon.is_some());
 
+    // A load onto the node through the pod's view of the mount, as the init container of a
+    // Dataset with `prewarm.onNodes: PodNodes` runs it. The node cache (8 MiB) is smaller
+    // than the samples: what fits is loaded in path order, the rest stays on the workers.
+    let passthrough_before = metric_value(node_metrics, "granary_fuse_opens_total{origin=\"passthrough\"}");
+    let out = std::process::Command::new(binary("granary-cache"))
+        .args(["load", "--mount"])
+        .arg(&data_target)
+        .args(["--allow-partial", "/samples"])
+        .output()
+        .expect("granary-cache load --mount");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("did not fit and stay on the workers"), "{stderr}");
+    assert!(metric_value(node_metrics, "granary_fuse_node_fills_total{result=\"complete\"}") > 0.0);
+    assert!(metric_value(node_metrics, "granary_fuse_node_fills_total{result=\"no_room\"}") > 0.0);
+    let first = files.keys().find(|k| k.starts_with("samples/")).expect("a sample");
+    drop_page_cache();
+    let got = std::fs::read(data_target.join(first)).expect("read a loaded sample");
+    assert!(got == files[first], "the loaded sample's bytes");
+    assert_eq!(
+        metric_value(node_metrics, "granary_fuse_opens_total{origin=\"passthrough\"}"),
+        passthrough_before + 1.0,
+        "a loaded file opens through passthrough"
+    );
+    step("samples loaded onto the node (granary-cache load --mount)");
+
     // A checkpoint: written in the pod, committed in the store, restored through a new mount.
     reconcile_policy(&fake, &ctx).await;
     reconcile_policy(&fake, &ctx).await;

@@ -118,7 +118,12 @@ pub async fn run(config: RunConfig) -> anyhow::Result<()> {
         let server = WebhookServer::bind(
             listen,
             tls,
-            router(client.clone(), Arc::clone(&metrics), config.inline_volumes),
+            router(
+                client.clone(),
+                Arc::clone(&metrics),
+                config.inline_volumes,
+                config.worker_image.clone(),
+            ),
         )
         .await
         .with_context(|| format!("binding the webhook listener {listen}"))?;

@@ -109,6 +109,69 @@ async fn a_pod_and_a_trainjob_are_mounted_and_an_unannotated_pod_is_left_alone()
     assert!(response["patch"].is_null());
 }
 
+/// A Dataset with `prewarm.onNodes: PodNodes`: every replica gets an init container that
+/// loads the prewarm paths onto its node through the pod's own volume of the Dataset (the
+/// node daemon's mount), read-only, with the operator's image; a TrainJob (whose overrides
+/// cannot add containers) and a Dataset without it get none.
+#[tokio::test]
+async fn a_dataset_loaded_onto_pod_nodes_adds_an_init_container_that_loads_it() {
+    let (fake, client) = cluster();
+    fake.put(DATASETS, json!({"apiVersion": "granary.dev/v1alpha1", "kind": "Dataset", "metadata": {"name": "coco", "namespace": "ml"},
+        "spec": {"source": {"uri": "s3://datasets/coco/"}, "prewarm": {"paths": ["/train", "/val"], "onNodes": "PodNodes"}}}));
+    let hook = start(client).await;
+    let job = pytorchjob("dataset/coco=/data,dataset/imagenet=/imagenet");
+    let out = patched(
+        &job,
+        &hook.review(("kubeflow.org", "v1", "PyTorchJob"), job.clone()).await,
+    );
+    for role in ["Master", "Worker"] {
+        let spec = &out["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"];
+        let init = spec["initContainers"].as_array().expect("init containers");
+        assert_eq!(init.len(), 1, "only coco is loaded onto nodes: {init:?}");
+        assert_eq!(init[0]["name"], "granary-load-coco");
+        assert_eq!(init[0]["image"], support::admission::LOADER_IMAGE);
+        assert_eq!(
+            init[0]["command"],
+            json!([
+                "granary-cache",
+                "load",
+                "--mount",
+                "/granary/load/coco",
+                "--allow-partial",
+                "/train",
+                "/val"
+            ])
+        );
+        assert_eq!(
+            init[0]["volumeMounts"],
+            json!([{"name": "granary-dataset-coco", "mountPath": "/granary/load/coco", "readOnly": true}])
+        );
+        assert_eq!(init[0]["securityContext"]["allowPrivilegeEscalation"], false);
+        let volumes = spec["volumes"].as_array().expect("volumes");
+        assert!(
+            volumes.iter().any(|v| v["name"] == "granary-dataset-coco"),
+            "{volumes:?}"
+        );
+    }
+
+    let train = json!({"apiVersion": "trainer.kubeflow.org/v1alpha1", "kind": "TrainJob",
+        "metadata": {"name": "t", "namespace": "ml", "annotations": {"granary.dev/mounts": "dataset/coco=/data"}},
+        "spec": {"runtimeRef": {"name": "torch-distributed"}}});
+    fake.put(
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        support::schema::kubeflow_crd("trainjobs-trainer-v2.3.0.yaml"),
+    );
+    let out = patched(
+        &train,
+        &hook
+            .review(("trainer.kubeflow.org", "v1alpha1", "TrainJob"), train.clone())
+            .await,
+    );
+    let pod = &out["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        ["template"]["spec"]["template"];
+    assert!(pod["spec"]["initContainers"].is_null(), "{pod}");
+}
+
 #[tokio::test]
 async fn unknown_resources_malformed_annotations_and_path_clashes_are_denied_by_name() {
     let (_fake, client) = cluster();
@@ -234,7 +297,7 @@ async fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_n
     let server = granary_operator::webhook::server::WebhookServer::bind(
         "127.0.0.1:0".parse().expect("addr"),
         serving.server_config().expect("tls"),
-        granary_operator::webhook::server::router(client, metrics, false),
+        granary_operator::webhook::server::router(client, metrics, false, "granary:test".into()),
     )
     .await
     .expect("bind");

@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use std::path::PathBuf;
 
+use super::exit::config_error;
 use super::WorkersArgs;
 
 /// What a prewarm of the workers loads.
@@ -46,9 +47,13 @@ pub struct LoadArgs {
     /// files filled at once (0: 8).
     #[arg(long, default_value_t = 0)]
     pub parallelism: u32,
-    /// File or directory to prewarm, relative to the source root (with --mount, to the
-    /// mount; default all of it): /train
-    pub path: Option<String>,
+    /// With --mount: exit 0 when files did not fit on the node (they stay on the workers),
+    /// instead of 3. For an init container that must not hold its pod back.
+    #[arg(long, requires = "mount")]
+    pub allow_partial: bool,
+    /// File or directory to prewarm, relative to the source root: /train. With --mount,
+    /// relative to the mount, several allowed, default all of it.
+    pub paths: Vec<String>,
 }
 
 pub(super) fn bar() -> ProgressBar {
@@ -81,10 +86,18 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             0 => 8,
             n => n as usize,
         };
-        return super::load_onto_node::run(mount, args.path.as_deref().unwrap_or("/"), parallelism).await;
+        let paths = match args.paths.is_empty() {
+            true => vec!["/".to_string()],
+            false => args.paths.clone(),
+        };
+        return super::load_onto_node::run(mount, &paths, parallelism, args.allow_partial).await;
     }
-    let Some(path) = args.path.clone() else {
-        bail!("name the path to prewarm on the workers (/ for all of it): granary-cache load --workers … /train");
+    let path = match args.paths.as_slice() {
+        [path] => path.clone(),
+        [] => config_error!(
+            "name the path to prewarm on the workers (/ for all of it): granary-cache load --workers … /train"
+        ),
+        _ => config_error!("the workers prewarm one path at a time; run granary-cache load once per path"),
     };
     let workers = WorkersArgs {
         workers: args.workers.clone().unwrap_or_default(),

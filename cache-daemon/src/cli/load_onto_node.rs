@@ -93,7 +93,7 @@ fn fill(file: &Path) -> std::io::Result<Filled> {
     }
 }
 
-pub async fn run(mount: &Path, path: &str, parallelism: usize) -> anyhow::Result<()> {
+pub async fn run(mount: &Path, paths: &[String], parallelism: usize, allow_partial: bool) -> anyhow::Result<()> {
     let mount = match std::fs::canonicalize(mount) {
         Ok(m) => m,
         Err(e) => config_error!(
@@ -129,33 +129,42 @@ pub async fn run(mount: &Path, path: &str, parallelism: usize) -> anyhow::Result
         ),
         Err(e) => return Err(e).with_context(|| format!("cannot ask {} for its node-local cache", mount.display())),
     };
-    let relative = path.trim_start_matches('/');
-    let target = if relative.is_empty() {
-        mount.clone()
-    } else {
-        mount.join(relative)
+    let targets: Vec<PathBuf> = paths
+        .iter()
+        .map(|path| match path.trim_start_matches('/') {
+            "" => mount.clone(),
+            relative => mount.join(relative),
+        })
+        .collect();
+    let target = match targets.as_slice() {
+        [one] => one.display().to_string(),
+        _ => format!("{} paths of {}", targets.len(), mount.display()),
     };
     let started = Instant::now();
     let bar = super::load::bar();
-    bar.set_message(format!("listing {}", target.display()));
-    let walk_target = target.clone();
+    bar.set_message(format!("listing {target}"));
     let walk_bar = bar.clone();
-    let files = tokio::task::spawn_blocking(move || {
+    let files = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<(PathBuf, u64)>> {
         let mut found = Vec::new();
-        walk(&walk_target, &mut found, &|n| {
-            if n % 1000 == 0 {
-                walk_bar.set_message(format!("listing: {n} files"));
-            }
-        })
-        .map(|()| found)
+        for root in &targets {
+            walk(root, &mut found, &|n| {
+                if n % 1000 == 0 {
+                    walk_bar.set_message(format!("listing: {n} files"));
+                }
+            })
+            .with_context(|| format!("cannot list {}", root.display()))?;
+        }
+        // Paths given twice, or one inside another, are loaded once.
+        found.sort();
+        found.dedup();
+        Ok(found)
     })
     .await
-    .context("the listing task failed")?
-    .with_context(|| format!("cannot list {}", target.display()))?;
+    .context("the listing task failed")??;
     let total: u64 = files.iter().map(|(_, size)| size).sum();
     eprintln!(
         "loading {} onto this node: {} files, {}; node cache {} of {} used",
-        target.display(),
+        target,
         files.len(),
         ByteSize(total),
         ByteSize(used),
@@ -207,7 +216,7 @@ pub async fn run(mount: &Path, path: &str, parallelism: usize) -> anyhow::Result
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "loaded {} onto this node: {done_files} files, {} in {secs:.1}s ({}/s); {no_room_files} files ({}) did not fit and stay on the workers; {} failed",
-        target.display(),
+        target,
         ByteSize(done_bytes),
         ByteSize((done_bytes as f64 / secs.max(1e-3)) as u64),
         ByteSize(no_room_bytes),
@@ -220,7 +229,7 @@ pub async fn run(mount: &Path, path: &str, parallelism: usize) -> anyhow::Result
             file.display()
         );
     }
-    if no_room_files > 0 {
+    if no_room_files > 0 && !allow_partial {
         return Err(anyhow::Error::new(PartialLoad(format!(
             "{no_room_files} files ({}) do not fit in the node-local cache ({} in all) beside the files loaded before them; they are read from the workers. A larger --cache-size (node daemon: --local-cache-size) holds them",
             ByteSize(no_room_bytes),

@@ -153,6 +153,28 @@ pub struct PrewarmSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1024))]
     pub parallelism: Option<i32>,
+    /// Also load the data onto the nodes that read it. PodNodes: every pod mounting the
+    /// Dataset gets an init container that fills its node's node-local cache with the
+    /// prewarm paths (`granary-cache load --mount`), so its containers start with the data
+    /// on their node, read by the kernel (passthrough); what does not fit stays on the
+    /// workers. Needs the node daemons' node-local cache (chart value node.localCacheSize).
+    #[serde(default, skip_serializing_if = "NodePrewarm::is_none")]
+    pub on_nodes: NodePrewarm,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum NodePrewarm {
+    /// The data stays on the workers; nodes keep what their reads copy.
+    #[default]
+    None,
+    /// Loaded onto each node that runs a pod mounting the Dataset, before its containers start.
+    PodNodes,
+}
+
+impl NodePrewarm {
+    fn is_none(&self) -> bool {
+        *self == NodePrewarm::None
+    }
 }
 
 impl Default for PrewarmSpec {
@@ -161,6 +183,7 @@ impl Default for PrewarmSpec {
             paths: default_prewarm_paths(),
             policy: PrewarmPolicy::default(),
             parallelism: None,
+            on_nodes: NodePrewarm::None,
         }
     }
 }

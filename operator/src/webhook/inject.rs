@@ -15,6 +15,58 @@ pub struct Resolved {
     pub mounts: Vec<MountRequest>,
     /// Datasets the pods must wait for (BeforeScheduling, not loaded yet).
     pub wait_for: Vec<String>,
+    /// Datasets loaded onto each pod's node before its containers start (`onNodes: PodNodes`).
+    pub node_loads: Vec<NodeLoad>,
+    /// The image of the init containers that load them (the operator's own).
+    pub loader_image: String,
+}
+
+/// A Dataset to load onto the pod's node, and what of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeLoad {
+    pub dataset: String,
+    pub paths: Vec<String>,
+}
+
+/// Where a node-load init container sees the Dataset.
+pub const NODE_LOAD_MOUNT_ROOT: &str = "/granary/load";
+
+pub fn node_load_container_name(dataset: &str) -> String {
+    let mut name = format!("granary-load-{dataset}");
+    name.truncate(63);
+    name.trim_end_matches('-').to_string()
+}
+
+/// The init container that loads `load` onto the node through the pod's own volume of it:
+/// the node daemon's mount, so its node-local cache is the one the pod reads.
+fn node_load_container(load: &NodeLoad, image: &str) -> Value {
+    let volume = volume_name(&MountRequest {
+        kind: MountKind::Dataset,
+        name: load.dataset.clone(),
+        path: String::new(),
+    });
+    let path = format!("{NODE_LOAD_MOUNT_ROOT}/{}", load.dataset);
+    let mut command = vec![
+        "granary-cache".to_string(),
+        "load".into(),
+        "--mount".into(),
+        path.clone(),
+        // Files that do not fit on the node stay on the workers; the pod starts anyway.
+        "--allow-partial".into(),
+    ];
+    command.extend(load.paths.iter().cloned());
+    json!({
+        "name": node_load_container_name(&load.dataset),
+        "image": image,
+        "command": command,
+        "volumeMounts": [{ "name": volume, "mountPath": path, "readOnly": true }],
+        "resources": { "requests": { "cpu": "100m", "memory": "64Mi" }, "limits": { "memory": "256Mi" } },
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": { "drop": ["ALL"] },
+        },
+    })
 }
 
 /// The TrainJob (Kubeflow Trainer) job its overrides target: the trainer nodes, whose
@@ -130,6 +182,13 @@ fn inject_spec(spec: &mut Value, r: &Resolved, where_: &str) -> Result<(), Strin
             mounts.push(volume_mount(m));
         }
     }
+    for load in &r.node_loads {
+        let name = node_load_container_name(&load.dataset);
+        let init = array(spec, "initContainers")?;
+        if !init.iter().any(|c| c["name"] == name.as_str()) {
+            init.push(node_load_container(load, &r.loader_image));
+        }
+    }
     if !r.wait_for.is_empty() {
         let gates = array(spec, "schedulingGates")?;
         if !gates.iter().any(|g| g["name"] == GATE) {
@@ -188,7 +247,13 @@ pub fn mutate(target: Target, obj: &Value, r: &Resolved) -> Result<Value, String
             // The runtime's templates are not in the TrainJob; a patch targeting the trainer
             // nodes carries the volumes and the mounts of their `node` container.
             let mut spec = json!({ "containers": [{ "name": TRAINJOB_TARGET }] });
-            inject_spec(&mut spec, r, "the TrainJob")?;
+            // Trainer's overrides cannot add containers: a TrainJob's nodes are not loaded
+            // (its pods read over the workers, and keep what their reads copy).
+            let without_loads = Resolved {
+                node_loads: Vec::new(),
+                ..r.clone()
+            };
+            inject_spec(&mut spec, &without_loads, "the TrainJob")?;
             let mut metadata = json!({});
             annotate(&mut metadata, r)?;
             let mut template = json!({ "spec": spec });

@@ -6,11 +6,11 @@ use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview
 use kube::{Api, Client};
 use serde_json::Value;
 
-use super::inject::{mutate, Resolved, Target};
+use super::inject::{mutate, NodeLoad, Resolved, Target};
 use super::inline;
 use super::mounts::{parse, MountKind, MOUNTS_ANNOTATION};
 use super::trainjob::TrainJobSchema;
-use crate::api::dataset::PrewarmPolicy;
+use crate::api::dataset::{NodePrewarm, PrewarmPolicy};
 use crate::api::{validate, CheckpointPolicy, Dataset};
 use crate::metrics::OperatorMetrics;
 
@@ -22,6 +22,8 @@ pub struct Reviewer {
     pub trainjobs: TrainJobSchema,
     /// Whether pods may name a Dataset or CheckpointPolicy in an inline csi volume.
     pub inline_volumes: bool,
+    /// The image of the init containers that load Datasets onto nodes (the operator's).
+    pub loader_image: String,
 }
 
 /// Answers `review`; every failure becomes a denial (or an invalid response for a review
@@ -89,7 +91,10 @@ async fn decide(
         .clone()
         .or_else(|| object.metadata.namespace.clone())
         .unwrap_or_else(|| "default".into());
-    let mut resolved = Resolved::default();
+    let mut resolved = Resolved {
+        loader_image: reviewer.loader_image.clone(),
+        ..Resolved::default()
+    };
     // A pod's inline granary.dev volumes: each becomes the PVC it names, or the pod is denied.
     let inline_volumes = if request.kind.kind == "Pod" {
         inline::find(&value["spec"])?
@@ -106,7 +111,7 @@ async fn decide(
         }
         for v in &inline_volumes {
             let whence = format!("inline volume {:?}", v.volume);
-            look_up(client, &namespace, v.kind, &v.name, &whence, &mut resolved.wait_for).await?;
+            look_up(client, &namespace, v.kind, &v.name, &whence, &mut resolved).await?;
         }
     }
     let annotation = value
@@ -119,15 +124,7 @@ async fn decide(
     if let Some(annotation) = annotation {
         let mounts = parse(annotation)?;
         for m in &mounts {
-            look_up(
-                client,
-                &namespace,
-                m.kind,
-                &m.name,
-                MOUNTS_ANNOTATION,
-                &mut resolved.wait_for,
-            )
-            .await?;
+            look_up(client, &namespace, m.kind, &m.name, MOUNTS_ANNOTATION, &mut resolved).await?;
         }
         resolved.mounts = mounts;
     }
@@ -157,15 +154,16 @@ async fn decide(
 
 /// Checks that the Dataset or CheckpointPolicy `name` (asked for by `whence`) exists in
 /// `namespace`; a Dataset prewarmed before scheduling and not loaded yet is added to
-/// `wait_for`.
+/// `wait_for`, one loaded onto the pods' nodes to `node_loads`.
 async fn look_up(
     client: &Client,
     namespace: &str,
     kind: MountKind,
     name: &str,
     whence: &str,
-    wait_for: &mut Vec<String>,
+    resolved: &mut Resolved,
 ) -> Result<(), String> {
+    let wait_for = &mut resolved.wait_for;
     match kind {
         MountKind::Dataset => {
             let api: Api<Dataset> = Api::namespaced(client.clone(), namespace);
@@ -188,6 +186,14 @@ async fn look_up(
                 && !wait_for.iter().any(|w| w == name)
             {
                 wait_for.push(name.to_string());
+            }
+            if ds.spec.prewarm.on_nodes == NodePrewarm::PodNodes
+                && !resolved.node_loads.iter().any(|l| l.dataset == name)
+            {
+                resolved.node_loads.push(NodeLoad {
+                    dataset: name.to_string(),
+                    paths: ds.spec.prewarm.paths.clone(),
+                });
             }
         }
         MountKind::Checkpoint => {

@@ -31,13 +31,15 @@ async fn review(
 /// ValidatingWebhookConfiguration: Datasets and CheckpointPolicies) answer from one decision;
 /// a granary.dev object never gets a patch, so the validating answer never carries one.
 /// `inline_volumes`: pods may name a Dataset or CheckpointPolicy in an inline csi volume
-/// (turned into its PVC); otherwise such a pod is denied.
-pub fn router(client: Client, metrics: Arc<OperatorMetrics>, inline_volumes: bool) -> Router {
+/// (turned into its PVC); otherwise such a pod is denied. `loader_image`: the image of the
+/// init containers that load Datasets onto nodes (the operator's own).
+pub fn router(client: Client, metrics: Arc<OperatorMetrics>, inline_volumes: bool, loader_image: String) -> Router {
     let reviewer = Arc::new(Reviewer {
         client,
         metrics,
         trainjobs: TrainJobSchema::default(),
         inline_volumes,
+        loader_image,
     });
     Router::new()
         .route("/mutate", post(review))

@@ -12,6 +12,9 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
+/// The image the webhook names for its node-load init containers.
+pub const LOADER_IMAGE: &str = "ghcr.io/granary-dev/granary:test";
+
 pub struct Webhook {
     addr: std::net::SocketAddr,
     connector: tokio_rustls::TlsConnector,
@@ -29,7 +32,7 @@ pub async fn start_with(fake_client: kube::Client, inline_volumes: bool) -> Webh
     let server = WebhookServer::bind(
         "127.0.0.1:0".parse().expect("addr"),
         cert.server_config().expect("tls"),
-        router(fake_client, metrics, inline_volumes),
+        router(fake_client, metrics, inline_volumes, LOADER_IMAGE.into()),
     )
     .await
     .expect("bind");
