@@ -285,15 +285,18 @@ impl DatasetFs {
         if info.is_dir {
             return Err(FsError::IsADirectory(info.path.clone()));
         }
-        if info.size <= info.block_size {
-            let dir = parent_of(&info.path);
-            inner.warm_ahead.opened(dir, || inner.metadata.listing(dir));
-        }
         let local_file = if inner.passthrough.load(Ordering::Acquire) {
             self.local_file_for_passthrough(&info).await
         } else {
             None
         };
+        // A small file not on this node: its directory's other files are likely next (an
+        // epoch). One on the node says nothing of the others, and asking the workers for a
+        // loaded directory's files would only cost them requests.
+        if info.size <= info.block_size && local_file.is_none() {
+            let dir = parent_of(&info.path);
+            inner.warm_ahead.opened(dir, || inner.metadata.listing(dir));
+        }
         let opened = inner.io_modes.open(ino, || {
             let file = local_file?;
             match backing(&file) {

@@ -294,12 +294,14 @@ impl LocalFileCache {
         B: AsRef<[u8]> + AsMut<Vec<u8>> + Send + 'static,
     {
         let key = key_of(file);
-        let path = match self.lock().get(&key) {
-            Some(e) if e.complete => self.complete_path(key, e.loaded),
-            Some(e) if e.has(index) => self.partial_path(key),
-            _ => return None,
+        let path_now = || match self.lock().get(&key) {
+            Some(e) if e.complete => Some(self.complete_path(key, e.loaded)),
+            Some(e) if e.has(index) => Some(self.partial_path(key)),
+            _ => None,
         };
+        let path = path_now()?;
         let range = block_range(file.size, file.block_size.max(1), index);
+        let tried = path.clone();
         let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let f = File::open(path)?;
             let bytes = buffer.as_mut();
@@ -311,6 +313,9 @@ impl LocalFileCache {
         .await;
         match read {
             Ok(Ok(data)) => Some(data),
+            // Renamed meanwhile (completed, or a read copy made a loaded file): the file is
+            // fine; this block is read from elsewhere this once.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::NotFound && path_now().is_some_and(|p| p != tried) => None,
             Ok(Err(e)) => {
                 tracing::warn!(path = %file.path, error = %e, "a local cache file could not be read; dropping it");
                 self.forget(key);
