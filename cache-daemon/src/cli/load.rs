@@ -17,12 +17,6 @@ use std::path::PathBuf;
 use super::exit::config_error;
 use super::WorkersArgs;
 
-/// What a prewarm of the workers loads.
-struct LoadPath {
-    path: String,
-    parallelism: u32,
-}
-
 #[derive(Debug, Args)]
 pub struct LoadArgs {
     /// Worker addresses, comma-separated (prewarm the workers): host-0:7070,host-1:7070.
@@ -103,22 +97,18 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
         workers: args.workers.clone().unwrap_or_default(),
         replicas: args.replicas,
     };
-    let args = LoadPath {
-        path,
-        parallelism: args.parallelism,
-    };
     let pool = workers.pool().await?;
     let started = Instant::now();
     let mut progress = std::pin::pin!(pool
-        .load(&args.path, args.parallelism)
+        .load(&path, args.parallelism)
         .await
-        .with_context(|| format!("cannot start the prewarm of {}", args.path))?);
+        .with_context(|| format!("cannot start the prewarm of {}", path))?);
     let bar = bar();
     let mut last_line = Instant::now();
     let mut failures = Vec::new();
     let mut last = LoadProgress::default();
     while let Some(update) = progress.next().await {
-        let update = update.with_context(|| format!("the prewarm of {} stopped", args.path))?;
+        let update = update.with_context(|| format!("the prewarm of {} stopped", path))?;
         for failure in &update.new_failures {
             bar.suspend(|| eprintln!("failed: {}: {}", failure.path, failure.error));
         }
@@ -130,7 +120,7 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
             let rate = update.bytes_done as f64 / started.elapsed().as_secs_f64().max(1e-3);
             eprintln!(
                 "loading {}: {}/{} {}/s, {}",
-                args.path,
+                path,
                 ByteSize(update.bytes_done),
                 ByteSize(update.bytes_total),
                 ByteSize(rate as u64),
@@ -148,13 +138,13 @@ pub async fn run(args: LoadArgs) -> anyhow::Result<()> {
     if !last.finished {
         bail!(
             "the prewarm of {} ended before it finished (the worker went away)",
-            args.path
+            path
         );
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
         "loaded {}: {} files, {} in {:.1}s ({}/s), {} fetched from the source, {} already cached, {} failed",
-        args.path,
+        path,
         last.files_done,
         ByteSize(last.bytes_done),
         secs,

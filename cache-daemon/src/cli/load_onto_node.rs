@@ -1,6 +1,7 @@
 //! `granary-cache load --mount M [PATH]`: loads a dataset onto this node. Every file under
-//! PATH of the dataset mounted at M is asked for whole through the mount's
-//! `user.granary.fill` attribute (`granary_fs::dataset::node_fill`), several at once; the
+//! PATH of the dataset mounted at M has its room reserved, one after the other in path order
+//! (`user.granary.reserve`), and is then asked for whole through `user.granary.fill`
+//! (`granary_fs::dataset::node_fill`), several at once; the
 //! mount fetches its blocks and writes them into its node-local cache, from which the kernel
 //! reads the file itself (passthrough) at every later open. Files already there answer at
 //! once, so running it again resumes. The rule for a dataset larger than the node cache:
@@ -79,17 +80,25 @@ enum Filled {
     NoRoom,
 }
 
-/// Asks the mount for `file` whole; a file replaced in the store meanwhile (ESTALE) is asked
-/// for again, once.
-fn fill(file: &Path) -> std::io::Result<Filled> {
+/// Asks the mount for the attribute `name` of `file` (reserve, or fill): `NoRoom` for
+/// `ENOSPC`; a file replaced in the store meanwhile (ESTALE) is asked for again, once.
+fn ask(file: &Path, name: &str) -> std::io::Result<Filled> {
     let mut retried = false;
     loop {
-        match get_xattr(file, xattr::FILL) {
+        match get_xattr(file, name) {
             Ok(_) => return Ok(Filled::Complete),
             Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return Ok(Filled::NoRoom),
             Err(e) if e.raw_os_error() == Some(libc::ESTALE) && !retried => retried = true,
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Reserves `file`, then fills it when it has room.
+fn fill(file: &Path, reserved: std::io::Result<Filled>) -> std::io::Result<Filled> {
+    match reserved? {
+        Filled::Complete => ask(file, xattr::FILL),
+        Filled::NoRoom => Ok(Filled::NoRoom),
     }
 }
 
@@ -175,12 +184,25 @@ pub async fn run(mount: &Path, paths: &[String], parallelism: usize, allow_parti
     let (mut no_room_files, mut no_room_bytes) = (0u64, 0u64);
     let mut failures: Vec<(PathBuf, std::io::Error)> = Vec::new();
     let mut last_line = Instant::now();
-    let mut fills = futures::stream::iter(files.into_iter().map(|(file, size)| async move {
-        let asked = file.clone();
-        let result = tokio::task::spawn_blocking(move || fill(&asked)).await;
-        (file, size, result)
-    }))
-    .buffered(parallelism.max(1));
+    // Reservations one at a time in path order, so which files fit is the stated rule;
+    // fills, which fetch, several at once behind them.
+    let (reserved_tx, reserved_rx) = tokio::sync::mpsc::channel(parallelism.max(1));
+    tokio::task::spawn_blocking(move || {
+        for (file, size) in files {
+            let reserved = ask(&file, xattr::RESERVE);
+            if reserved_tx.blocking_send((file, size, reserved)).is_err() {
+                return;
+            }
+        }
+    });
+    let reserved = futures::stream::unfold(reserved_rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut fills = std::pin::pin!(reserved
+        .map(|(file, size, reserved)| async move {
+            let asked = file.clone();
+            let result = tokio::task::spawn_blocking(move || fill(&asked, reserved)).await;
+            (file, size, result)
+        })
+        .buffered(parallelism.max(1)));
     while let Some((file, size, result)) = fills.next().await {
         match result {
             Ok(Ok(Filled::Complete)) => {

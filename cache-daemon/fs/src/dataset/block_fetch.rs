@@ -152,11 +152,6 @@ impl BlockFetcher {
             return Ok(data);
         }
         let (data, origin) = self.fetch_uncached(&file, index).await?;
-        self.metrics
-            .read_bytes
-            .get_or_create(&origin.label())
-            .inc_by(data.len() as u64);
-        self.metrics.block_fetches.get_or_create(&origin.label()).inc();
         if !matches!(origin, Origin::Local) {
             if let Some(local) = &self.local {
                 // Only with memory to spare: the local copy is an optimisation.
@@ -175,19 +170,14 @@ impl BlockFetcher {
     /// complete (false: nothing to fill, an empty file); `NoRoom` when it does not fit.
     pub async fn fill_local(self: &Arc<Self>, file: &FileInfo) -> Result<bool, FsError> {
         use futures::StreamExt;
-        let local = self.local.as_ref().ok_or(FsError::NoNodeCache)?;
-        if file.size == 0 {
-            return Ok(false);
+        match self.reserve_local(file)? {
+            Some(LoadSlot::Admitted) => {}
+            Some(_) => return Ok(true),
+            None => return Ok(false),
         }
-        let slot = local.begin_load(file).map_err(|e| FsError::Io {
-            path: file.path.clone(),
-            cause: format!("the node-local cache: {e}"),
-        })?;
-        match slot {
-            LoadSlot::Complete => return Ok(true),
-            LoadSlot::NoRoom => return Err(FsError::NoRoom(file.path.clone())),
-            LoadSlot::Admitted => {}
-        }
+        let Some(local) = self.local.as_ref() else {
+            return Err(FsError::NoNodeCache);
+        };
         let blocks = granary_cache::block::block_count(file.size, file.block_size.max(1));
         let missing = (0..blocks).filter(|&index| !local.has_block(file, index));
         let mut fills = futures::stream::iter(missing.map(|index| self.fill_block(local, file, index)))
@@ -204,6 +194,24 @@ impl BlockFetcher {
         }
     }
 
+    /// Reserves room for all of `file` in the node-local cache (a load's first step):
+    /// `Complete` when it is there already, `None` for an empty file, `NoRoom` when it does
+    /// not fit beside the files loaded before it.
+    pub fn reserve_local(&self, file: &FileInfo) -> Result<Option<LoadSlot>, FsError> {
+        let local = self.local.as_ref().ok_or(FsError::NoNodeCache)?;
+        if file.size == 0 {
+            return Ok(None);
+        }
+        match local.begin_load(file) {
+            Ok(LoadSlot::NoRoom) => Err(FsError::NoRoom(file.path.clone())),
+            Ok(slot) => Ok(Some(slot)),
+            Err(e) => Err(FsError::Io {
+                path: file.path.clone(),
+                cause: format!("the node-local cache: {e}"),
+            }),
+        }
+    }
+
     async fn fill_block(&self, local: &Arc<LocalFileCache>, file: &FileInfo, index: u64) -> Result<(), FsError> {
         let name = BlockName::of(&file.path, &file.version, index);
         let caches = MountCaches {
@@ -215,12 +223,7 @@ impl BlockFetcher {
             Some(data) => (data, None),
             None => {
                 let lease = self.budget.reserve(block_len(file, index), &caches).await;
-                let (data, origin) = self.fetch_uncached(file, index).await?;
-                self.metrics
-                    .read_bytes
-                    .get_or_create(&origin.label())
-                    .inc_by(data.len() as u64);
-                self.metrics.block_fetches.get_or_create(&origin.label()).inc();
+                let (data, _) = self.fetch_uncached(file, index).await?;
                 (data, Some(lease))
             }
         };
@@ -266,7 +269,18 @@ impl BlockFetcher {
         .flatten()
     }
 
+    /// Block `index` from wherever it is outside memory, counted by where it came from.
     async fn fetch_uncached(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
+        let (data, origin) = self.fetch_from_tiers(file, index).await?;
+        self.metrics
+            .read_bytes
+            .get_or_create(&origin.label())
+            .inc_by(data.len() as u64);
+        self.metrics.block_fetches.get_or_create(&origin.label()).inc();
+        Ok((data, origin))
+    }
+
+    async fn fetch_from_tiers(&self, file: &FileInfo, index: u64) -> Result<(Bytes, Origin), FsError> {
         let len = block_len(file, index) as usize;
         if let Some(local) = &self.local {
             if let Some(data) = local.read_block(file, index, self.buffers.take(len)).await {

@@ -307,19 +307,19 @@ impl DatasetFs {
                 }
             }
         });
-        let pages = match opened {
-            Opened::Passthrough(_) => None,
-            Opened::Cached => Some(inner.kernel_pages.open(ino, &info.version)),
-        };
-        let fh = inner
-            .files
-            .insert(OpenFile::new(Arc::clone(&info), ino, inner.max_readahead, pages));
-        Ok(match (opened, pages) {
-            (Opened::Passthrough(backing), _) => OpenedFile::Passthrough { fh, backing },
-            (Opened::Cached, pages) => OpenedFile::Cached {
-                fh,
-                pages: pages.unwrap_or(PageCacheMode::Direct),
+        let new = |pages| OpenFile::new(Arc::clone(&info), ino, inner.max_readahead, pages);
+        Ok(match opened {
+            Opened::Passthrough(backing) => OpenedFile::Passthrough {
+                fh: inner.files.insert(new(None)),
+                backing,
             },
+            Opened::Cached => {
+                let pages = inner.kernel_pages.open(ino, &info.version);
+                OpenedFile::Cached {
+                    fh: inner.files.insert(new(Some(pages))),
+                    pages,
+                }
+            }
         })
     }
 
@@ -412,12 +412,26 @@ impl DatasetFs {
         }
     }
 
-    /// A read of `file` returned bytes of `info`'s version.
+    /// A read of `file` returned bytes of `info`'s version. Only its first bytes are news to
+    /// the page-cache record: while this handle is open, its version's pages stay filled.
     fn served(&self, file: &OpenFile, info: &FileInfo) {
-        file.served.store(true, Ordering::Relaxed);
+        if file.served.swap(true, Ordering::Relaxed) {
+            return;
+        }
         if let Some(pages) = file.pages {
             self.inner.kernel_pages.filled(file.ino, pages, &info.version);
         }
+    }
+
+    /// Asks for `path`'s metadata afresh (past this mount's and the workers' caches) as the
+    /// inode `ino`'s, and has the kernel drop the attributes it holds (the size may differ).
+    async fn refresh_inode(&self, ino: u64, path: &str) -> Result<Arc<FileInfo>, FsError> {
+        let current = self.inner.metadata.refresh(path).await?;
+        if !current.is_dir {
+            self.inner.inodes.update(ino, Arc::clone(&current));
+            self.drop_kernel_attributes(ino);
+        }
+        Ok(current)
     }
 
     /// Moves a handle that has returned no byte from `old`, a version the store no longer
@@ -430,13 +444,11 @@ impl DatasetFs {
     async fn adopt_new_version(&self, file: &OpenFile, old: &Arc<FileInfo>) -> Result<Arc<FileInfo>, FsError> {
         let inner = &self.inner;
         let changed = || FsError::Changed(old.path.clone());
-        let current = match inner.metadata.refresh(&old.path).await {
+        let current = match self.refresh_inode(file.ino, &old.path).await {
             Ok(info) if !info.is_dir && info.version != old.version => info,
             Ok(_) | Err(FsError::NotFound(_)) => return Err(changed()),
             Err(e) => return Err(e),
         };
-        inner.inodes.update(file.ino, Arc::clone(&current));
-        self.drop_kernel_attributes(file.ino);
         let movable = match file.pages {
             Some(pages) => inner
                 .kernel_pages
@@ -465,13 +477,8 @@ impl DatasetFs {
         if inner.inodes.get(ino).is_none_or(|known| known.version != old.version) {
             return;
         }
-        match inner.metadata.refresh(&old.path).await {
-            Ok(current) if !current.is_dir => {
-                inner.inodes.update(ino, current);
-                self.drop_kernel_attributes(ino);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(path = %old.path, error = %e, "cannot ask for a changed file's metadata"),
+        if let Err(e) = self.refresh_inode(ino, &old.path).await {
+            tracing::debug!(path = %old.path, error = %e, "cannot ask for a changed file's metadata");
         }
     }
 
@@ -655,14 +662,12 @@ impl DatasetFs {
         if info.is_dir {
             return Err(FsError::IsADirectory(info.path.clone()));
         }
-        let metrics = &self.inner.fetcher.metrics;
         let result = match self.inner.fetcher.fill_local(&info).await {
             // A version gone from the store: fill the current one.
-            Err(FsError::Changed(_)) => {
-                let current = self.inner.metadata.refresh(&info.path).await?;
-                self.inner.inodes.update(ino, Arc::clone(&current));
-                self.inner.fetcher.fill_local(&current).await
-            }
+            Err(FsError::Changed(_)) => match self.refresh_inode(ino, &info.path).await? {
+                current if current.is_dir => Err(FsError::IsADirectory(current.path.clone())),
+                current => self.inner.fetcher.fill_local(&current).await,
+            },
             other => other,
         };
         let label = match &result {
@@ -670,14 +675,35 @@ impl DatasetFs {
             Err(FsError::NoRoom(_)) => "no_room",
             Err(_) => "failed",
         };
-        metrics
-            .node_fills
-            .get_or_create(&crate::metrics::dataset::ResultLabel { result: label })
-            .inc();
+        self.count_node_fill(label);
         if let Err(e @ FsError::Io { .. }) = &result {
             tracing::warn!(path = %info.path, error = %e, "a load onto the node failed");
         }
         result
+    }
+
+    /// Reserves room for the whole file `ino` in the node-local cache (`user.granary.reserve`,
+    /// a load's first step): `Some(true)` when it is there already, `Some(false)` reserved,
+    /// `None` for an empty file; `NoRoom` when it does not fit.
+    pub async fn reserve_node(&self, ino: u64) -> Result<Option<bool>, FsError> {
+        let info = self.fresh_info(ino).await?;
+        if info.is_dir {
+            return Err(FsError::IsADirectory(info.path.clone()));
+        }
+        let result = self.inner.fetcher.reserve_local(&info);
+        if let Err(FsError::NoRoom(_)) = &result {
+            self.count_node_fill("no_room");
+        }
+        Ok(result?.map(|slot| slot == super::local_files::LoadSlot::Complete))
+    }
+
+    fn count_node_fill(&self, result: &'static str) {
+        self.inner
+            .fetcher
+            .metrics
+            .node_fills
+            .get_or_create(&crate::metrics::dataset::ResultLabel { result })
+            .inc();
     }
 
     /// Bytes the node-local cache holds and its size; `None` without one.

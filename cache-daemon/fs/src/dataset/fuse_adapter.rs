@@ -294,10 +294,11 @@ impl Filesystem for DatasetFuse {
         );
     }
 
-    /// Two attributes of the mount's own, asked for by `granary-cache load --mount` (the
-    /// mount is read-only, so they are read, not set): `user.granary.fill` of a file fills
-    /// the node-local cache with it and answers when it is complete; `user.granary.node-cache`
-    /// of any inode is "<used bytes> <size bytes>" of that cache.
+    /// Attributes of the mount's own, asked for by `granary-cache load --mount` (the
+    /// mount is read-only, so they are read, not set): `user.granary.reserve` of a file
+    /// reserves its room in the node-local cache, `user.granary.fill` fills it and answers
+    /// when it is complete; `user.granary.node-cache` of any inode is "<used bytes> <size
+    /// bytes>" of that cache (`node_fill::xattr`).
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let started = Instant::now();
         let fs = self.fs.clone();
@@ -310,6 +311,11 @@ impl Filesystem for DatasetFuse {
                     } else {
                         granary_xattr::EMPTY.to_vec()
                     }
+                }),
+                Some(granary_xattr::RESERVE) => fs.reserve_node(ino.0).await.map(|found| match found {
+                    Some(true) => granary_xattr::COMPLETE.to_vec(),
+                    Some(false) => granary_xattr::RESERVED.to_vec(),
+                    None => granary_xattr::EMPTY.to_vec(),
                 }),
                 Some(granary_xattr::NODE_CACHE) => match fs.node_cache_usage() {
                     Some((used, size)) => Ok(format!("{used} {size}").into_bytes()),

@@ -11,6 +11,12 @@ pub mod xattr {
     /// the mount has no node-local cache, `EISDIR` for a directory, `EIO` when a block could
     /// not be fetched or written.
     pub const FILL: &str = "user.granary.fill";
+    /// Of a file: reserves its room in the node-local cache without fetching it, answering
+    /// [`COMPLETE`] (there already), `reserved`, or [`EMPTY`]; `ENOSPC` as for [`FILL`]. A
+    /// load reserves in path order, one file at a time, and fills several at once: which
+    /// files fit does not depend on which fill ran first.
+    pub const RESERVE: &str = "user.granary.reserve";
+    pub const RESERVED: &[u8] = b"reserved";
     /// Of any inode: `"<used bytes> <size bytes>"` of the node-local cache; `EOPNOTSUPP`
     /// without one.
     pub const NODE_CACHE: &str = "user.granary.node-cache";

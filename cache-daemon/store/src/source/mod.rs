@@ -213,10 +213,7 @@ impl SourceStore {
         let size = md.content_length();
         let version = match self.versions {
             VersionScheme::ETag => format!("etag:{}", md.etag()?.trim_matches('"')),
-            VersionScheme::SizeAndMtime => {
-                let nanos = mtime?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
-                format!("mtime:{size}-{nanos}")
-            }
+            VersionScheme::SizeAndMtime => size_mtime_version(size, mtime?)?,
         };
         Some(FileMeta {
             path,
@@ -369,10 +366,15 @@ impl SourceStore {
     }
 }
 
+/// The version of a file of a store without ETags: "mtime:<size>-<nanos>".
+fn size_mtime_version(size: u64, mtime: SystemTime) -> Option<String> {
+    let nanos = mtime.duration_since(UNIX_EPOCH).ok()?.as_nanos();
+    Some(format!("mtime:{size}-{nanos}"))
+}
+
 /// The size+mtime version of a local file from its metadata, as [`SourceStore::stat`] names it.
 fn local_version(md: &std::fs::Metadata) -> Option<String> {
-    let nanos = md.modified().ok()?.duration_since(UNIX_EPOCH).ok()?.as_nanos();
-    Some(format!("mtime:{}-{nanos}", md.len()))
+    size_mtime_version(md.len(), md.modified().ok()?)
 }
 
 /// Reads `range` of the local file `path` under `root` at exactly `version`. The version is
